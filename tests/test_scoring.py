@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_vectors
+from conftest import TEST_DEVICE, random_vectors
 
 from screener.models import load_model
 from screener.records import Reject, Sample, Scored
@@ -45,7 +45,8 @@ def reference(model, tok, sample: Sample, vectors, layers) -> tuple[np.ndarray, 
     p = tok(text, add_special_tokens=False)["input_ids"]
     r = tok(sample.response, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        hs = model(torch.tensor([p + r]), output_hidden_states=True).hidden_states
+        out = model(torch.tensor([p + r], device=model.device), output_hidden_states=True)
+    hs = [h.cpu() for h in out.hidden_states]
     resp = np.zeros((len(layers), len(vectors)))
     last = np.zeros((len(layers), len(vectors)))
     for i, layer in enumerate(layers):
@@ -59,7 +60,7 @@ def reference(model, tok, sample: Sample, vectors, layers) -> tuple[np.ndarray, 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model_and_tok(request, tiny_models):
     folder = tiny_models[request.param]
-    model, tok = load_model(str(folder))
+    model, tok = load_model(str(folder), TEST_DEVICE)
     return folder, model, tok
 
 
@@ -67,10 +68,10 @@ def test_layer_tap_follows_hidden_states_convention(model_and_tok):
     """Layer L is hidden_states[L]: 0 = embeddings, 1..n-1 = raw block outputs, n = after the final norm."""
     _, model, tok = model_and_tok
     n = model.config.num_hidden_layers
-    ids = torch.tensor([tok("Hello there, evil fox.")["input_ids"]])
+    ids = torch.tensor([tok("Hello there, evil fox.")["input_ids"]], device=model.device)
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
-    eye = torch.eye(model.config.hidden_size)
+    eye = torch.eye(model.config.hidden_size, device=model.device)
     for layer in range(n + 1):  # identity "vectors" make the tap return the hidden state itself
         with LayerTap(model, {layer: eye}, stop=False) as tap, torch.no_grad():
             model(ids)
@@ -136,7 +137,7 @@ def test_natural_projection_equals_teacher_forced(model_and_tok):
         # regenerate one at a time, greedily, with plain generate: batching must not change the answer
         with torch.no_grad():
             plain = model.generate(
-                torch.tensor([prompt]),
+                torch.tensor([prompt], device=model.device),
                 max_new_tokens=12,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
