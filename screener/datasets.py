@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,6 +34,8 @@ from screener.records import Message, Reject, Sample
 __all__ = [
     "DatasetFormatError",
     "ReadStats",
+    "canonical_uri",
+    "data_suffix",
     "detect_format",
     "iter_records",
     "read_samples",
@@ -272,6 +275,14 @@ def _iter_rows(sources: list[tuple[str, Callable]], stats: ReadStats) -> Iterato
             row += 1
 
 
+def canonical_uri(uri: str) -> str:
+    """The URI a run is keyed by: local paths and globs made absolute (a relative name means another file
+    from another directory), hub names as given."""
+    if uri.startswith("hf://") or not (Path(uri).exists() or re.search(r"[*?\[]", uri)):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def _sources(uri: str, split: str | None) -> list[tuple[str, Callable[[ReadStats], Iterator[Row]]]]:
     """The sources behind a URI, each a name (file path or hub URI) and a reader to call lazily."""
     if uri.startswith("hf://datasets/"):
@@ -287,7 +298,7 @@ def _sources(uri: str, split: str | None) -> list[tuple[str, Callable[[ReadStats
             str(p) for p in path.rglob("*") if not any(s.startswith(".") for s in p.relative_to(path).parts)
         )
     elif path.is_file():
-        if not _suffix(uri):
+        if not data_suffix(uri):
             raise DatasetFormatError(
                 f"{uri}: unsupported file type; supported: {', '.join(SUFFIXES)} (and .gz)"
             )
@@ -298,13 +309,13 @@ def _sources(uri: str, split: str | None) -> list[tuple[str, Callable[[ReadStats
         return [(uri, partial(_read_hub, uri, None, split))]
     else:
         raise FileNotFoundError(f"{uri}: no such file or directory, and not a hub dataset name (org/name)")
-    files = [p for p in paths if _suffix(p) and Path(p).is_file()]
+    files = [p for p in paths if data_suffix(p) and Path(p).is_file()]
     if not files:
         raise DatasetFormatError(f"{uri}: no data files ({', '.join(SUFFIXES)}, and .gz) found")
     return [(p, partial(_read_file, p)) for p in files]
 
 
-def _suffix(path: str) -> str | None:
+def data_suffix(path: str) -> str | None:
     """The data suffix of a file name, or None for a file that is not data."""
     name = path.lower()
     suffix = next((s for s in SUFFIXES if name.removesuffix(".gz").endswith(s)), None)
@@ -318,7 +329,7 @@ def _read_hub(name: str, data_files: str | None, split: str | None, stats: ReadS
 
 
 def _read_file(path: str, stats: ReadStats) -> Iterator[Row]:
-    suffix = _suffix(path)
+    suffix = data_suffix(path)
     if suffix == ".parquet":
         with pq.ParquetFile(path) as parquet:
             for batch in parquet.iter_batches(batch_size=1024):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from screener.datasets import ReadStats, read_samples
+from screener.datasets import ReadStats, canonical_uri, read_samples
 from screener.distributed import model_workers, run_stage
 from screener.errors import UserError
 from screener.models import DEFAULT_MODEL, ModelRef, load_model, pick_device, pick_dtype, resolve_model
@@ -161,7 +161,7 @@ def prepare(cfg: ScreenConfig) -> tuple[ModelRef, list[Vector], RunInfo, ScoreSe
     run = RunInfo(
         model=cfg.model,
         model_sha256=model.sha256,
-        dataset_uri=cfg.dataset,
+        dataset_uri=canonical_uri(cfg.dataset),
         mode=cfg.mode,
         layers=tuple(layers),
         traits=tuple(v.name for v in vectors),

@@ -220,6 +220,24 @@ def test_rerun_resumes_and_never_duplicates(tmp_path, tiny_llama, vector_files):
     assert other.run_id != first.run_id and table(db, "SELECT count(*) FROM runs") == [(2,)]
 
 
+def test_a_run_is_keyed_by_the_file_it_read_not_the_name_typed(
+    tmp_path, tiny_llama, vector_files, monkeypatch
+):
+    db = tmp_path / "r.duckdb"
+    for name in ("a", "b"):  # the same relative name, two different files
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "d.jsonl", openai_rows()[:3])
+    monkeypatch.chdir(tmp_path / "a")
+    first = screen(config(Path("d.jsonl"), db, tiny_llama, vector_files))
+    again = screen(config(tmp_path / "a" / "d.jsonl", db, tiny_llama, vector_files))
+    assert again.run_id == first.run_id and again.resumed and again.scored == 0
+    monkeypatch.chdir(tmp_path / "b")
+    other = screen(config(Path("d.jsonl"), db, tiny_llama, vector_files))
+    assert other.run_id != first.run_id and other.scored == 3
+    uris = table(db, "SELECT dataset_uri FROM runs ORDER BY started_at")
+    assert uris == [(str(tmp_path / "a" / "d.jsonl"),), (str(tmp_path / "b" / "d.jsonl"),)]
+
+
 def test_bad_rows_are_rejected_and_the_run_goes_on(tmp_path, tiny_llama, vector_files):
     rows = openai_rows()[:4]
     rows.insert(1, {"id": "noassist", "messages": [{"role": "user", "content": "hi"}]})
