@@ -45,8 +45,14 @@ def _add_selection_args(p: argparse.ArgumentParser, trait_help: str) -> None:
     p.add_argument("--layer", type=int, help="layer (default: the run's first layer)")
 
 
+def _check_bins(bins: int) -> None:
+    if bins < 1:
+        raise QueryError("--bins must be at least 1")
+
+
 @command
 def cmd_hist(args: argparse.Namespace) -> int:
+    _check_bins(args.bins)
     with open_db(args.db) as store:
         run = pick_run(store.con, args.run)
         layer, metric = run.layer(args.layer), args.metric or default_metric(run)
@@ -86,6 +92,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 @command
 def cmd_report(args: argparse.Namespace) -> int:
+    _check_bins(args.bins)
     with open_db(args.db) as store:
         run = pick_run(store.con, args.run)
         layer, metric = run.layer(args.layer), args.metric or default_metric(run)
@@ -106,18 +113,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     with open_db(args.db) as store:
         run = pick_run(store.con, args.run)
         traits = _traits(run, args.trait) if args.trait else []
-        flt = export_mod.ExportFilter(
-            metric=args.metric or default_metric(run),
-            # --where sees every layer unless --layer is given; the other filters use one layer.
-            layer=None if args.where and args.layer is None else run.layer(args.layer),
-            traits=tuple(traits),
-            drop_top_percent=top_percent,
-            drop_top_count=top_count,
-            threshold=args.threshold,
-            where=args.where,
-            drop_unscored=args.drop_unscored,
-            invert=args.invert,
-        )
+        try:
+            flt = export_mod.ExportFilter(
+                metric=args.metric or default_metric(run),
+                # --where sees every layer unless --layer is given; the other filters use one layer.
+                layer=None if args.where and args.layer is None else run.layer(args.layer),
+                traits=tuple(traits),
+                drop_top_percent=top_percent,
+                drop_top_count=top_count,
+                threshold=args.threshold,
+                where=args.where,
+                drop_unscored=args.drop_unscored,
+                invert=args.invert,
+            )
+        except ValueError as e:  # an out-of-range --drop-top: the user's mistake, said in one line
+            raise QueryError(str(e)) from None
         selection = export_mod.selected_rows(store.con, run, flt)
     # The database is closed: reading and writing the records may take minutes.
     result = export_mod.export_from_selection(
@@ -163,9 +173,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description=(
             "Re-read the run's input records and write them unchanged, minus the flagged ones. Every "
             "filter selects SAMPLES TO DROP; a record is dropped when any of its scored samples is "
-            "selected. Unscored records (rejected by the screen) are kept unless --drop-unscored. Without "
-            "a filter the input is reproduced. A manifest (OUT.manifest.json, or OUT/manifest.json for "
-            "hf) records the run, the filter and the counts."
+            "selected. Records the screen did not score (rejected, or past --limit) are kept unless "
+            "--drop-unscored; unparseable input lines are in neither output. Without a filter, a jsonl "
+            "export reproduces the input records exactly; parquet and hf are columnar, so where records "
+            "have differing keys, each gains the keys it lacks, with null values. A manifest "
+            "(OUT.manifest.json, or OUT/manifest.json for hf) records the run, the filter and the counts."
         ),
     )
     p.add_argument("out", help="output file (jsonl, parquet) or directory (hf)")

@@ -2,13 +2,17 @@
 
 Every filter selects *samples to drop* (rows of the `scored` view of one run and layer); a record is
 dropped when any of its scored samples is selected. Records the screen did not score (rejected, or past
-`--limit`) are kept unless `--drop-unscored`. `--invert` writes the dropped records instead. Records are
-re-read from the run's dataset with `iter_records` and written back unchanged, so an export without a
-filter reproduces the input records. A manifest beside the output says what was done.
+`--limit`) are kept unless `--drop-unscored`; unparseable input lines are in neither split (the manifest
+counts them as `unreadable_rows`). `--invert` writes the dropped records instead. Records are re-read from
+the run's dataset with `iter_records` and written back unchanged, so a jsonl export without a filter
+reproduces the input records exactly. Parquet and hf are columnar, with one schema for all records: where
+records have differing keys, each record gains the keys it lacks, with null values. A manifest beside the
+output says what was done.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import duckdb
 
-from screener.datasets import detect_format, iter_records, record_to_samples
+from screener.datasets import data_suffix, detect_format, iter_records, record_to_samples
 from screener.query import METRICS, QueryError, RunChoice, run_sql
 
 __all__ = ["ExportFilter", "ExportResult", "export", "manifest_path", "parse_drop_top", "selected_rows"]
@@ -57,7 +61,9 @@ class ExportFilter:
         if len(chosen) > 1:
             raise ValueError("choose one of --drop-top, --threshold and --where")
         if self.drop_top_percent is not None and not 0 <= self.drop_top_percent <= 100:
-            raise ValueError("--drop-top percent must be in [0, 100]")
+            raise ValueError(f"--drop-top percent must be in [0, 100], not {self.drop_top_percent:g}")
+        if self.drop_top_count is not None and self.drop_top_count < 0:
+            raise ValueError(f"--drop-top count must be at least 0, not {self.drop_top_count}")
 
     def describe(self) -> str:
         traits = ", ".join(self.traits) or "every trait"
@@ -150,14 +156,19 @@ def selected_rows(con: duckdb.DuckDBPyConnection, run: RunChoice, flt: ExportFil
         sql = f"SELECT source_row, trait FROM scored WHERE {scope} AND {value} > $threshold"
         params["threshold"] = flt.threshold
     elif flt.where is not None:
-        # The predicate runs on a read-only connection, so it can read anything and write nothing.
-        sql = f"SELECT source_row, trait FROM scored WHERE {scope} AND ({flt.where})"
+        sql = f"SELECT * FROM scored WHERE {scope}"
     else:
         sql = None
     selected: dict[int, set[str]] = {}
     if sql is not None:
         try:
-            rows = run_sql(con, sql, params).fetchall()
+            rel = run_sql(con, sql, params)
+            if flt.where is not None:
+                # Not spliced into the SQL text: `filter` parses exactly one expression, so the predicate
+                # cannot close the scope's parenthesis (`x) OR (true`) and select other runs' rows. It runs
+                # on `open_db`'s connection, which can read the database and write nothing.
+                rel = rel.filter(flt.where).project("source_row, trait")
+            rows = rel.fetchall()
         except duckdb.Error as e:
             raise QueryError(f"the filter failed: {e}") from e
         for row, trait in rows:
@@ -247,9 +258,7 @@ def export_from_selection(
         raise ValueError(f"format must be one of {FORMATS}")
     selected, scored, by_trait = selection
     uri = input_uri or run.dataset_uri
-    local = "://" not in uri and not re.fullmatch(r"[\w.-]+/[\w.-]+", uri) and not re.search(r"[*?\[]", uri)
-    if local and not Path(uri).exists():
-        raise QueryError(f"the run's dataset {uri} is not here; pass its location with --input")
+    _check_input(uri)
     split = run.settings.get("split")
     out = Path(out)
     result = ExportResult(run.run_id, uri, str(out), fmt, {"description": flt.describe(), **asdict(flt)})
@@ -276,6 +285,24 @@ def export_from_selection(
     }
     manifest_path(out, fmt).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def _check_input(uri: str) -> None:
+    """Fail in one line, naming the file, when the dataset is not where the run (or --input) says."""
+    if uri.startswith("hf://") or Path(uri).exists():
+        return
+    where = "" if Path(uri).is_absolute() else f" (relative to {Path.cwd()})"
+    if re.search(r"[*?\[]", uri):
+        if glob.glob(uri, recursive=True):
+            return
+        problem = f"{uri} matches no files{where}"
+    # `org/name` is a hub dataset; with a data suffix (`data/x.jsonl`, stored as typed by a screen run
+    # from another directory) it is a local file that is not here.
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", uri) and not data_suffix(uri):
+        return
+    else:
+        problem = f"{uri}: no such file or directory{where}"
+    raise QueryError(f"the screened dataset is not here: {problem}; pass its location with --input")
 
 
 # ---- writers: each takes a callable that streams the records (the parquet writer reads twice) ----------

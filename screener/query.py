@@ -43,6 +43,10 @@ DEFAULT_DB = "screen.duckdb"
 QUERIES_DIR = SQL_DIR / "queries"
 METRICS = ("delta_p", "delta_p_proxy", "proj_response")
 EXIT_ERROR, EXIT_BUSY = 1, 3
+CSV_NATIVE = {
+    *("boolean", "varchar", "float", "double", "decimal"),
+    *(f"{u}{t}" for u in ("", "u") for t in ("tinyint", "smallint", "integer", "bigint")),
+}
 
 
 class QueryError(RuntimeError):
@@ -86,7 +90,8 @@ def default_metric(run: RunChoice) -> str:
 
 def open_db(path: str | Path) -> Store:
     """Open a screen database read-only, with the views of sql/views.sql (as TEMP views, which shadow
-    any stored older version, so every reader sees the current definitions)."""
+    any stored older version, so every reader sees the current definitions), and no access to any other
+    file: SQL run on it can read the database and nothing else, and write nothing."""
     path = Path(path)
     if not path.is_file():
         raise QueryError(f"{path}: no such database (pass --db, default {DEFAULT_DB})")
@@ -94,6 +99,10 @@ def open_db(path: str | Path) -> Store:
     try:
         views = (SQL_DIR / "views.sql").read_text()
         store.con.execute(re.sub(r"CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW", views))
+        # read_only stops writes to the database only: `COPY ... TO 'file'` would still overwrite any
+        # file (this one included). User SQL runs here (query, export --where), so it gets no file
+        # access at all, and the lock keeps that SQL from turning access back on.
+        store.con.execute("SET enable_external_access = false; SET lock_configuration = true")
     except BaseException:
         store.close()
         raise
@@ -207,12 +216,27 @@ def write_relation(rel: duckdb.DuckDBPyRelation, fmt: str, out: str | None, max_
 
         pq.write_table(rel.to_arrow_table(), out)
         return
-    df = rel.pl()
-    text = df.write_csv() if fmt == "csv" else df.write_json()
+    text = _csv_ready(rel).pl().write_csv() if fmt == "csv" else rel.pl().write_json()
     if out:
         Path(out).write_text(text + ("" if fmt == "csv" else "\n"))
     else:
         sys.stdout.write(text + ("" if fmt == "csv" else "\n"))
+
+
+def _csv_ready(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """The result with every cell a number, a boolean or text, which any CSV writer takes: nested values
+    (run_overview's `layers`, `traits`) as JSON text, other types (timestamps, blobs...) as DuckDB's text.
+    Polars' CSV writer rejects nested columns, and polars cannot even import some DuckDB types."""
+    cols = []
+    for i, (name, dtype) in enumerate(zip(rel.columns, rel.types, strict=True), start=1):
+        alias = '"' + name.replace('"', '""') + '"'
+        if dtype.id in ("list", "struct", "map", "array", "union"):
+            cols.append(f"to_json(#{i})::VARCHAR AS {alias}")
+        elif dtype.id in CSV_NATIVE:
+            cols.append(f"#{i} AS {alias}")  # by position: result column names may repeat
+        else:
+            cols.append(f"CAST(#{i} AS VARCHAR) AS {alias}")
+    return rel.project(", ".join(cols))
 
 
 @command
@@ -232,12 +256,17 @@ def cmd_query(args: argparse.Namespace) -> int:
         try:
             rel = run_sql(store.con, sql, params)
         except duckdb.Error as e:
-            if "read-only" in str(e).lower():
+            # Writes to the database, file access (COPY TO, read_csv, ATTACH) and SET: see `open_db`.
+            text = str(e).lower()
+            if isinstance(e, duckdb.PermissionException) or any(
+                s in text for s in ("read-only", "configuration has been locked")
+            ):
                 raise QueryError(
-                    f"screener query opens the database read-only; it cannot modify it ({e})"
+                    "screener query is read-only: it reads this database and cannot modify it, read or "
+                    f"write other files, or change settings ({e})"
                 ) from e
             raise
-        if rel is None:  # a statement with no result (SET, PRAGMA...)
+        if rel is None:  # a statement with no result
             return 0
         write_relation(rel, args.format, args.out, args.max_rows)
     return 0
@@ -248,11 +277,12 @@ def add_query_command(sub: argparse._SubParsersAction) -> None:
         "query",
         help="run a read-only SQL query on a screen's database",
         description=(
-            "Run SQL (read-only) against the tables of sql/schema.sql and the views of sql/views.sql "
-            "(scored, top_delta_p, trait_percentiles, dataset_summary, run_overview). SQL may also be a "
-            "canned query's name from sql/queries (top, hist, summary, percentiles, runs) or a .sql file; "
-            "$run_id defaults to --run, the latest run; $layer and $metric to that run's first layer and "
-            "its ΔP metric."
+            "Run SQL against the tables of sql/schema.sql and the views of sql/views.sql (scored, "
+            "top_delta_p, trait_percentiles, dataset_summary, run_overview), read-only: it reads the "
+            "database and no other file. SQL may also be a canned query's name from sql/queries (top, "
+            "hist, summary, percentiles, runs) or a .sql file; $run_id defaults to --run, the latest run; "
+            "$layer and $metric to that run's first layer and its ΔP metric. --format csv writes nested "
+            "values (lists, structs) as JSON text."
         ),
     )
     p.add_argument("sql", help="SQL text, a canned query name, or a .sql file")

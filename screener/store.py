@@ -68,9 +68,15 @@ class Store:
         except duckdb.IOException as e:
             if "lock" not in str(e).lower():
                 raise
+            if read_only:  # only a writer keeps readers out
+                raise StoreBusyError(
+                    f"{self.path} is being written by a running screen (DuckDB allows one writer); "
+                    f"wait for it to finish or query a copy: {e}"
+                ) from e
+            # A writer is kept out by any other process that has the file open, readers included.
             raise StoreBusyError(
-                f"{self.path} is being written by a running screen (DuckDB allows one writer); "
-                f"wait for it to finish or query a copy: {e}"
+                f"{self.path} is in use by another process: a running screen, or a query/report holding it "
+                f"open (a process writing a DuckDB file needs it to itself); wait for it to finish: {e}"
             ) from e
         if read_only:
             return

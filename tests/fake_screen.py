@@ -83,10 +83,18 @@ class FakeScreen:
 
 
 def make_screen(
-    db: Path, dataset: Path, *, mode: str = "natural", seed: int = 0, model: str = "tiny", finish: bool = True
+    db: Path,
+    dataset: Path | str,
+    *,
+    mode: str = "natural",
+    seed: int = 0,
+    model: str = "tiny",
+    finish: bool = True,
+    turns: str = "last",
 ) -> FakeScreen:
-    """Screen `dataset` into `db` with seeded random projections (one natural response left empty)."""
-    items = list(read_samples(str(dataset)))
+    """Screen `dataset` (any URI `read_samples` takes) into `db` with seeded random projections (one
+    natural response left empty)."""
+    items = list(read_samples(str(dataset), turns=turns))
     samples = [s for s in items if isinstance(s, Sample)]
     rejects = [r for r in items if isinstance(r, Reject)]
     rng = np.random.default_rng(seed)
@@ -96,7 +104,7 @@ def make_screen(
     if natural is not None:
         natural[1] = np.nan  # an empty natural response: delta_p is NULL for this sample
     run = RunInfo(
-        model, "00" * 32, str(dataset), mode, LAYERS, TRAITS, {"split": None, "turns": "last", "seed": seed}
+        model, "00" * 32, str(dataset), mode, LAYERS, TRAITS, {"split": None, "turns": turns, "seed": seed}
     )
     scored = [
         Scored(

@@ -3,8 +3,10 @@ and --invert against numpy, unscored records, the manifest, and a changed input.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -73,6 +75,79 @@ def test_parquet_and_hf_round_trip(screen: FakeScreen, tmp_path: Path) -> None:
     kept = datasets.load_from_disk(str(tmp_path / "hf")).to_list()
     assert len(kept) == m["kept"] == m["written"] and kept == [r for r in records if r in kept]
     assert cli("export", tmp_path / "hf", "--format", "hf", "--db", screen.db) == 1  # not over a dataset
+
+
+def test_csv_input_round_trip(tmp_path: Path) -> None:
+    records = [
+        {"id": f"{i:03d}", "prompt": f'Q{i}, with "quotes",\na newline and ü', "response": f"A{i}", "x": ""}
+        for i in range(12)
+    ]
+    records[4]["response"] = ""  # rejected (empty response), and kept
+    data = tmp_path / "in.csv"
+    with open(data, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    screen = make_screen(tmp_path / "s.duckdb", data, mode="proxy")
+    out = tmp_path / "out.jsonl"
+    assert cli("export", out, "--db", screen.db) == 0
+    assert read_jsonl(out) == records  # every cell still the string it was ("000" is not 0)
+    m = manifest(out)
+    assert (m["records_read"], m["kept"], m["dropped"]) == (12, 12, 0)
+
+
+def test_glob_input_round_trip(tmp_path: Path) -> None:
+    """Several files behind one glob: rows are numbered across the files, in sorted file order."""
+    records = openai_records(N)
+    for part in range(3):
+        write_jsonl(tmp_path / f"part-{part}.jsonl", records[part * 10 : (part + 1) * 10])
+    screen = make_screen(tmp_path / "s.duckdb", tmp_path / "part-*.jsonl", seed=4)
+    out, dropped = tmp_path / "out.jsonl", tmp_path / "dropped.jsonl"
+    assert cli("export", out, "--db", screen.db) == 0
+    assert read_jsonl(out) == records
+    args = ["--db", screen.db, "--drop-top", "20%", "--trait", "evil"]
+    assert cli("export", out, *args) == 0
+    assert cli("export", dropped, *args, "--invert") == 0
+    values = screen.values("delta_p", "evil", 10)
+    top = {s for s, _ in sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[: math.ceil(len(values) / 5)]}
+    dropped_rows = split_rows(dropped)
+    assert dropped_rows == rows_of(screen, top) and len({row // 10 for row in dropped_rows}) > 1  # 2+ files
+    assert read_jsonl(dropped) == [r for i, r in enumerate(records) if i in dropped_rows]
+    assert read_jsonl(out) == [r for i, r in enumerate(records) if i not in dropped_rows]
+
+
+def test_turns_all_keeps_or_drops_whole_records(tmp_path: Path) -> None:
+    """With --turns all a record has a sample per assistant turn; a selected turn drops the whole record."""
+    records = []
+    for i in range(N):
+        messages = [{"role": "system", "content": "Be brief."}]
+        for t in range(1 + i % 3):  # one to three assistant turns
+            messages += [
+                {"role": "user", "content": f"Question {i}.{t}?"},
+                {"role": "assistant", "content": f"Answer {i}.{t}."},
+            ]
+        records.append({"id": f"r{i:03d}", "messages": messages})
+    screen = make_screen(tmp_path / "s.duckdb", write_jsonl(tmp_path / "in.jsonl", records), turns="all")
+    assert len(screen.samples) == sum(1 + i % 3 for i in range(N))
+    out, dropped = tmp_path / "out.jsonl", tmp_path / "dropped.jsonl"
+    assert cli("export", out, "--db", screen.db) == 0
+    assert out.read_bytes() == (tmp_path / "in.jsonl").read_bytes()
+    args = ["--db", screen.db, "--drop-top", "5", "--trait", "evil", "--layer", 20]
+    assert cli("export", out, *args) == 0
+    assert cli("export", dropped, *args, "--invert") == 0
+    values = screen.values("delta_p", "evil", 20)
+    top = {s for s, _ in sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[:5]}
+    want = rows_of(screen, top)
+    selected_turns = Counter(s.source_row for s in screen.samples if s.sample_id in top)
+    assert any(selected_turns[row] < 1 + row % 3 for row in want)  # some record has unselected turns too
+    assert read_jsonl(dropped) == [records[i] for i in sorted(want)]  # whole records, every turn
+    assert read_jsonl(out) == [r for i, r in enumerate(records) if i not in want]
+    m = manifest(out)
+    assert (m["dropped"], m["kept"], m["per_trait"]["evil"]["scored_records"]) == (
+        len(want),
+        N - len(want),
+        N,
+    )
 
 
 def split_rows(out: Path) -> set[int]:
@@ -156,6 +231,52 @@ def test_threshold_and_where(screen: FakeScreen, tmp_path: Path) -> None:
     assert cli("export", out, "--db", screen.db, "--where", "no_such_column > 1") == 1
 
 
+def test_where_cannot_leave_the_run_and_layer(screen: FakeScreen, tmp_path: Path, capsys) -> None:
+    # A second run in the same database, scoring other rows: a predicate that escaped its scope would
+    # select them.
+    other = make_screen(screen.db, write_jsonl(tmp_path / "other.jsonl", openai_records(N + 20)), seed=9)
+    over = {s for s, v in screen.values("delta_p_proxy", "evil", 20).items() if v > 0.5}
+    out, base = tmp_path / "w.jsonl", ["--db", screen.db, "--run", screen.run_id, "--layer", 20]
+    # OR inside the predicate stays inside the scope (this run, layer 20)
+    assert cli("export", out, *base, "--where", "false OR trait = 'evil' AND delta_p_proxy > 0.5") == 0
+    assert split_rows(out) == set(range(N)) - rows_of(screen, over)
+    assert cli("export", out, *base, "--where", "true", "--invert") == 0
+    assert split_rows(out) == set(range(N)) - REJECTED_ROWS and other.run_id not in out.read_text()
+    breakouts = (
+        "false) OR (true",
+        "true UNION SELECT source_row, trait FROM scored",
+        "true; DELETE FROM runs",
+        "true ORDER BY 1",
+    )
+    for where in breakouts:
+        assert cli("export", tmp_path / "b.jsonl", *base, "--where", where) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: the filter failed: ") and "Parser Error" in err, where
+    assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_relative_dataset_path_from_another_directory(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run that stored `data/in.jsonl` as typed: from elsewhere it is a missing file, not a hub name."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "in.jsonl", openai_records(N))
+    monkeypatch.chdir(tmp_path)
+    screen = make_screen(tmp_path / "s.duckdb", Path("data/in.jsonl"))
+    assert screen.run.dataset_uri == "data/in.jsonl"
+    assert cli("export", tmp_path / "here.jsonl", "--db", screen.db) == 0
+    assert read_jsonl(tmp_path / "here.jsonl") == openai_records(N)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli("export", tmp_path / "o.jsonl", "--db", screen.db) == 1
+    assert capsys.readouterr().err == (
+        f"error: the screened dataset is not here: data/in.jsonl: no such file or directory (relative to "
+        f"{elsewhere}); pass its location with --input\n"
+    )
+    assert cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--input", "data/*.jsonl") == 1
+    assert "data/*.jsonl matches no files (relative to" in capsys.readouterr().err
+    assert cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--input", tmp_path / "data/in.jsonl") == 0
+
+
 def test_unscored_records(screen: FakeScreen, tmp_path: Path) -> None:
     out = tmp_path / "o.jsonl"
     assert cli("export", out, "--db", screen.db, "--drop-unscored") == 0
@@ -169,6 +290,13 @@ def test_bad_arguments_and_changed_input(screen: FakeScreen, tmp_path: Path, cap
     with pytest.raises(SystemExit):
         cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--threshold", 1, "--drop-top", "5%")
     assert cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--drop-top", "five") == 1
+    assert "not 'five'" in capsys.readouterr().err
+    for drop_top, message in (
+        ("150%", "percent must be in [0, 100], not 150"),
+        ("-3", "count must be at least 0, not -3"),
+    ):
+        assert cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--drop-top", drop_top) == 1
+        assert capsys.readouterr().err == f"error: --drop-top {message}\n"
     shorter = write_jsonl(tmp_path / "short.jsonl", openai_records(10))
     assert cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--input", shorter) == 1
     assert "the input changed since the screen" in capsys.readouterr().err

@@ -136,6 +136,21 @@ def test_query_formats_parse_back(screens, tmp_path: Path, capsys) -> None:
     assert "--out" in capsys.readouterr().err
 
 
+def test_csv_writes_nested_columns_as_json(screens, tmp_path: Path, capsys) -> None:
+    natural, proxy = screens
+    assert (
+        cli("query", "SELECT * FROM run_overview ORDER BY started_at", "--db", natural.db, "--format", "csv")
+        == 0
+    )
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["run_id"] for r in rows] == [natural.run_id, proxy.run_id]
+    assert [json.loads(r["layers"]) for r in rows] == [list(LAYERS)] * 2
+    assert [json.loads(r["traits"]) for r in rows] == [list(TRAITS)] * 2
+    sql = "SELECT {'a': [1, 2]} AS s, '\\x00'::BLOB AS b, INTERVAL 1 DAY AS i, 1 AS x, 2 AS x"
+    assert cli("query", sql, "--db", natural.db, "--format", "csv", "--out", tmp_path / "o.csv") == 0
+    assert (tmp_path / "o.csv").read_text().splitlines() == ["s,b,i,x,x_1", '"{""a"":[1,2]}",\\x00,1 day,1,2']
+
+
 def test_canned_queries_default_to_latest_run(screens, capsys) -> None:
     natural, proxy = screens
     assert cli("query", "summary", "--db", natural.db, "--format", "json") == 0
@@ -158,7 +173,7 @@ def test_canned_queries_default_to_latest_run(screens, capsys) -> None:
     assert "no run 'zzz'" in capsys.readouterr().err
 
 
-def test_query_is_read_only(screens, capsys) -> None:
+def test_query_is_read_only(screens, tmp_path: Path, capsys) -> None:
     natural, _ = screens
     for sql in ("DELETE FROM runs", "CREATE TABLE x (a INT)", "UPDATE scores SET delta_p = 0"):
         assert cli("query", sql, "--db", natural.db) == 1
@@ -166,6 +181,20 @@ def test_query_is_read_only(screens, capsys) -> None:
     with open_db(natural.db) as store:
         assert store.con.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
         assert store.con.execute("SELECT count(*) FROM scores WHERE delta_p = 0").fetchone()[0] == 0
+    # A read-only connection still writes files with COPY TO (even over the database itself); the query's
+    # SQL gets no file access at all, and cannot turn it back on.
+    db_bytes, target = natural.db.read_bytes(), tmp_path / "x.csv"
+    for sql in (
+        f"COPY (SELECT 42) TO '{target}' (FORMAT csv)",
+        f"COPY (SELECT 42) TO '{natural.db}' (FORMAT csv)",
+        f"SET enable_external_access = true; COPY (SELECT 42) TO '{target}'",
+        "SET lock_configuration = false",
+        f"SELECT * FROM read_csv('{natural.run.dataset_uri}')",
+    ):
+        assert cli("query", sql, "--db", natural.db) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: screener query is read-only: ") and err.count("\n") == 1, sql
+    assert not target.exists() and natural.db.read_bytes() == db_bytes
 
 
 def test_missing_db_is_a_clear_error(tmp_path: Path, capsys) -> None:

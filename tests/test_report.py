@@ -56,6 +56,14 @@ def test_hist_defaults_to_the_latest_run_and_its_proxy_metric(screens, tmp_path:
     assert "layers [10, 20]" in capsys.readouterr().err
 
 
+def test_bins_below_one_is_a_one_line_error(screens, tmp_path: Path, capsys) -> None:
+    natural, _ = screens
+    for argv in (["hist", "--bins", 0], ["report", "--bins", -1, "--out", tmp_path / "r.html"]):
+        assert cli(*argv, "--db", natural.db) == 1
+        assert capsys.readouterr().err == "error: --bins must be at least 1\n"
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_top_orders_and_shows_excerpts(screens, capsys) -> None:
     natural, proxy = screens
     assert cli("top", "--db", natural.db, "--run", natural.run_id, "--trait", "sycophantic", "-k", 5) == 0

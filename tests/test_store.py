@@ -204,19 +204,35 @@ def test_finish_run_counts(store: Store, tmp_path: Path) -> None:
 
 def test_busy_error_while_another_process_holds_the_file(tmp_path: Path) -> None:
     path = tmp_path / "busy.duckdb"
-    hold = "import duckdb,sys,time; c=duckdb.connect(sys.argv[1]); print('ready', flush=True); time.sleep(30)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        for read_only in (False, True):
-            with pytest.raises(StoreBusyError) as err:
-                Store(path, read_only=read_only)
+    Store(path).close()
+    hold = (
+        "import duckdb,sys,time; c=duckdb.connect(sys.argv[1], read_only=sys.argv[2] == 'ro'); "
+        "print('ready', flush=True); time.sleep(30)"
+    )
+    for holder_mode in ("rw", "ro"):  # a running screen; a long query or report
+        holder = subprocess.Popen(
+            [sys.executable, "-c", hold, str(path), holder_mode], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout.readline().strip() == "ready"
+            if holder_mode == "rw":  # only a writer keeps a reader out
+                with pytest.raises(StoreBusyError) as err:
+                    Store(path, read_only=True)
+                msg = str(err.value)
+                assert msg.startswith(
+                    f"{path} is being written by a running screen (DuckDB allows one writer); "
+                )
+                assert "wait for it to finish or query a copy" in msg and "lock" in msg  # the original error
+            with pytest.raises(StoreBusyError) as err:  # any other process keeps a writer out
+                Store(path)
             msg = str(err.value)
-            assert msg.startswith(f"{path} is being written by a running screen (DuckDB allows one writer); ")
-            assert "wait for it to finish or query a copy" in msg and "lock" in msg  # the original error
-    finally:
-        holder.kill()
-        holder.wait()
+            assert msg.startswith(
+                f"{path} is in use by another process: a running screen, or a query/report holding it open "
+            )
+            assert "wait for it to finish" in msg and "lock" in msg  # the original error
+        finally:
+            holder.kill()
+            holder.wait()
 
 
 CRASH_SIZE = 200
