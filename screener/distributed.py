@@ -123,6 +123,9 @@ class RaySession:
             return self
         temp_dir = tempfile.mkdtemp(prefix="screener-ray-")
         self._reaper = _start_reaper(temp_dir)
+        # Ray 2.60 warns on every start that token auth is on; for a private Ray the user never set up,
+        # that is noise on each screen (attaching to a cluster keeps the warning)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         try:
             # address="local" ignores a stale cluster file left by an earlier `ray start`
             ray.init(
