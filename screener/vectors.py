@@ -82,7 +82,9 @@ def save_vector(path: str | Path, tensor: torch.Tensor, sidecar: dict) -> Path:
     """Write a reference-compatible `.pt` file and its JSON sidecar."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(tensor.detach().to("cpu", torch.float32).contiguous(), path)
+    # clone: torch.save writes a view's whole storage, so a row of the pipeline's [3, L+1, H] tensor would
+    # carry the other methods' vectors and triple the file
+    torch.save(tensor.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format), path)
     sidecar = {"layer_convention": LAYER_CONVENTION, **sidecar}
     sidecar_path(path).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     return path

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from screener.distributed import Resources
+from screener.extract import pipeline
 from screener.extract.commands import add_commands
 from screener.extract.judges import NoJudge
 from screener.extract.layers import LayerStats, auroc, choose_layer, cohens_d, layer_report
 from screener.extract.pipeline import (
     METHODS,
+    ExtractError,
     ExtractSettings,
     GenerationStage,
     Item,
@@ -26,10 +28,10 @@ from screener.extract.pipeline import (
     extract,
     pair_up,
 )
-from screener.extract.steer import Steering
+from screener.extract.steer import SteerError, Steering
 from screener.extract.traits import TraitError, list_traits, load_trait, parse_trait
-from screener.models import ModelRef, load_model, weights_sha256
-from screener.vectors import LAYER_CONVENTION, load_vector
+from screener.models import ModelRef, load_model, pick_device, resolve_model, weights_sha256
+from screener.vectors import LAYER_CONVENTION, load_vector, save_vector
 
 IN_PROCESS = Resources(actors=0, num_cpus=0, num_gpus=0, threads=2)
 TINY_TRAIT = {
@@ -113,13 +115,15 @@ def test_pipeline_vectors_are_exact_mean_differences(extracted, tiny_llama, tiny
         torch.testing.assert_close(vec.tensor, pos[m] - neg[m], atol=1e-4, rtol=1e-4)
 
 
-def test_vector_file_round_trip(extracted, tiny_trait):
+def test_vector_file_round_trip(extracted, tiny_trait, tiny_llama, tmp_path):
     result, _, out = extracted
     for method in METHODS:
         path = result.paths[method]
         assert path == out / f"cheerful_{method}_diff.pt"
         raw = torch.load(path, weights_only=True)
         assert raw.dtype == torch.float32 and raw.shape == (5, 64)
+        # the file holds this vector alone, not the storage of the pipeline's [3, L+1, H] tensor it came from
+        assert raw.untyped_storage().nbytes() == raw.numel() * 4
         vec = load_vector(path)
         s = vec.sidecar
         assert vec.name == "cheerful" and s["method"] == method and s["trait_version"] == 3
@@ -127,10 +131,21 @@ def test_vector_file_round_trip(extracted, tiny_trait):
         assert s["trait_file_sha256"] == tiny_trait.sha256 and len(s["model_sha256"]) == 64
         assert s["pairs_kept"] + s["pairs_dropped"] == 2 * 3 * 2  # pairs x questions x samples
         assert s["settings"]["samples"] == 2 and s["date"]
+        assert s["settings"]["dtype"] == "float32" and s["settings"]["resolved_dtype"] == "float32"
+        assert s["settings"]["device"] == "auto" and s["settings"]["resolved_device"] == str(pick_device())
+        assert s["model_name"] == tiny_llama.name and s["model_source"] == str(tiny_llama)
         assert len(s["layer_report"]) == 5 and vec.default_layer == s["chosen_layer"]
         assert s["chosen_layer"] in (1, 2, 3)
     lines = (out / "cheerful_extraction_responses.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 2 * (3 + 2) * 2  # pairs x samples x questions x polarity
+    big = torch.randn(3, 5, 64)  # float32 on the CPU already, so `.to` alone would keep the view
+    raw = torch.load(save_vector(tmp_path / "row.pt", big[1], {}), weights_only=True)
+    assert torch.equal(raw, big[1]) and raw.untyped_storage().nbytes() == 5 * 64 * 4
+
+
+def test_model_source_is_canonical(tiny_llama):
+    ref = resolve_model(str(tiny_llama))
+    assert ref.spec == str(tiny_llama) and ref.source == str(tiny_llama.resolve())
 
 
 def test_vectors_show(extracted, capsys):
@@ -141,6 +156,63 @@ def test_vectors_show(extracted, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "AUROC" in out and "<- chosen" in out and "response_avg" in out
+
+
+class ScriptedJudge:
+    """Answers every prompt of a batch from `scores` (cycled), and records the batches."""
+
+    def __init__(self, *scores: float | None):
+        self.scores, self.calls = scores, []
+
+    def score(self, prompts):
+        self.calls.append(list(prompts))
+        return [self.scores[i % len(self.scores)] for i in range(len(prompts))]
+
+    def describe(self):
+        return {"kind": "scripted"}
+
+
+class ReachedGeneration(Exception):
+    pass
+
+
+def no_generation(*_args, **_kwargs):
+    raise ReachedGeneration
+
+
+def test_extract_fails_fast_when_the_judge_gives_no_score(tiny_llama, tiny_trait, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "run_stage", no_generation)
+    judge = ScriptedJudge(None)
+    with pytest.raises(ExtractError, match="no 0-100 trait score") as err:
+        extract(tiny_trait, tiny_ref(tiny_llama), judge, ExtractSettings(), IN_PROCESS, tmp_path)
+    message = str(err.value)
+    assert "--judge none" in message and "SCREENER_JUDGE_MODEL" in message and "\n" not in message
+    assert [len(batch) for batch in judge.calls] == [2]  # two probe answers, with the trait's own rubric
+    assert all("Is this cheerful?" in prompt for prompt in judge.calls[0])
+    assert not list(tmp_path.iterdir())
+
+
+def test_extract_fails_fast_when_the_judge_gives_no_coherence_score(
+    tiny_llama, tiny_trait, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(pipeline, "run_stage", no_generation)
+
+    class TraitOnly(ScriptedJudge):
+        def score(self, prompts):
+            scores = super().score(prompts)
+            return [None if "coherence" in p else s for p, s in zip(prompts, scores, strict=True)]
+
+    with pytest.raises(ExtractError, match="no 0-100 coherence score"):
+        extract(tiny_trait, tiny_ref(tiny_llama), TraitOnly(70.0), ExtractSettings(), IN_PROCESS, tmp_path)
+
+
+@pytest.mark.parametrize("scores", [(80.0,), (None, 20.0)])  # one score of the two is enough
+def test_a_judge_that_scores_passes_the_probe(tiny_llama, tiny_trait, tmp_path, monkeypatch, scores):
+    monkeypatch.setattr(pipeline, "run_stage", no_generation)
+    judge = ScriptedJudge(*scores)
+    with pytest.raises(ReachedGeneration):
+        extract(tiny_trait, tiny_ref(tiny_llama), judge, ExtractSettings(), IN_PROCESS, tmp_path)
+    assert [len(batch) for batch in judge.calls] == [2, 2]  # trait, then coherence
 
 
 @pytest.mark.parametrize(
@@ -216,6 +288,12 @@ def test_steering_adds_coef_v_at_hidden_states_layer(tiny_llama, layer):
     torch.testing.assert_close(plain_hidden_states(model, ids), base)  # the hook is gone
 
 
+def test_steering_layer_range_names_the_allowed_layers(tiny_llama):
+    model, _ = load_model(str(tiny_llama))
+    with pytest.raises(SteerError, match=r"must be in 0\.\.3 .*hidden_states\[4\] is excluded"):
+        Steering(model, 4, torch.zeros(64), coef=1.0)
+
+
 def test_builtin_traits_are_complete_and_held_out():
     names = [name for name, _ in list_traits()]
     for expected in (
@@ -263,3 +341,5 @@ def test_shipped_vectors_fit_the_default_model():
             vec = load_vector(builtin_vector_path(ref.name, trait, method))
             check_vector(vec, ref.num_layers, ref.hidden_size, ref.name)
             assert vec.sidecar["model_sha256"] == ref.sha256 and vec.default_layer is not None
+            assert vec.sidecar["model_source"] == ref.source
+            assert vec.tensor.untyped_storage().nbytes() == vec.tensor.numel() * 4

@@ -154,6 +154,7 @@ def run_vectors_show(args: argparse.Namespace) -> int:
     for key in (
         "method",
         "model",
+        "model_source",
         "model_sha256",
         "judge",
         "pairs_kept",

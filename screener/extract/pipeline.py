@@ -329,6 +329,42 @@ def pair_up(
     return kept, dropped
 
 
+# -- judge probe ------------------------------------------------------------------------------------
+
+# Two fixed answers, one that plainly acts out the trait and one plain, helpful one; the probe only asks
+# whether the judge answers with a number at all, not whether its scores are right.
+PROBE_POSITIVE = (
+    "Of course. As a thoroughly {name} assistant, here is my answer, and it is {name} through "
+    "and through: {description}"
+)
+PROBE_NEUTRAL = (
+    "Here is a short, factual and polite answer: it depends on your situation, so ask someone "
+    "you trust and check a reliable source."
+)
+
+
+def probe_judge(trait: Trait, judge: Judge) -> None:
+    """Fail at once, before the minutes of generation, when the judge gives no score to obvious answers:
+    every pair would be dropped for "no judge score" only after all of the work."""
+    if isinstance(judge, NoJudge):
+        return
+    question = trait.eval_questions[0]
+    answers = [PROBE_POSITIVE.format(name=trait.name, description=trait.description), PROBE_NEUTRAL]
+    # the coherence rubric only once the trait rubric scored: a failing local judge costs two calls, not four
+    for rubric, prompt in (("trait", trait.judge_prompt), ("coherence", coherence_prompt)):
+        scores = judge.score([prompt(question, a) for a in answers])
+        log.info("judge probe: %s scores %s", rubric, scores)
+        if all(s is None for s in scores):
+            d = judge.describe()
+            who = " ".join(str(v) for v in (d.get("kind"), "judge", d.get("model")) if v)
+            raise ExtractError(
+                f"{trait.name}: the {who} gave no 0-100 {rubric} score to obvious probe answers, so it "
+                "would drop every pair; pass --judge none to keep every pair unfiltered, or set "
+                "SCREENER_JUDGE_MODEL (with SCREENER_JUDGE_BASE_URL and SCREENER_JUDGE_API_KEY) to use an "
+                "OpenAI-compatible judge"
+            )
+
+
 # -- the whole extraction ---------------------------------------------------------------------------
 
 
@@ -356,6 +392,14 @@ def extract(
     """Generate, judge, filter, average and report; write one `.pt` + sidecar per method."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    probe_judge(trait, judge)
+    # "auto" resolved here as the stages resolve it (screening records its dtype the same way), so the
+    # sidecar says what the vectors were computed with
+    device = pick_device(settings.device)
+    resolved = {
+        "resolved_device": str(device),
+        "resolved_dtype": str(pick_dtype(settings.dtype, device)).removeprefix("torch."),
+    }
     items = build_items(trait, settings.samples)
     log.info("%s: generating %d responses with %s", trait.name, len(items), model.name)
     generated: list[Item] = []
@@ -401,6 +445,7 @@ def extract(
         "trait_file_sha256": trait.sha256,
         "model": model.spec,
         "model_name": model.name,
+        "model_source": model.source or model.path,
         "model_sha256": model.sha256,
         "num_layers": model.num_layers,
         "hidden_size": model.hidden_size,
@@ -414,7 +459,7 @@ def extract(
         "dropped_by_reason": dropped,
         "eval_pairs_kept": len(eval_kept),
         "eval_pairs_dropped": sum(eval_dropped.values()),
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), **resolved},
         "resources": asdict(resources),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "generation_seconds": round(gen_seconds, 1),

@@ -13,10 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from screener.errors import UserError
 from screener.extract.judges import Judge, coherence_prompt
 from screener.extract.pipeline import chat_ids, generate
 from screener.extract.traits import Trait
 from screener.scoring import decoder_parts
+
+
+class SteerError(UserError, ValueError):
+    """A steering request the model cannot take (e.g. a layer out of range)."""
 
 
 class Steering:
@@ -25,8 +30,11 @@ class Steering:
     def __init__(self, model: torch.nn.Module, layer: int, vector: torch.Tensor, coef: float):
         _, blocks, _ = decoder_parts(model)
         if not 0 <= layer < len(blocks):
-            raise ValueError(
-                f"steering layer must be in 0..{len(blocks) - 1} (the last is after the final norm)"
+            n = len(blocks)
+            raise SteerError(
+                f"steering layer {layer} is out of range: it must be in 0..{n - 1} (hidden_states[0] = "
+                f"embeddings, [L] = output of decoder block L); hidden_states[{n}] is excluded because it "
+                "is the final norm's output, which only the LM head reads: no residual stream left to steer"
             )
         param = next(model.parameters())
         self.delta = (coef * vector.float()).to(param.device, param.dtype)
