@@ -134,6 +134,10 @@ class RaySession:
                 include_dashboard=False,
                 _temp_dir=temp_dir,
                 logging_level=logging.WARNING,
+                # Ray renices workers by +15 over the raylet (which inherits this process's niceness), so
+                # a screen's model work would yield to every other process on the machine; the actors are
+                # the screen: they run at the user's own niceness (`nice screener screen ...` still works)
+                _system_config={"worker_niceness": 0},
             )
         except BaseException:
             self._stop_reaper()

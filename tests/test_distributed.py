@@ -144,15 +144,20 @@ def test_actor_dying_on_every_batch_fails_instead_of_looping(ray_session):
 
 
 def test_embedded_ray_leaves_nothing_behind():
-    """A fresh process (this one may hold a session): its private Ray and temp dir are gone after exit."""
+    """A fresh process (this one may hold a session): its workers run at the driver's niceness (not Ray's
+    15), it starts quietly, and its private Ray and temp dir are gone after exit."""
     code = (
-        "import ray; from screener.distributed import RaySession\n"
+        "import os, ray; from screener.distributed import RaySession\n"
+        "os.nice(3)\n"
         "with RaySession(num_cpus=1) as s:\n"
         "    assert s.embedded\n"
+        "    print('niceness', ray.get(ray.remote(lambda: os.nice(0)).remote()), flush=True)\n"
         "    print(ray._private.worker._global_node.get_temp_dir_path(), flush=True)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "niceness 3" in out.stdout
+    assert "Token authentication" not in out.stderr
     temp_dir = out.stdout.split()[-1]
     assert Path(temp_dir).name.startswith("screener-ray-")
     deadline = time.monotonic() + 10
