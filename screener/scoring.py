@@ -261,9 +261,14 @@ class Scorer:
         width = ids.shape[1]
         starts = [width - len(s) if side == "left" else 0 for s in seqs]
         base, _, _ = decoder_parts(self.model)
+        # Right padding needs no attention mask and no position ids: causal attention already keeps every
+        # real token from seeing the padding after it, and real tokens sit at positions 0..n-1. Either one
+        # makes transformers build a mask (position ids that stop counting at the padding read as packed
+        # sequences), which costs SDPA's causal fast path: attention runs over the whole T x T square.
+        masks = {"attention_mask": mask, "position_ids": positions} if side == "left" else {}
         with LayerTap(self.model, self.units, stop=True) as tap, self._compiled_blocks():
             with contextlib.suppress(_StopForward):
-                base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                base(input_ids=ids, use_cache=False, **masks)
             per_layer = [tap.take(layer) for layer in self.layers]  # each [B, T, K]
         proj = torch.stack(per_layer, dim=1)  # [B, L, T, K]
         # padded positions can hold NaN (fully masked attention rows), so select, never multiply by a mask
