@@ -233,7 +233,6 @@ def peak_rss_mb(args: list[str]) -> float:
     return peak / 2**20
 
 
-@pytest.mark.slow  # ~2 min on 2 cores: 22k samples through the model
 def test_driver_memory_does_not_grow_with_the_dataset(tiny_llama, vector_file, tmp_path):
     """20k rows against 2k: the driver's peak RSS stays flat (rows stream through in chunks)."""
     peaks = {}
