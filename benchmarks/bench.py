@@ -1,6 +1,6 @@
 """Benchmark the screen against a reference-style loop and the machine's own matmul peak, in one run.
 
-    python benchmarks/bench.py                      # the full table: 256 samples, ~10 min on 2 CPU cores
+    python benchmarks/bench.py                      # the full table: 256 samples, 10-20 min on 2 CPU cores
     python benchmarks/bench.py --samples 32 --natural-samples 4 --skip-screen   # a quick check
     python benchmarks/bench.py --device cuda        # the same benchmark on a GPU
 
