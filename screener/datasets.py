@@ -37,6 +37,8 @@ __all__ = [
     "canonical_uri",
     "data_suffix",
     "detect_format",
+    "is_glob",
+    "is_hub_name",
     "iter_records",
     "read_samples",
     "record_to_samples",
@@ -275,10 +277,19 @@ def _iter_rows(sources: list[tuple[str, Callable]], stats: ReadStats) -> Iterato
             row += 1
 
 
+def is_glob(uri: str) -> bool:
+    return re.search(r"[*?\[]", uri) is not None
+
+
+def is_hub_name(uri: str) -> bool:
+    """`org/name`, the form of a hub dataset (a local path of that form is tried first by the reader)."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", uri) is not None
+
+
 def canonical_uri(uri: str) -> str:
     """The URI a run is keyed by: local paths and globs made absolute (a relative name means another file
     from another directory), hub names as given."""
-    if uri.startswith("hf://") or not (Path(uri).exists() or re.search(r"[*?\[]", uri)):
+    if uri.startswith("hf://") or not (Path(uri).exists() or is_glob(uri)):
         return uri
     return os.path.abspath(os.path.expanduser(uri))
 
@@ -303,9 +314,9 @@ def _sources(uri: str, split: str | None) -> list[tuple[str, Callable[[ReadStats
                 f"{uri}: unsupported file type; supported: {', '.join(SUFFIXES)} (and .gz)"
             )
         paths = [uri]
-    elif re.search(r"[*?\[]", uri):
+    elif is_glob(uri):
         paths = sorted(glob.glob(uri, recursive=True))
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", uri):
+    elif is_hub_name(uri):
         return [(uri, partial(_read_hub, uri, None, split))]
     else:
         raise FileNotFoundError(f"{uri}: no such file or directory, and not a hub dataset name (org/name)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,7 +24,14 @@ from pathlib import Path
 
 import duckdb
 
-from screener.datasets import data_suffix, detect_format, iter_records, record_to_samples
+from screener.datasets import (
+    data_suffix,
+    detect_format,
+    is_glob,
+    is_hub_name,
+    iter_records,
+    record_to_samples,
+)
 from screener.query import METRICS, QueryError, RunChoice, run_sql
 
 __all__ = ["ExportFilter", "ExportResult", "export", "manifest_path", "parse_drop_top", "selected_rows"]
@@ -292,13 +298,13 @@ def _check_input(uri: str) -> None:
     if uri.startswith("hf://") or Path(uri).exists():
         return
     where = "" if Path(uri).is_absolute() else f" (relative to {Path.cwd()})"
-    if re.search(r"[*?\[]", uri):
+    if is_glob(uri):
         if glob.glob(uri, recursive=True):
             return
         problem = f"{uri} matches no files{where}"
     # `org/name` is a hub dataset; with a data suffix (`data/x.jsonl`, stored as typed by a screen run
     # from another directory) it is a local file that is not here.
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", uri) and not data_suffix(uri):
+    elif is_hub_name(uri) and not data_suffix(uri):
         return
     else:
         problem = f"{uri}: no such file or directory{where}"
