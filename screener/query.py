@@ -239,6 +239,27 @@ def _csv_ready(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
     return rel.project(", ".join(cols))
 
 
+READ_ONLY = (
+    "screener query is read-only: it reads this database and cannot modify it, read or write other files, "
+    "or change settings"
+)
+# Statements that only read. Everything else (COPY, SET, ATTACH, INSERT, CREATE, PRAGMA, CALL, ...) is
+# refused by its parsed type before it runs, so the refusal does not depend on DuckDB's error wording.
+READ_STATEMENTS = frozenset({"SELECT", "EXPLAIN"})
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse, before running it, SQL with any statement that is not a plain read."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise QueryError(str(e)) from e
+    for st in statements:
+        kind = st.type.name
+        if kind not in READ_STATEMENTS:
+            raise QueryError(f"{READ_ONLY} (a {kind} statement was given)")
+
+
 @command
 def cmd_query(args: argparse.Namespace) -> int:
     sql = args.sql
@@ -253,19 +274,11 @@ def cmd_query(args: argparse.Namespace) -> int:
             run = pick_run(store.con, args.run)
             defaults = {"run_id": run.run_id, "layer": run.layer(None), "metric": default_metric(run)}
             params.update({k: v for k, v in defaults.items() if k in needed})
+        check_read_only(store.con, sql)
         try:
             rel = run_sql(store.con, sql, params)
-        except duckdb.Error as e:
-            # Writes to the database, file access (COPY TO, read_csv, ATTACH) and SET: see `open_db`.
-            text = str(e).lower()
-            if isinstance(e, duckdb.PermissionException) or any(
-                s in text for s in ("read-only", "configuration has been locked")
-            ):
-                raise QueryError(
-                    "screener query is read-only: it reads this database and cannot modify it, read or "
-                    f"write other files, or change settings ({e})"
-                ) from e
-            raise
+        except duckdb.PermissionException as e:  # file access from a SELECT (read_csv...): see `open_db`
+            raise QueryError(f"{READ_ONLY} ({e})") from e
         if rel is None:  # a statement with no result
             return 0
         write_relation(rel, args.format, args.out, args.max_rows)

@@ -270,3 +270,25 @@ def test_reading_while_a_screen_writes(tmp_path: Path, capsys) -> None:
             True,
         )
         assert store.con.execute("SELECT count(*) FROM scores").fetchone()[0] == n_written
+
+
+def test_read_only_refusal_is_by_statement_type(screens, tmp_path: Path, capsys) -> None:
+    """Every statement that is not a plain read is refused before it runs, with our message, whatever
+    DuckDB would answer (its wording changes between releases)."""
+    natural, _ = screens
+    db_bytes = natural.db.read_bytes()
+    for sql in (
+        f"ATTACH '{tmp_path / 'other.duckdb'}' AS other",
+        "INSTALL httpfs",
+        "LOAD httpfs",
+        "PRAGMA enable_profiling",
+        "FORCE CHECKPOINT",
+        f"EXPORT DATABASE '{tmp_path / 'dump'}'",
+        "SELECT 1; DROP TABLE runs",
+    ):
+        assert cli("query", sql, "--db", natural.db) == 1, sql
+        err = capsys.readouterr().err
+        assert err.startswith("error: screener query is read-only: ") and err.count("\n") == 1, sql
+    assert natural.db.read_bytes() == db_bytes and not (tmp_path / "dump").exists()
+    for sql in ("SELECT count(*) FROM runs", "DESCRIBE scores", "EXPLAIN SELECT * FROM scores"):
+        assert cli("query", sql, "--db", natural.db) == 0, sql
