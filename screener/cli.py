@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import warnings
+from collections.abc import Callable
 
 # Each module has `add_commands(subparsers)`, which adds parsers with `set_defaults(func=...)`;
 # `func(args)` returns the exit code. Only the invoked command's module is imported, so `screener query`
@@ -49,18 +51,22 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from screener.errors import BusyError, UserError
+    return run(args.func, args)
+
+
+def run(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command function; every expected failure becomes one line on stderr and its exit code
+    (the table in screener/errors.py and the README)."""
+    from screener.errors import ScreenerError
 
     try:
-        return int(args.func(args) or 0)
-    except BusyError as e:
+        return int(func(args) or 0)
+    except ScreenerError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `screener ... | head`
-        sys.stderr.close()
+        return e.exit_code
+    except BrokenPipeError:  # `screener top | head`: the reader left; not an error
+        # later writes (and the interpreter's final flush) must not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
