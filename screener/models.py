@@ -1,17 +1,27 @@
-"""Model and tokenizer loading: local HF folders, hub ids, GGUF files, and the default model.
+"""Everything that drives a model, in one place: scoring, extraction, steering, shift and explain use it.
 
-A GGUF file is dequantised once into a safetensors folder under the cache (`$SCREENER_CACHE`, default
-`~/.cache/persona-screen`), so later loads take about a second instead of ~20 s.
+- Loading: local HF folders, hub ids, GGUF files and the default model (`resolve_model` → `ModelRef`,
+  `ModelRef.load`). A GGUF file is dequantised once into a safetensors folder under the cache
+  (`$SCREENER_CACHE`, default `~/.cache/persona-screen`), so later loads take about a second, not ~20 s.
+- Devices and dtypes (`pick_device`, `pick_dtype`).
+- Plumbing: decoder blocks and final norm (`decoder_parts`), a block's output (`block_output`), chat
+  prompts (`chat_ids`), padding (`pad`), end-of-turn ids (`eos_ids`), reading `hidden_states[L]` with
+  hooks and an early stop (`LayerTap`, `run_until_tapped`), and batched generation that cuts each answer
+  at its first end-of-turn token (`generate`).
+
+Layer convention (records.py): layer L is `hidden_states[L]` as transformers returns it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +55,12 @@ class ModelRef:
     # where the weights came from, independent of how the spec was typed: the GGUF file or folder (resolved),
     # or hub id@revision; "" when unknown (a ModelRef built by hand)
     source: str = ""
+
+    def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """The model and tokenizer, for inference. On a cluster node the driver's cache path may not
+        exist: the spec is resolved again there (converting the GGUF on that node if needed)."""
+        path = self.path if Path(self.path).exists() else resolve_model(self.spec).path
+        return load_model(path, device, dtype)
 
 
 def cache_dir() -> Path:
@@ -217,3 +233,182 @@ def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return model, tok
+
+
+# ---- plumbing -------------------------------------------------------------------------------------------
+
+
+def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
+    """(base model without LM head, its decoder blocks, its final norm) for common HF architectures."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    blocks = next((getattr(base, a) for a in ("layers", "h", "blocks") if hasattr(base, a)), None)
+    norm = next((getattr(base, a) for a in ("norm", "ln_f", "final_layernorm") if hasattr(base, a)), None)
+    if blocks is None or norm is None:
+        raise ModelError(f"cannot find decoder blocks and a final norm in {type(model).__name__}")
+    return base, blocks, norm
+
+
+def block_output(output: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states of a decoder block's (or norm's) output, which some architectures wrap in a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_block_output(output: torch.Tensor | tuple, hidden: torch.Tensor) -> torch.Tensor | tuple:
+    """`output` with its hidden states replaced by `hidden`, in the same wrapping (for hooks that edit)."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a turn: the generation config's eos ids and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    return sorted({*(e for e in eos if e is not None), tokenizer.eos_token_id} - {None})
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids: the chat template of `messages` with `add_generation_prompt=True`."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def pad(
+    seqs: Sequence[Sequence[int]], pad_token: int, side: str = "right", device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(ids, attention_mask, position_ids)`, each `[batch, width]`; positions count real tokens only,
+    so left padding does not shift them."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_token, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[b, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[b, sl] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+class StopForward(Exception):
+    """Raised by the hook on the deepest layer needed: nothing after it is computed."""
+
+
+class LayerTap:
+    """Hooks that read `hidden_states[L]` for every layer L in `layers`, as `keep(L, h)` of it.
+
+    `keep` gets the `[batch, tokens, hidden]` states of one forward call at one layer and returns what
+    to store (a projection, a masked mean...), so full hidden states never accumulate. Each call's
+    result is appended to `self.outputs[L]`. With `stop`, the forward pass ends after the deepest layer
+    (`run_until_tapped` catches that); hooks read block outputs raw, so cutting the model short never
+    swaps in the final norm's output (the trap of `hidden_states[num_layers]`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: Sequence[int],
+        keep: Callable[[int, torch.Tensor], torch.Tensor],
+        stop: bool = False,
+    ):
+        _, blocks, norm = decoder_parts(model)
+        n = len(blocks)
+        if bad := [layer for layer in layers if not 0 <= layer <= n]:
+            raise ModelError(f"layers {bad} out of range: the model has hidden_states 0..{n}")
+        self.outputs: dict[int, list] = {layer: [] for layer in layers}
+        self._handles = []
+        deepest = max(layers)
+        for layer in layers:
+            last = stop and layer == deepest and layer < n
+
+            def read(h: torch.Tensor, layer: int = layer, last: bool = last) -> None:
+                self.outputs[layer].append(keep(layer, h))
+                if last:
+                    raise StopForward
+
+            if layer == 0:  # the input of block 1 is hidden_states[0], whatever the embedding does
+                hook = blocks[0].register_forward_pre_hook(
+                    lambda _m, args, kwargs, read=read: read(args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True,
+                )
+            elif layer < n:
+                hook = blocks[layer - 1].register_forward_hook(
+                    lambda _m, _a, out, read=read: read(block_output(out))
+                )
+            else:  # transformers returns the final norm's output as hidden_states[num_layers]
+                hook = norm.register_forward_hook(lambda _m, _a, out, read=read: read(block_output(out)))
+            self._handles.append(hook)
+
+    def take(self, layer: int) -> list:
+        """Every call's stored result for `layer`, in call order, then forgotten."""
+        out, self.outputs[layer] = self.outputs[layer], []
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self) -> LayerTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def run_until_tapped(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> None:
+    """One forward pass of the decoder (no LM head, no cache) that a `stop` tap may end early."""
+    base, _, _ = decoder_parts(model)
+    with contextlib.suppress(StopForward):
+        base(input_ids=ids, use_cache=False, **kwargs)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What `generate` produced: the prompts' padded width and each answer's ids, cut before its first
+    end-of-turn token (which is not part of a response, as for dataset responses)."""
+
+    width: int
+    answers: list[list[int]]
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    extra_steps: int = 0,
+) -> Generated:
+    """Batched generation with left padding (greedy unless `temperature` > 0, then seeded sampling).
+
+    `extra_steps` runs the model that many steps past `max_new_tokens` (answers stay cut at
+    `max_new_tokens`): the hidden state of a generated token is only computed when it is fed back, so a
+    tap that reads the answer's states needs one more step.
+    """
+    device = next(model.parameters()).device
+    pad_token = pad_id(tokenizer)
+    ids, mask, _ = pad(prompts, pad_token, "left", device)
+    stops = eos_ids(model, tokenizer)
+    kwargs: dict = {"do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens + extra_steps,
+        pad_token_id=pad_token,
+        eos_token_id=stops,
+        **kwargs,
+    )
+    width = ids.shape[1]
+    answers = []
+    for tokens in out[:, width:].tolist():
+        n = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        answers.append(tokens[: min(n, max_new_tokens)])
+    return Generated(width, answers)

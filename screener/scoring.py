@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from screener.records import Reject, Sample, Scored
+from screener.models import LayerTap, chat_ids, decoder_parts, generate, pad, pad_id, run_until_tapped
+from screener.records import MODES, Reject, Sample, Scored
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class ScoreSettings:
     compile: bool = False
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
+
     @classmethod
     def for_device(cls, gpu: bool, **overrides) -> ScoreSettings:
         """Defaults sized for a GPU or a CPU; `None` overrides are ignored."""
@@ -62,7 +69,9 @@ class ScoreSettings:
 
 
 @dataclass(slots=True)
-class _Tokens:
+class Tokens:
+    """A sample's prompt and response ids as scored (cut to `max_tokens` when `truncated`)."""
+
     index: int  # position in the caller's list
     sample: Sample
     prompt: list[int]
@@ -70,87 +79,16 @@ class _Tokens:
     truncated: bool
 
 
-class _StopForward(Exception):
-    """Raised by the hook on the deepest layer needed: nothing after it is computed."""
-
-
-def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module]:
-    """(base model without LM head, its decoder blocks, its final norm) for common HF architectures."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    blocks = next((getattr(base, a) for a in ("layers", "h", "blocks") if hasattr(base, a)), None)
-    norm = next((getattr(base, a) for a in ("norm", "ln_f", "final_layernorm") if hasattr(base, a)), None)
-    if blocks is None or norm is None:
-        raise TypeError(f"cannot find decoder blocks and final norm in {type(model).__name__}")
-    return base, blocks, norm
-
-
-def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-class LayerTap:
-    """Hooks that project `hidden_states[L]` onto unit vectors, for every layer L in `units`.
-
-    `units[L]` is an `[hidden, traits]` float32 matrix. Each forward call appends one
-    `[batch, tokens, traits]` tensor per layer to `self.outputs[L]`.
-    """
+class ProjectionTap(LayerTap):
+    """A `LayerTap` that keeps `h · units[L]`: one `[batch, tokens, traits]` float32 tensor per forward
+    call, where `units[L]` is an `[hidden, traits]` matrix of unit vectors."""
 
     def __init__(self, model: torch.nn.Module, units: dict[int, torch.Tensor], stop: bool):
-        _, blocks, norm = decoder_parts(model)
-        self.outputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in units}
-        self._handles = []
-        deepest = max(units)
-        n = len(blocks)
-        for layer, u in units.items():
-            last = stop and layer == deepest and layer < n
-
-            def keep(h: torch.Tensor, layer: int = layer, u: torch.Tensor = u, last: bool = last) -> None:
-                self.outputs[layer].append(h.float() @ u)
-                if last:
-                    raise _StopForward
-
-            if layer == 0:  # the input of block 1 is hidden_states[0], whatever the embedding does
-                hook = blocks[0].register_forward_pre_hook(
-                    lambda _m, args, kwargs, keep=keep: keep(args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True,
-                )
-            elif layer < n:
-                hook = blocks[layer - 1].register_forward_hook(
-                    lambda _m, _a, out, keep=keep: keep(_hidden(out))
-                )
-            else:  # transformers returns the final norm's output as hidden_states[num_layers]
-                hook = norm.register_forward_hook(lambda _m, _a, out, keep=keep: keep(_hidden(out)))
-            self._handles.append(hook)
+        super().__init__(model, list(units), lambda layer, h: h.float() @ units[layer], stop)
 
     def take(self, layer: int) -> torch.Tensor:
-        """All calls' projections for `layer`, concatenated along tokens, then forgotten."""
-        out = torch.cat(self.outputs[layer], dim=1)
-        self.outputs[layer] = []
-        return out
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-    def __enter__(self) -> LayerTap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-def unit_vectors(
-    vectors: Sequence[torch.Tensor], layers: Sequence[int], device: torch.device
-) -> dict[int, torch.Tensor]:
-    """`{L: [hidden, traits]}` float32 unit vectors from `[num_layers+1, hidden]` vector files."""
-    units = {}
-    for layer in layers:
-        rows = torch.stack([v[layer].float() for v in vectors], dim=1)
-        norms = rows.norm(dim=0, keepdim=True)
-        if bool((norms == 0).any()):
-            raise ValueError(f"a persona vector is zero at layer {layer}; it has no direction to project on")
-        units[layer] = (rows / norms).to(device)
-    return units
+        """All calls' projections for `layer`, concatenated along tokens (generation adds a step a call)."""
+        return torch.cat(super().take(layer), dim=1)
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
@@ -180,24 +118,23 @@ def truncate(prompt: list[int], response: list[int], max_tokens: int) -> tuple[l
 
 
 class Scorer:
-    """Scores batches of samples with one model and a set of persona vectors (one per trait)."""
+    """Scores batches of samples with one model and one unit vector per trait at each layer.
 
-    def __init__(self, model, tokenizer, vectors: Sequence[torch.Tensor], settings: ScoreSettings):
-        if settings.mode not in ("proxy", "natural"):
-            raise ValueError(f"mode must be 'proxy' or 'natural', not {settings.mode!r}")
-        if settings.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', not {settings.padding_side!r}")
+    `units` is `{layer: [hidden, traits]}` float32 unit vectors (`vectors.unit_vectors`), resolved once
+    by the caller; the traits' order is the order of the score arrays' last axis.
+    """
+
+    def __init__(self, model, tokenizer, units: dict[int, torch.Tensor], settings: ScoreSettings):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
         self.device = next(model.parameters()).device
         self.layers = tuple(settings.layers)
-        self.units = unit_vectors(vectors, self.layers, self.device)
-        self.n_traits = len(vectors)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = sorted({*(e for e in eos if e is not None), tokenizer.eos_token_id} - {None})
+        if missing := sorted(set(self.layers) - set(units)):
+            raise ValueError(f"no unit vectors for layers {missing}")
+        self.units = {layer: units[layer].float().to(self.device) for layer in self.layers}
+        self.n_traits = self.units[self.layers[0]].shape[1]
+        self.pad_id = pad_id(tokenizer)
         self._compiled: dict[int, Callable] = {}
         if settings.compile:
             _, blocks, _ = decoder_parts(model)
@@ -222,57 +159,49 @@ class Scorer:
 
     # -- tokenisation -------------------------------------------------------------------------------
 
-    def tokenize(self, sample: Sample, index: int = 0) -> _Tokens | Reject:
+    def tokenize(self, sample: Sample, index: int = 0) -> Tokens | Reject:
         try:
-            text = self.tokenizer.apply_chat_template(
-                sample.prompt, add_generation_prompt=True, tokenize=False
-            )
+            prompt = chat_ids(self.tokenizer, sample.prompt)
         except Exception as e:  # templates raise on e.g. non-alternating roles; that is the sample's fault
             return Reject(
                 sample.source_row, sample.sample_id, f"prompt: chat template failed: {e}", sample.source_file
             )
-        prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         response = self.tokenizer(sample.response, add_special_tokens=False)["input_ids"]
         if not response:
             return Reject(sample.source_row, sample.sample_id, "response: no tokens", sample.source_file)
         prompt, response, cut = truncate(prompt, response, self.settings.max_tokens)
-        return _Tokens(index, sample, prompt, response, cut)
+        return Tokens(index, sample, prompt, response, cut)
 
     # -- teacher-forced projections -----------------------------------------------------------------
 
-    def _pad(self, seqs: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-            ids[b, sl] = torch.tensor(s, dtype=torch.long)
-            mask[b, sl] = 1
-        # positions count real tokens only, so left padding does not shift them
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
-
     @torch.inference_mode()
-    def project(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Teacher-forced `(proj_response, proj_prompt_last)`, each `[batch, layers, traits]`."""
+    def project_tokens(self, seqs: list[list[int]]) -> torch.Tensor:
+        """`[batch, layers, tokens, traits]` projections of every position of right- or left-padded `seqs`
+        (padded positions hold garbage, possibly NaN), with the padding side of the settings."""
         side = self.settings.padding_side
-        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-        ids, mask, positions = self._pad(seqs, side)
-        width = ids.shape[1]
-        starts = [width - len(s) if side == "left" else 0 for s in seqs]
-        base, _, _ = decoder_parts(self.model)
+        ids, mask, positions = pad(seqs, self.pad_id, side, self.device)
         # Right padding needs no attention mask and no position ids: causal attention already keeps every
         # real token from seeing the padding after it, and real tokens sit at positions 0..n-1. Either one
         # makes transformers build a mask (position ids that stop counting at the padding read as packed
         # sequences), which costs SDPA's causal fast path: attention runs over the whole T x T square.
         masks = {"attention_mask": mask, "position_ids": positions} if side == "left" else {}
-        with LayerTap(self.model, self.units, stop=True) as tap, self._compiled_blocks():
-            with contextlib.suppress(_StopForward):
-                base(input_ids=ids, use_cache=False, **masks)
+        with ProjectionTap(self.model, self.units, stop=True) as tap, self._compiled_blocks():
+            run_until_tapped(self.model, ids, **masks)
             per_layer = [tap.take(layer) for layer in self.layers]  # each [B, T, K]
-        proj = torch.stack(per_layer, dim=1)  # [B, L, T, K]
+        return torch.stack(per_layer, dim=1)
+
+    def starts(self, seqs: list[list[int]]) -> list[int]:
+        """Where each sequence begins in its padded row."""
+        width = max(map(len, seqs))
+        return [width - len(s) if self.settings.padding_side == "left" else 0 for s in seqs]
+
+    def project(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced `(proj_response, proj_prompt_last)`, each `[batch, layers, traits]`."""
+        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+        proj = self.project_tokens(seqs)  # [B, L, T, K]
+        starts = self.starts(seqs)
         # padded positions can hold NaN (fully masked attention rows), so select, never multiply by a mask
-        resp = torch.zeros((len(seqs), width), dtype=torch.bool, device=proj.device)
+        resp = torch.zeros((len(seqs), proj.shape[2]), dtype=torch.bool, device=proj.device)
         last = torch.empty(len(seqs), dtype=torch.long, device=proj.device)
         for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             resp[b, starts[b] + len(p) : starts[b] + len(p) + len(r)] = True
@@ -289,45 +218,35 @@ class Scorer:
     def generate_natural(self, prompts: list[list[int]], seed: int = 0) -> tuple[np.ndarray, list[list[int]]]:
         """Generate the model's own answer to each prompt, and its `[batch, layers, traits]` projections.
 
-        Projections are taken by the hooks from the generation pass itself. The hidden state of a
-        generated token is only computed when that token is fed back, so generation runs one step past
-        `max_new_tokens`; the answer stops before its first end-of-turn token (which is not part of a
-        response, as for dataset responses). An empty answer gets NaN.
+        Projections are taken by the hooks from the generation pass itself (no second forward pass), so
+        generation runs one step past `max_new_tokens`. An empty answer gets NaN.
         """
         g = self.settings.generation
-        ids, mask, _ = self._pad(prompts, "left")  # generate needs the prompts to end together
-        width = ids.shape[1]
-        kwargs: dict = {"max_new_tokens": g.max_new_tokens + 1, "do_sample": g.temperature > 0}
-        if g.temperature > 0:
-            kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=0)
-            torch.manual_seed(seed)
-        with LayerTap(self.model, self.units, stop=False) as tap:
-            seqs = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_ids,
-                **kwargs,
+        with ProjectionTap(self.model, self.units, stop=False) as tap:
+            out = generate(
+                self.model,
+                self.tokenizer,
+                prompts,
+                g.max_new_tokens,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                seed=seed,
+                extra_steps=1,
             )
-            per_layer = [tap.take(layer) for layer in self.layers]  # each [B, width + G - 1, K]
-        gen = seqs[:, width:].tolist()
-        proj = torch.stack(per_layer, dim=1)
-        out = np.full((len(prompts), len(self.layers), self.n_traits), np.nan)
-        answers = []
-        for b, tokens in enumerate(gen):
-            n = next((i for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
-            n = min(n, g.max_new_tokens)
-            answers.append(tokens[:n])
-            if n:
-                out[b] = proj[b, :, width : width + n].mean(dim=1).double().cpu().numpy()
-        return out, answers
+            proj = torch.stack([tap.take(layer) for layer in self.layers], dim=1)  # [B, L, width+G-1, K]
+        result = np.full((len(prompts), len(self.layers), self.n_traits), np.nan)
+        for b, answer in enumerate(out.answers):
+            if answer:
+                span = proj[b, :, out.width : out.width + len(answer)]
+                result[b] = span.mean(dim=1).double().cpu().numpy()
+        return result, out.answers
 
     # -- the whole batch ------------------------------------------------------------------------------
 
     def score(self, samples: Sequence[Sample]) -> list[Scored | Reject]:
         """Score samples (any lengths, any order); results come back in the input order."""
         results: list[Scored | Reject | None] = [None] * len(samples)
-        toks: list[_Tokens] = []
+        toks: list[Tokens] = []
         for i, s in enumerate(samples):
             t = self.tokenize(s, i)
             if isinstance(t, Reject):
@@ -355,7 +274,7 @@ class Scorer:
             self._add_natural(toks, results)
         return results  # type: ignore[return-value]
 
-    def _add_natural(self, toks: list[_Tokens], results: list) -> None:
+    def _add_natural(self, toks: list[Tokens], results: list) -> None:
         st = self.settings
         budget = [len(t.prompt) + st.generation.max_new_tokens + 1 for t in toks]
         for batch in length_batches(budget, st.batch_tokens, min(st.max_batch_size, st.generate_batch_size)):

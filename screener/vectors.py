@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,26 @@ class Vector:
     def default_layer(self) -> int | None:
         layer = self.sidecar.get("chosen_layer")
         return int(layer) if layer is not None else None
+
+
+def unit_vectors(
+    tensors: Sequence[torch.Tensor], layers: Sequence[int], names: Sequence[str] = ()
+) -> dict[int, torch.Tensor]:
+    """`{L: [hidden, traits]}` float32 unit vectors from `[num_layers+1, hidden]` vectors, one column each.
+
+    Norms are taken in float64, so a vector's scale never changes a score: neither 1e30s (whose float32
+    norm overflows) nor 1e-30s differ from the same direction at scale 1. Only an all-zero row has no
+    direction. `names` (the files) name the culprit in that error.
+    """
+    units = {}
+    for layer in layers:
+        for i, t in enumerate(tensors):
+            if not bool(t[layer].any()):
+                who = f"{names[i]}: " if i < len(names) else ""
+                raise VectorError(f"{who}a persona vector is zero at layer {layer}; it has no direction")
+        rows = torch.stack([t[layer].double() for t in tensors], dim=1)
+        units[layer] = (rows / rows.norm(dim=0, keepdim=True)).float()
+    return units
 
 
 def sidecar_path(path: str | Path) -> Path:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
+import duckdb
+import numpy as np
 import pytest
 import torch
+
+from screener.records import Sample
+
+# the installed command, as a user runs it
+SCREENER = str(Path(sys.executable).parent / "screener")
 
 # Keep tests hermetic: no hub, no model cache of the user's.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,3 +113,56 @@ def random_vectors(folder: Path, n: int, seed: int = 1) -> list[torch.Tensor]:
     cfg = json.loads((folder / "config.json").read_text())
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(cfg["num_hidden_layers"] + 1, cfg["hidden_size"], generator=g) for _ in range(n)]
+
+
+# ---- shared helpers -------------------------------------------------------------------------------
+
+
+def reference(model, tok, sample: Sample, vectors, layers) -> tuple[np.ndarray, np.ndarray]:
+    """One sample at a time, the whole model, `output_hidden_states=True`: the paper's procedure."""
+    text = tok.apply_chat_template(sample.prompt, add_generation_prompt=True, tokenize=False)
+    p = tok(text, add_special_tokens=False)["input_ids"]
+    r = tok(sample.response, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model(torch.tensor([p + r], device=model.device), output_hidden_states=True)
+    hs = [h.cpu() for h in out.hidden_states]
+    resp = np.zeros((len(layers), len(vectors)))
+    last = np.zeros((len(layers), len(vectors)))
+    for i, layer in enumerate(layers):
+        for k, v in enumerate(vectors):
+            u = (v[layer] / v[layer].norm()).double()
+            resp[i, k] = (hs[layer][0, len(p) :].double() @ u).mean().item()
+            last[i, k] = (hs[layer][0, len(p) - 1].double() @ u).item()
+    return resp, last
+
+
+def write_chat_jsonl(path: Path, n: int) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            messages = [
+                {"role": "user", "content": f"Question {i} about the quick brown fox"},
+                {"role": "assistant", "content": "Answer " + "word " * (i % 13)},
+            ]
+            f.write(json.dumps({"id": f"r{i}", "messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def vector_file(tiny_llama, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("vec") / "a.pt"
+    torch.save(random_vectors(tiny_llama, 1)[0], path)
+    return path
+
+
+def screen_args(data: Path, model: Path, vector: Path, db: Path, *extra: str) -> list[str]:
+    return [
+        SCREENER, "screen", str(data), "--model", str(model), "--vector", f"a={vector}",
+        "--layer", "1,3", "--dtype", "float32", "--db", str(db), *extra,
+    ]  # fmt: skip
+
+
+def scores(db: Path) -> list[tuple]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(
+            "SELECT sample_id, layer, trait, proj_response, proj_prompt_last FROM scores ORDER BY ALL"
+        ).fetchall()

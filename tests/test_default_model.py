@@ -7,13 +7,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from test_scoring import reference
+from conftest import reference
 
-from screener.datasets import read_samples
-from screener.demo import packaged_sharegpt
+from screener.datasets import packaged_sharegpt, read_samples
 from screener.models import DEFAULT_MODEL_NAME, load_model, resolve_model
 from screener.records import Sample
-from screener.scoring import GenerationSettings, LayerTap, Scorer, ScoreSettings
+from screener.scoring import GenerationSettings, ProjectionTap, Scorer, ScoreSettings
+from screener.vectors import unit_vectors
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +43,11 @@ def test_stopping_early_reads_raw_block_output_not_the_normed_one(default_model)
     ids = torch.tensor([tok("The persona vector of a small model.")["input_ids"]])
     with torch.no_grad():
         full = model(ids, output_hidden_states=True).hidden_states
-    with LayerTap(model, {20: torch.eye(576)}, stop=True) as tap, torch.no_grad():
+    with ProjectionTap(model, {20: torch.eye(576)}, stop=True) as tap, torch.no_grad():
         try:
             model.model(ids)
         except Exception as e:
-            assert type(e).__name__ == "_StopForward"
+            assert type(e).__name__ == "StopForward"
         got = tap.take(20)
     torch.testing.assert_close(got, full[20], rtol=1e-5, atol=1e-4)
     assert (full[20] - full[30]).abs().max() > 1.0  # the final-norm entry really is different
@@ -58,7 +58,9 @@ def test_real_model_scores_equal_reference(default_model, real_samples):
     g = torch.Generator().manual_seed(0)
     vectors = [torch.randn(31, 576, generator=g) for _ in range(3)]
     layers = (0, 10, 20, 30)
-    res = Scorer(model, tok, vectors, ScoreSettings(layers=layers, max_batch_size=4)).score(real_samples)
+    res = Scorer(
+        model, tok, unit_vectors(vectors, layers), ScoreSettings(layers=layers, max_batch_size=4)
+    ).score(real_samples)
     for s, r in zip(real_samples, res, strict=True):
         resp, last = reference(model, tok, s, vectors, layers)
         np.testing.assert_allclose(r.proj_response, resp, rtol=1e-4, atol=1e-4)
@@ -69,7 +71,9 @@ def test_real_model_natural_projection_equals_teacher_forced(default_model, real
     _, model, tok = default_model
     vectors = [torch.randn(31, 576, generator=torch.Generator().manual_seed(1))]
     gen = GenerationSettings(max_new_tokens=16)
-    scorer = Scorer(model, tok, vectors, ScoreSettings(layers=(20,), mode="natural", generation=gen))
+    scorer = Scorer(
+        model, tok, unit_vectors(vectors, (20,)), ScoreSettings(layers=(20,), mode="natural", generation=gen)
+    )
     res = scorer.score(real_samples[:3])
     compared = 0
     for s, r in zip(real_samples[:3], res, strict=True):

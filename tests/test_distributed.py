@@ -4,7 +4,6 @@ keeps dying), N actors against one, and the driver's memory on 20k rows."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -12,17 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import psutil
 import pytest
-import torch
-from conftest import random_vectors
+from conftest import scores, screen_args, write_chat_jsonl
 
 from screener import distributed
 from screener.distributed import ActorFailedError, RaySession, Resources, plan_resources, run_stage
-
-SCREENER = str(Path(sys.executable).parent / "screener")
-
 
 # -- planning -----------------------------------------------------------------------------------------
 
@@ -176,38 +170,6 @@ def _holds_files_in(proc: psutil.Process, folder: str) -> bool:
 
 
 # -- through the command line -------------------------------------------------------------------------
-
-
-def write_chat_jsonl(path: Path, n: int) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            messages = [
-                {"role": "user", "content": f"Question {i} about the quick brown fox"},
-                {"role": "assistant", "content": "Answer " + "word " * (i % 13)},
-            ]
-            f.write(json.dumps({"id": f"r{i}", "messages": messages}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def vector_file(tiny_llama, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("vec") / "a.pt"
-    torch.save(random_vectors(tiny_llama, 1)[0], path)
-    return path
-
-
-def screen_args(data: Path, model: Path, vector: Path, db: Path, *extra: str) -> list[str]:
-    return [
-        SCREENER, "screen", str(data), "--model", str(model), "--vector", f"a={vector}",
-        "--layer", "1,3", "--dtype", "float32", "--db", str(db), *extra,
-    ]  # fmt: skip
-
-
-def scores(db: Path) -> list[tuple]:
-    with duckdb.connect(str(db), read_only=True) as con:
-        return con.execute(
-            "SELECT sample_id, layer, trait, proj_response, proj_prompt_last FROM scores ORDER BY ALL"
-        ).fetchall()
 
 
 def test_n_actors_match_one_actor(tiny_llama, vector_file, tmp_path):

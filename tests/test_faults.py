@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import psutil
 import pytest
-from test_distributed import scores, screen_args, vector_file, write_chat_jsonl  # noqa: F401
+from conftest import scores, screen_args, write_chat_jsonl
 
 N = 2000
 CHUNK_WAL_BYTES = 17_000  # what one committed chunk of 50 adds to the WAL, about
@@ -41,7 +41,7 @@ def is_actor(p: psutil.Process) -> bool:
         return False
 
 
-def test_driver_sigkill_then_rerun_gives_the_uninterrupted_result(tiny_llama, vector_file, tmp_path):  # noqa: F811
+def test_driver_sigkill_then_rerun_gives_the_uninterrupted_result(tiny_llama, vector_file, tmp_path):
     data = write_chat_jsonl(tmp_path / "data.jsonl", N)
     ref_db, db = tmp_path / "reference.duckdb", tmp_path / "screen.duckdb"
     args = screen_args(data, tiny_llama, vector_file, db, "--chunk-size", "50")

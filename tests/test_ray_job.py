@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from test_distributed import vector_file, write_chat_jsonl  # noqa: F401
+from conftest import write_chat_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")  # the venv's: the head's workers run the python that ran it
@@ -76,7 +76,7 @@ def ray_cli(env: dict, *args: str, timeout: float = 120) -> subprocess.Completed
     return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def test_ray_job_submit_screens_into_duckdb(head, tiny_llama, vector_file, tmp_path):  # noqa: F811
+def test_ray_job_submit_screens_into_duckdb(head, tiny_llama, vector_file, tmp_path):
     address, env = head
     data = write_chat_jsonl(tmp_path / "data.jsonl", N)
     db = tmp_path / "job.duckdb"

@@ -5,11 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DEVICE, random_vectors
+from conftest import TEST_DEVICE, random_vectors, reference
 
 from screener.models import load_model
 from screener.records import Reject, Sample, Scored
-from screener.scoring import GenerationSettings, LayerTap, Scorer, ScoreSettings, length_batches, truncate
+from screener.scoring import (
+    GenerationSettings,
+    ProjectionTap,
+    Scorer,
+    ScoreSettings,
+    length_batches,
+    truncate,
+)
+from screener.vectors import unit_vectors
 
 RTOL = 1e-4
 
@@ -39,24 +47,6 @@ def make_samples(n: int) -> list[Sample]:
     return out
 
 
-def reference(model, tok, sample: Sample, vectors, layers) -> tuple[np.ndarray, np.ndarray]:
-    """One sample at a time, the whole model, `output_hidden_states=True`: the paper's procedure."""
-    text = tok.apply_chat_template(sample.prompt, add_generation_prompt=True, tokenize=False)
-    p = tok(text, add_special_tokens=False)["input_ids"]
-    r = tok(sample.response, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        out = model(torch.tensor([p + r], device=model.device), output_hidden_states=True)
-    hs = [h.cpu() for h in out.hidden_states]
-    resp = np.zeros((len(layers), len(vectors)))
-    last = np.zeros((len(layers), len(vectors)))
-    for i, layer in enumerate(layers):
-        for k, v in enumerate(vectors):
-            u = (v[layer] / v[layer].norm()).double()
-            resp[i, k] = (hs[layer][0, len(p) :].double() @ u).mean().item()
-            last[i, k] = (hs[layer][0, len(p) - 1].double() @ u).item()
-    return resp, last
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def model_and_tok(request, tiny_models):
     folder = tiny_models[request.param]
@@ -73,16 +63,16 @@ def test_layer_tap_follows_hidden_states_convention(model_and_tok):
         hs = model(ids, output_hidden_states=True).hidden_states
     eye = torch.eye(model.config.hidden_size, device=model.device)
     for layer in range(n + 1):  # identity "vectors" make the tap return the hidden state itself
-        with LayerTap(model, {layer: eye}, stop=False) as tap, torch.no_grad():
+        with ProjectionTap(model, {layer: eye}, stop=False) as tap, torch.no_grad():
             model(ids)
             got = tap.take(layer)
         torch.testing.assert_close(got, hs[layer], rtol=1e-5, atol=1e-5)
     # a stopped pass still sees the raw block output, never a normed one
-    with LayerTap(model, {2: eye}, stop=True) as tap, torch.no_grad():
+    with ProjectionTap(model, {2: eye}, stop=True) as tap, torch.no_grad():
         try:
             model.model(ids)
         except Exception as e:
-            assert type(e).__name__ == "_StopForward"
+            assert type(e).__name__ == "StopForward"
         torch.testing.assert_close(tap.take(2), hs[2], rtol=1e-5, atol=1e-5)
 
 
@@ -91,7 +81,7 @@ def test_scores_equal_reference_every_layer(model_and_tok):
     n = model.config.num_hidden_layers
     layers = tuple(range(n + 1))
     vectors = random_vectors(folder, 3)
-    scorer = Scorer(model, tok, vectors, ScoreSettings(layers=layers))
+    scorer = Scorer(model, tok, unit_vectors(vectors, layers), ScoreSettings(layers=layers))
     samples = make_samples(7)
     results = scorer.score(samples)
     for s, r in zip(samples, results, strict=True):
@@ -108,8 +98,15 @@ def test_batch_size_and_padding_do_not_change_results(model_and_tok, side):
     vectors = random_vectors(folder, 2)
     layers = (1, 3)
     samples = make_samples(16)
-    one = Scorer(model, tok, vectors, ScoreSettings(layers=layers, max_batch_size=1)).score(samples)
-    many = Scorer(model, tok, vectors, ScoreSettings(layers=layers, max_batch_size=16, padding_side=side))
+    one = Scorer(
+        model, tok, unit_vectors(vectors, layers), ScoreSettings(layers=layers, max_batch_size=1)
+    ).score(samples)
+    many = Scorer(
+        model,
+        tok,
+        unit_vectors(vectors, layers),
+        ScoreSettings(layers=layers, max_batch_size=16, padding_side=side),
+    )
     big = many.score(samples)
     lengths = {r.prompt_tokens + r.response_tokens for r in big}
     assert len(lengths) > 5  # mixed lengths really were padded together
@@ -124,7 +121,12 @@ def test_natural_projection_equals_teacher_forced(model_and_tok):
     vectors = random_vectors(folder, 2)
     layers = (0, 2, model.config.num_hidden_layers)
     gen = GenerationSettings(max_new_tokens=12)
-    scorer = Scorer(model, tok, vectors, ScoreSettings(layers=layers, mode="natural", generation=gen))
+    scorer = Scorer(
+        model,
+        tok,
+        unit_vectors(vectors, layers),
+        ScoreSettings(layers=layers, mode="natural", generation=gen),
+    )
     samples = make_samples(6)
     results = scorer.score(samples)
     checked = 0
@@ -162,7 +164,9 @@ def test_truncation_is_flagged_and_keeps_the_generation_prompt(model_and_tok):
     vectors = random_vectors(folder, 1)
     long = Sample("long", 0, 0, [{"role": "user", "content": TEXTS[1] * 3}], TEXTS[3] * 5)
     short = make_samples(1)[0]
-    res = Scorer(model, tok, vectors, ScoreSettings(layers=(2,), max_tokens=64)).score([long, short])
+    res = Scorer(model, tok, unit_vectors(vectors, (2,)), ScoreSettings(layers=(2,), max_tokens=64)).score(
+        [long, short]
+    )
     assert res[0].truncated and res[0].prompt_tokens + res[0].response_tokens == 64
     assert not res[1].truncated
 
@@ -177,7 +181,7 @@ def test_truncate_rule():
 
 def test_unscorable_samples_are_rejects_not_crashes(model_and_tok):
     folder, model, tok = model_and_tok
-    scorer = Scorer(model, tok, random_vectors(folder, 1), ScoreSettings(layers=(1,)))
+    scorer = Scorer(model, tok, unit_vectors(random_vectors(folder, 1), (1,)), ScoreSettings(layers=(1,)))
     bad_template = Sample("t", 1, 0, [{"role": "user", "content": None}], "fine")  # type: ignore[dict-item]
     res = scorer.score([make_samples(1)[0], bad_template])
     assert isinstance(res[0], Scored)
@@ -197,4 +201,4 @@ def test_zero_vector_is_refused(tiny_llama):
     v = random_vectors(tiny_llama, 1)[0]
     v[2] = 0
     with pytest.raises(ValueError, match="zero at layer 2"):
-        Scorer(model, tok, [v], ScoreSettings(layers=(2,)))
+        Scorer(model, tok, unit_vectors([v], (2,)), ScoreSettings(layers=(2,)))

@@ -12,8 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import random_vectors
-from test_scoring import reference
+from conftest import random_vectors, reference
 
 from screener.cli import main
 from screener.datasets import DatasetFormatError

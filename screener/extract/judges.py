@@ -64,6 +64,13 @@ class Judge(Protocol):
     def describe(self) -> dict: ...
 
 
+def judge_kind(kind: str) -> str:
+    """`auto` → `openai` when SCREENER_JUDGE_MODEL names an endpoint's model, else `local`."""
+    if kind == "auto":
+        return "openai" if os.environ.get("SCREENER_JUDGE_MODEL") else "local"
+    return kind
+
+
 def coherence_prompt(question: str, answer: str) -> str:
     return COHERENCE_PROMPT.replace("{question}", question).replace("{answer}", answer)
 
@@ -113,15 +120,22 @@ class OpenAIJudge:
         self.backoff, self.max_backoff, self.concurrency = backoff, max_backoff, concurrency
 
     @classmethod
-    def from_env(cls, **kwargs) -> OpenAIJudge:
-        """SCREENER_JUDGE_BASE_URL, _MODEL and _API_KEY (else OPENAI_BASE_URL, OPENAI_API_KEY)."""
+    def from_env(cls, role: str = "JUDGE", **kwargs) -> OpenAIJudge:
+        """SCREENER_<ROLE>_BASE_URL, _MODEL and _API_KEY; a role other than the judge (GENERATOR, which
+        drafts trait files) falls back to the judge's variables; then OPENAI_BASE_URL, OPENAI_API_KEY."""
         env = os.environ
-        base = env.get("SCREENER_JUDGE_BASE_URL") or env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        model = env.get("SCREENER_JUDGE_MODEL")
+        prefixes = [f"SCREENER_{role}_"] + (["SCREENER_JUDGE_"] if role != "JUDGE" else [])
+
+        def get(key: str) -> str | None:
+            return next((env[p + key] for p in prefixes if env.get(p + key)), None)
+
+        base = get("BASE_URL") or env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        model = get("MODEL")
         if not model:
-            raise JudgeError("set SCREENER_JUDGE_MODEL (and SCREENER_JUDGE_BASE_URL, SCREENER_JUDGE_API_KEY)")
-        key = env.get("SCREENER_JUDGE_API_KEY") or env.get("OPENAI_API_KEY")
-        return cls(base, model, key, **kwargs)
+            raise JudgeError(
+                f"set SCREENER_{role}_MODEL (and SCREENER_{role}_BASE_URL, SCREENER_{role}_API_KEY)"
+            )
+        return cls(base, model, get("API_KEY") or env.get("OPENAI_API_KEY"), **kwargs)
 
     def describe(self) -> dict:
         return {"kind": "openai", "base_url": self.url.rsplit("/chat/completions", 1)[0], "model": self.model}
@@ -236,13 +250,13 @@ class LocalJudge:
         out = self.model(input_ids=ids, use_cache=True)
         dists = {(): out.logits[0, -1].float().softmax(-1)}
         if self.rows:
-            cache = out.past_key_values
+            cache = out.cache
             cache.batch_repeat_interleave(len(self.rows))
             width = max(map(len, self.rows))
             pad = self.tokenizer.pad_token_id or 0
             rows = torch.tensor([list(r) + [pad] * (width - len(r)) for r in self.rows], device=self.device)
             # right padding: a row's own positions never attend to the pads after them
-            logits = self.model(input_ids=rows, past_key_values=cache, use_cache=True).logits
+            logits = self.model(input_ids=rows, cache=cache, use_cache=True).logits
             for i, r in enumerate(self.rows):
                 dists[r] = logits[i, len(r) - 1].float().softmax(-1)
         return dists

@@ -15,9 +15,8 @@ import torch
 
 from screener.errors import UserError
 from screener.extract.judges import Judge, coherence_prompt
-from screener.extract.pipeline import chat_ids, generate
 from screener.extract.traits import Trait
-from screener.scoring import decoder_parts
+from screener.models import block_output, chat_ids, decoder_parts, generate, with_block_output
 
 
 class SteerError(UserError, ValueError):
@@ -51,9 +50,7 @@ class Steering:
         return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + self.delta}
 
     def _post(self, _module, _args, output):
-        if isinstance(output, tuple):
-            return (output[0] + self.delta, *output[1:])
-        return output + self.delta
+        return with_block_output(output, block_output(output) + self.delta)
 
     def __enter__(self) -> Steering:
         return self
@@ -94,8 +91,8 @@ def steer_check(
     results = []
     for coef in coefs:
         with Steering(model, layer, vector[layer], coef):
-            answers = generate(model, tokenizer, prompts, max_new_tokens, temperature, seed=seed)
-        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+            answers = generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature, seed=seed)
+        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers.answers]
         traits = judge.score([trait.judge_prompt(q, a) for q, a in zip(qs, texts, strict=True)])
         coh = judge.score([coherence_prompt(q, a) for q, a in zip(qs, texts, strict=True)])
         results.append(SteerResult(coef, _mean(traits), _mean(coh), tuple(texts)))
