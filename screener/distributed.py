@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from screener.errors import WorkerError
+
 log = logging.getLogger(__name__)
 
 
@@ -214,7 +216,7 @@ class _StageActor:
         return self.stage.process(batch)
 
 
-class ActorFailedError(RuntimeError):
+class ActorFailedError(WorkerError):
     """A model actor could not be set up, or kept dying without finishing a batch."""
 
 
@@ -245,89 +247,115 @@ class _Slot:
     in_flight: set = field(default_factory=set)  # of ObjectRefs
 
 
-def _run_on_actors(stage: Stage, batches: Iterable[Any], res: Resources) -> Iterator[tuple[Any, Any]]:
-    import ray
-    from ray.exceptions import RayActorError
+class _ActorPool:
+    """Restartable actors with the batches in flight on each: submit, wait for one result, replace the
+    dead. Each batch is numbered, so a retried batch is the same batch."""
 
-    actor_cls = ray.remote(_StageActor).options(
-        num_cpus=res.num_cpus,
-        num_gpus=res.num_gpus,
-        max_restarts=ACTOR_RESTARTS,
-        max_task_retries=-1,
-    )
-    slots = [_Slot(actor_cls.remote(stage, res.threads)) for _ in range(res.actors)]
-    in_flight: dict[Any, tuple[int, Any, _Slot]] = {}  # ref -> (batch number, batch, slot)
-    attempts: dict[int, int] = {}  # batch number -> actors it was on when they died
+    def __init__(self, stage: Stage, res: Resources):
+        import ray
 
-    def submit(seq: int, batch: Any) -> None:
-        slot = min(slots, key=lambda s: len(s.in_flight))
+        self.stage, self.threads = stage, res.threads
+        self.actor_cls = ray.remote(_StageActor).options(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=-1
+        )
+        self.slots = [_Slot(self.actor_cls.remote(stage, res.threads)) for _ in range(res.actors)]
+        self.in_flight: dict[Any, tuple[int, Any, _Slot]] = {}  # ref -> (batch number, batch, slot)
+        self.attempts: dict[int, int] = {}  # batch number -> actors it was on when they died
+
+    def room(self) -> bool:
+        """Every actor two batches deep: one running, one queued behind it."""
+        return len(self.in_flight) < 2 * len(self.slots)
+
+    def submit(self, seq: int, batch: Any) -> None:
+        slot = min(self.slots, key=lambda s: len(s.in_flight))
         ref = slot.actor.process.remote(batch)
-        in_flight[ref] = (seq, batch, slot)
+        self.in_flight[ref] = (seq, batch, slot)
         slot.in_flight.add(ref)
 
-    def replace(slot: _Slot, error: RayActorError) -> None:
-        if error.actor_init_failed or not slot.productive:
+    def next_result(self, timeout: float) -> tuple[Any, Any] | None:
+        """`(batch, result)` of one finished batch, or None when none finished within `timeout` (or the one
+        that did was on an actor that died: it is resubmitted elsewhere)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=timeout)
+        if not done:
+            return None
+        ref = done[0]
+        _, batch, slot = self.in_flight[ref]
+        try:
+            result = ray.get(ref)
+        except RayActorError as e:
+            self.replace(slot, e)
+            return None
+        del self.in_flight[ref]
+        slot.in_flight.discard(ref)
+        slot.productive = True
+        return batch, result
+
+    def replace(self, slot: _Slot, error: BaseException) -> None:
+        """Replace an actor that Ray gave up restarting, and resubmit its batches; fail the run instead
+        when it never worked (its setup fails, or it died before finishing any batch) or a batch has
+        killed `BATCH_ATTEMPTS` actors."""
+        import ray
+
+        if getattr(error, "actor_init_failed", False) or not slot.productive:
             what = (
                 "setup failed"
-                if error.actor_init_failed
+                if getattr(error, "actor_init_failed", False)
                 else f"died {ACTOR_RESTARTS + 1} times before finishing a batch"
             )
             raise ActorFailedError(f"model actor {what}: {_last_line(error)}") from error
-        orphans = sorted((in_flight.pop(r)[:2] for r in slot.in_flight), key=lambda x: x[0])
+        orphans = sorted((self.in_flight.pop(r)[:2] for r in slot.in_flight), key=lambda x: x[0])
         slot.in_flight.clear()
         for seq, _ in orphans:
-            attempts[seq] = attempts.get(seq, 0) + 1
-            if attempts[seq] >= BATCH_ATTEMPTS:
+            self.attempts[seq] = self.attempts.get(seq, 0) + 1
+            if self.attempts[seq] >= BATCH_ATTEMPTS:
                 raise ActorFailedError(
-                    f"batch {seq} was on {attempts[seq]} actors that died: {_last_line(error)}"
+                    f"batch {seq} was on {self.attempts[seq]} actors that died: {_last_line(error)}"
                 )
         log.warning("model actor died %d times; replacing it: %s", ACTOR_RESTARTS + 1, _last_line(error))
         ray.kill(slot.actor)
-        slot.actor, slot.productive = actor_cls.remote(stage, res.threads), False
+        slot.actor, slot.productive = self.actor_cls.remote(self.stage, self.threads), False
         for seq, batch in orphans:
-            submit(seq, batch)
+            self.submit(seq, batch)
 
-    it = enumerate(batches)
-    exhausted = False
-    last_result = time.monotonic()
+    def close(self) -> None:
+        import ray
+
+        for s in self.slots:
+            ray.kill(s.actor)
+
+
+def _run_on_actors(stage: Stage, batches: Iterable[Any], res: Resources) -> Iterator[tuple[Any, Any]]:
+    pool = _ActorPool(stage, res)
+    numbered = enumerate(batches)
+    exhausted, last_result = False, time.monotonic()
     try:
         while True:
-            # keep every actor two batches deep: one running, one queued behind it
-            while not exhausted and len(in_flight) < 2 * len(slots):
-                nxt = next(it, None)
+            while not exhausted and pool.room():
+                nxt = next(numbered, None)
                 if nxt is None:
                     exhausted = True
-                    break
-                submit(*nxt)
-            if not in_flight:
+                else:
+                    pool.submit(*nxt)
+            if not pool.in_flight:
                 return
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=10.0)
-            if not done:
-                if time.monotonic() - last_result > STALL_WARNING_S:
-                    last_result = time.monotonic()
-                    log.warning(
-                        "no batch finished for %.0f s (%d in flight on %d actors); if actors wait for "
-                        "resources (GPUs on an autoscaling cluster), see `ray status`",
-                        STALL_WARNING_S,
-                        len(in_flight),
-                        len(slots),
-                    )
-                continue
-            ref = done[0]
-            _, batch, slot = in_flight[ref]
-            try:
-                result = ray.get(ref)
-            except RayActorError as e:
-                replace(slot, e)
-                continue
-            del in_flight[ref]
-            slot.in_flight.discard(ref)
-            slot.productive = True
-            last_result = time.monotonic()
-            yield batch, result
+            finished = pool.next_result(timeout=10.0)
+            if finished is not None:
+                last_result = time.monotonic()
+                yield finished
+            elif time.monotonic() - last_result > STALL_WARNING_S:
+                last_result = time.monotonic()
+                log.warning(
+                    "no batch finished for %.0f s (%d in flight on %d actors); if actors wait for "
+                    "resources (GPUs on an autoscaling cluster), see `ray status`",
+                    STALL_WARNING_S,
+                    len(pool.in_flight),
+                    len(pool.slots),
+                )
     finally:
-        for s in slots:
-            ray.kill(s.actor)
+        pool.close()
 
 
 def _last_line(error: BaseException) -> str:

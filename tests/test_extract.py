@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+from screener.commands.extract import add_commands
 from screener.distributed import Resources
 from screener.extract import pipeline
-from screener.extract.commands import add_commands
 from screener.extract.judges import NoJudge
 from screener.extract.layers import LayerStats, auroc, choose_layer, cohens_d, layer_report
 from screener.extract.pipeline import (
     METHODS,
+    Answer,
     ExtractError,
     ExtractSettings,
     GenerationStage,
-    Item,
-    _chunks,
     activations,
+    batched,
     build_items,
     drop_reason,
     extract,
@@ -97,13 +97,13 @@ def test_pipeline_vectors_are_exact_mean_differences(extracted, tiny_llama, tiny
     result, settings, _ = extracted
     stage = GenerationStage(tiny_ref(tiny_llama), settings)
     stage.setup()
-    items = [it for chunk in _chunks(build_items(tiny_trait, settings.samples), settings.batch_size)
+    items = [it for chunk in batched(build_items(tiny_trait, settings.samples), settings.batch_size)
              for it in stage.process(chunk)]  # fmt: skip
     kept, _ = pair_up([it for it in items if it.split == "extract"], judged=False, settings=settings)
     assert kept and result.sidecars["response_avg"]["pairs_kept"] == len(kept)
     model = stage.model
 
-    def features(it: Item) -> torch.Tensor:
+    def features(it: Answer) -> torch.Tensor:
         hs = plain_hidden_states(model, it.prompt_ids + it.response_ids)
         n = len(it.prompt_ids)
         return torch.stack([hs[:, n:].mean(1), hs[:, :n].mean(1), hs[:, n - 1]])
@@ -236,7 +236,9 @@ def test_drop_reason(scores, threshold, reason):
 
 def test_pair_up_counts_drops():
     def item(q, pol, score, ids=(1,)):
-        return Item("extract", 0, q, 0, pol, "", "", response_ids=list(ids), trait_score=score, coherence=80)
+        return Answer(
+            "extract", 0, q, 0, pol, "", "", response_ids=list(ids), trait_score=score, coherence=80
+        )
 
     items = [item(0, "pos", 90), item(0, "neg", 5), item(1, "pos", 10), item(1, "neg", 5),
              item(2, "pos", 90), item(2, "neg", 5, ids=())]  # fmt: skip

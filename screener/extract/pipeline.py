@@ -10,8 +10,9 @@ mean(positive activations) − mean(negative activations) over the kept extracti
     prompt_avg    mean of hidden_states[L] over the prompt tokens (system + question + template)
     prompt_last   hidden_states[L] at the last prompt token
 
-Responses to the held-out evaluation questions give the layer report (layers.py). Model work runs as
-`Stage`s on `run_stage`, like screening: in-process with actors=0, else on Ray actors.
+Responses to the held-out evaluation questions give the layer report (layers.py). The steps, in order:
+generate → judge → pair → activations → vectors → layer report → files. Model work runs as `Stage`s on
+`run_stage`, like screening: in-process with actors=0, else on Ray actors.
 """
 
 from __future__ import annotations
@@ -25,15 +26,26 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from screener.distributed import Resources, run_stage
 from screener.errors import UserError
 from screener.extract.judges import Judge, NoJudge, coherence_prompt
-from screener.extract.layers import CHOICE_RULE, choose_layer, layer_report
+from screener.extract.layers import CHOICE_RULE, LayerStats, choose_layer, layer_report
 from screener.extract.traits import Trait
-from screener.models import ModelRef, load_model, pick_device, pick_dtype, resolve_model
-from screener.scoring import decoder_parts, length_batches
+from screener.models import (
+    LayerTap,
+    ModelRef,
+    chat_ids,
+    decoder_parts,
+    generate,
+    pad,
+    pick_device,
+    pick_dtype,
+    run_until_tapped,
+)
+from screener.scoring import length_batches
 from screener.vectors import save_vector
 
 log = logging.getLogger(__name__)
@@ -62,8 +74,8 @@ class ExtractSettings:
 
 
 @dataclass(slots=True)
-class Item:
-    """One response to generate: which split, pair, question, sample and polarity."""
+class Answer:
+    """One response to a question under a system prompt: which split, pair, question, sample, polarity."""
 
     split: str  # "extract" | "eval"
     pair: int
@@ -83,108 +95,85 @@ class Item:
         return self.split, self.pair, self.question, self.sample
 
 
-def build_items(trait: Trait, samples: int) -> list[Item]:
+Pair = tuple[Answer, Answer]  # (positive, negative)
+
+
+def build_items(trait: Trait, samples: int) -> list[Answer]:
+    """Every answer to generate: both polarities of each instruction pair, question and sample."""
     items = []
     for split, questions in (("extract", trait.questions), ("eval", trait.eval_questions)):
         for p, pair in enumerate(trait.instructions):
             for q, question in enumerate(questions):
                 for k in range(samples):
-                    items.append(Item(split, p, q, k, POS, trait.positive_system(pair), question))
-                    items.append(Item(split, p, q, k, NEG, trait.negative_system(pair), question))
+                    items.append(Answer(split, p, q, k, POS, trait.positive_system(pair), question))
+                    items.append(Answer(split, p, q, k, NEG, trait.negative_system(pair), question))
     return items
+
+
+def batched(items: Sequence, size: int) -> Iterator[list]:
+    """Consecutive slices of at most `size` items."""
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
 
 
 # -- generation -------------------------------------------------------------------------------------
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos]
-    return sorted({*(e for e in eos if e is not None), tokenizer.eos_token_id} - {None})
-
-
-def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-@torch.inference_mode()
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[list[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-) -> list[list[int]]:
-    """Batched generation with left padding; each answer stops before its first end-of-turn token."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p)
-        mask[b, width - len(p) :] = 1
-    kwargs: dict = {"do_sample": temperature > 0}
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    torch.manual_seed(seed)
-    stops = eos_ids(model, tokenizer)
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=stops,
-        **kwargs,
-    )
-    answers = []
-    for tokens in out[:, width:].tolist():
-        n = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-        answers.append(tokens[:n])
-    return answers
-
-
-def _load(model: ModelRef, device: str, dtype: str):
-    # an actor on another machine may not see the driver's cache path: resolve again there
-    path = model.path if Path(model.path).exists() else resolve_model(model.spec).path
+def _resolved(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     dev = pick_device(device)
-    return load_model(path, dev, pick_dtype(dtype, dev))
+    return dev, pick_dtype(dtype, dev)
 
 
 class GenerationStage:
-    """Answers batches of `Item`s with the model itself (sampling seeded by the batch's contents)."""
+    """Answers batches of `Answer`s with the model itself (sampling seeded by the batch's contents)."""
 
     def __init__(self, model: ModelRef, settings: ExtractSettings):
         self.ref, self.settings = model, settings
         self.model = self.tokenizer = None
 
     def setup(self) -> None:
-        self.model, self.tokenizer = _load(self.ref, self.settings.device, self.settings.dtype)
+        self.model, self.tokenizer = self.ref.load(*_resolved(self.settings.device, self.settings.dtype))
 
-    def process(self, items: list[Item]) -> list[Item]:
+    def process(self, items: list[Answer]) -> list[Answer]:
         s = self.settings
         for it in items:
-            msgs = [{"role": "system", "content": it.system}, {"role": "user", "content": it.text}]
-            it.prompt_ids = chat_ids(self.tokenizer, msgs)
+            it.prompt_ids = chat_ids(
+                self.tokenizer,
+                [{"role": "system", "content": it.system}, {"role": "user", "content": it.text}],
+            )
         # so results do not depend on which actor ran the batch, or in which order
         first = items[0]
         digest = hashlib.sha256(repr((*first.pair_key, first.polarity)).encode()).hexdigest()
-        answers = generate(
+        out = generate(
             self.model,
             self.tokenizer,
             [it.prompt_ids for it in items],
             s.max_new_tokens,
-            s.temperature,
-            s.top_p,
-            s.seed + int(digest[:8], 16),
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed + int(digest[:8], 16),
         )
-        for it, ans in zip(items, answers, strict=True):
+        for it, ans in zip(items, out.answers, strict=True):
             it.response_ids = ans
             it.response = self.tokenizer.decode(ans, skip_special_tokens=True)
         return items
+
+
+def generate_answers(
+    trait: Trait, model: ModelRef, settings: ExtractSettings, resources: Resources
+) -> list[Answer]:
+    """Step 1: every answer of `build_items`, generated on the workers."""
+    items = build_items(trait, settings.samples)
+    log.info("%s: generating %d responses with %s", trait.name, len(items), model.name)
+    started, generated = time.perf_counter(), []
+    for _, done in run_stage(
+        GenerationStage(model, settings), batched(items, settings.batch_size), resources
+    ):
+        generated.extend(done)
+        log.info(
+            "generated %d/%d responses (%.0f s)", len(generated), len(items), time.perf_counter() - started
+        )
+    return generated
 
 
 # -- activations ------------------------------------------------------------------------------------
@@ -194,27 +183,37 @@ class GenerationStage:
 def activations(model, prompts: Sequence[list[int]], responses: Sequence[list[int]]) -> torch.Tensor:
     """`[batch, 3, num_layers+1, hidden]` float32: response_avg, prompt_avg, prompt_last per sample.
 
-    One right-padded forward with `output_hidden_states=True`, so every row is exactly the
-    `hidden_states[L]` of the layer convention (the last one after the final norm).
+    One right-padded forward with a tap on every layer (`hidden_states[L]`, the last after the final
+    norm); the tap reduces each layer to the three means at once, so full hidden states never pile up.
     """
     device = next(model.parameters()).device
     seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    width = max(map(len, seqs))
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-    base, _, _ = decoder_parts(model)
-    out = base(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-    hs = torch.stack(out.hidden_states, dim=1).float()  # [B, L+1, T, H]
-    result = torch.empty((len(seqs), 3, hs.shape[1], hs.shape[3]), dtype=torch.float32)
+    ids, _, _ = pad(seqs, 0, "right", device)  # causal attention keeps real tokens off the padding after them
+    width = ids.shape[1]
+    response_w = torch.zeros((len(seqs), width), device=device)
+    prompt_w = torch.zeros((len(seqs), width), device=device)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
     for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        n = len(p)
-        result[b, 0] = hs[b, :, n : n + len(r)].mean(dim=1).cpu()
-        result[b, 1] = hs[b, :, :n].mean(dim=1).cpu()
-        result[b, 2] = hs[b, :, n - 1].cpu()
-    return result
+        response_w[b, len(p) : len(p) + len(r)] = 1.0 / len(r)
+        prompt_w[b, : len(p)] = 1.0 / len(p)
+    rows = torch.arange(len(seqs), device=device)
+
+    def means(_layer: int, h: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        return torch.stack(
+            [
+                torch.einsum("bt,bth->bh", response_w, h),
+                torch.einsum("bt,bth->bh", prompt_w, h),
+                h[rows, last],
+            ],
+            dim=1,
+        )
+
+    n = len(decoder_parts(model)[1])
+    with LayerTap(model, range(n + 1), means) as tap:
+        run_until_tapped(model, ids)
+        per_layer = [tap.take(layer)[0] for layer in range(n + 1)]  # each [B, 3, H]
+    return torch.stack(per_layer, dim=2).cpu()
 
 
 @dataclass
@@ -227,13 +226,12 @@ class ActBatch:
     units: torch.Tensor | None = None  # [3, L+1, H] unit vectors
 
 
-def _act_batches(
-    pairs: list[tuple[Item, Item]], units: torch.Tensor | None = None, size: int = 64
-) -> list[ActBatch]:
+def act_batches(pairs: list[Pair], units: torch.Tensor | None = None, size: int = 64) -> list[ActBatch]:
+    """Batches of each polarity's (prompt, response) ids, for `ActivationStage`."""
     return [
         ActBatch(pol, [p[i].prompt_ids for p in part], [p[i].response_ids for p in part], units)
         for i, pol in enumerate((POS, NEG))
-        for part in _chunks(pairs, size)
+        for part in batched(pairs, size)
     ]
 
 
@@ -246,7 +244,7 @@ class ActivationStage:
         self.model = None
 
     def setup(self) -> None:
-        self.model, _ = _load(self.ref, self.settings.device, self.settings.dtype)
+        self.model, _ = self.ref.load(*_resolved(self.settings.device, self.settings.dtype))
 
     def process(self, batch: ActBatch) -> torch.Tensor:
         lengths = [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses, strict=True)]
@@ -259,6 +257,26 @@ class ActivationStage:
         if batch.units is None:
             return acts.double().sum(dim=0)  # [3, L+1, H]
         return (acts * batch.units).sum(dim=-1)  # [B, 3, L+1]
+
+
+def mean_difference(pairs: list[Pair], stage: ActivationStage, resources: Resources) -> torch.Tensor:
+    """Step 4: `[3, L+1, H]` float32 vectors, mean(positive) − mean(negative) per method and layer."""
+    sums: dict[str, torch.Tensor | int] = {POS: 0, NEG: 0}
+    for batch, total in run_stage(stage, act_batches(pairs), resources):
+        sums[batch.polarity] = sums[batch.polarity] + total
+    return ((sums[POS] - sums[NEG]) / len(pairs)).float()
+
+
+def projections(
+    pairs: list[Pair], vectors: torch.Tensor, stage: ActivationStage, resources: Resources
+) -> dict[str, np.ndarray]:
+    """Step 5: `{polarity: [pairs, 3, L+1]}` projections of held-out pairs on the unit vectors."""
+    units = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    parts: dict[str, list[torch.Tensor]] = {POS: [], NEG: []}
+    for batch, proj in run_stage(stage, act_batches(pairs, units), resources):
+        parts[batch.polarity].append(proj)
+    empty = torch.zeros((0, 3, vectors.shape[1]))
+    return {pol: torch.cat(parts[pol] or [empty]).numpy() for pol in (POS, NEG)}
 
 
 # -- filtering --------------------------------------------------------------------------------------
@@ -286,7 +304,7 @@ def drop_reason(
     return None
 
 
-def judge_items(items: list[Item], trait: Trait, judge: Judge, chunk: int = 64) -> None:
+def judge_answers(items: list[Answer], trait: Trait, judge: Judge, chunk: int = 64) -> None:
     if isinstance(judge, NoJudge):
         return
     started = time.perf_counter()
@@ -300,10 +318,10 @@ def judge_items(items: list[Item], trait: Trait, judge: Judge, chunk: int = 64) 
 
 
 def pair_up(
-    items: list[Item], judged: bool, settings: ExtractSettings
-) -> tuple[list[tuple[Item, Item]], dict[str, int]]:
+    items: list[Answer], judged: bool, settings: ExtractSettings
+) -> tuple[list[tuple[Answer, Answer]], dict[str, int]]:
     """Kept (positive, negative) pairs, and the count of dropped ones by reason."""
-    by_key: dict[tuple, dict[str, Item]] = {}
+    by_key: dict[tuple, dict[str, Answer]] = {}
     for it in items:
         by_key.setdefault(it.pair_key, {})[it.polarity] = it
     kept, dropped = [], {}
@@ -375,11 +393,6 @@ class ExtractResult:
     seconds: float
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def extract(
     trait: Trait,
     model: ModelRef,
@@ -389,66 +402,30 @@ def extract(
     out_dir: str | Path,
     methods: Sequence[str] = METHODS,
 ) -> ExtractResult:
-    """Generate, judge, filter, average and report; write one `.pt` + sidecar per method."""
+    """Generate, judge, pair, average and report; write one `.pt` + sidecar per method."""
     started = time.perf_counter()
-    out_dir = Path(out_dir)
     probe_judge(trait, judge)
-    # "auto" resolved here as the stages resolve it (screening records its dtype the same way), so the
-    # sidecar says what the vectors were computed with
-    device = pick_device(settings.device)
-    resolved = {
-        "resolved_device": str(device),
-        "resolved_dtype": str(pick_dtype(settings.dtype, device)).removeprefix("torch."),
-    }
-    items = build_items(trait, settings.samples)
-    log.info("%s: generating %d responses with %s", trait.name, len(items), model.name)
-    generated: list[Item] = []
-    batches = _chunks(items, settings.batch_size)
-    for _, done in run_stage(GenerationStage(model, settings), batches, resources):
-        generated.extend(done)
-        elapsed = time.perf_counter() - started
-        log.info("generated %d/%d responses (%.0f s)", len(generated), len(items), elapsed)
-    items = generated
-    gen_seconds = time.perf_counter() - started
-    judge_items(items, trait, judge)
+    answers = generate_answers(trait, model, settings, resources)
+    generation_seconds = time.perf_counter() - started
+    judge_answers(answers, trait, judge)
     judged = not isinstance(judge, NoJudge)
-    splits = {
-        s: pair_up([it for it in items if it.split == s], judged, settings) for s in ("extract", "eval")
-    }
-    kept, dropped = splits["extract"]
+    (kept, dropped), (eval_kept, eval_dropped) = (
+        pair_up([a for a in answers if a.split == split], judged, settings) for split in ("extract", "eval")
+    )
     log.info("%s: kept %d extraction pairs, dropped %s", trait.name, len(kept), dropped or "none")
     if not kept:
         raise ExtractError(
             f"{trait.name}: the judge kept no extraction pair (dropped: {dropped}); lower --threshold, "
             "generate more --samples, or use a stronger judge"
         )
-    # two passes, one actor pool each: the extraction sums give the vectors the evaluation projects onto
-    act_stage = ActivationStage(model, settings)
-    sums = {POS: 0, NEG: 0}
-    for batch, total in run_stage(act_stage, _act_batches(kept), resources):
-        sums[batch.polarity] = sums[batch.polarity] + total
-    vectors = ((sums[POS] - sums[NEG]) / len(kept)).float()  # [3, L+1, H]
-
-    eval_kept, eval_dropped = splits["eval"]
-    units = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    parts: dict[str, list[torch.Tensor]] = {POS: [], NEG: []}
-    for batch, projections in run_stage(act_stage, _act_batches(eval_kept, units), resources):
-        parts[batch.polarity].append(projections)
-    empty = torch.zeros((0, 3, vectors.shape[1]))
-    proj = {pol: torch.cat(parts[pol] or [empty]).numpy() for pol in (POS, NEG)}
-    _write_responses(out_dir / f"{trait.name}_extraction_responses.jsonl", items)
-
+    stage = ActivationStage(model, settings)
+    vectors = mean_difference(kept, stage, resources)
+    proj = projections(eval_kept, vectors, stage, resources)
+    reports = {m: layer_report(proj[POS][:, i], proj[NEG][:, i]) for i, m in enumerate(METHODS)}
+    out_dir = Path(out_dir)
+    write_responses(out_dir / f"{trait.name}_extraction_responses.jsonl", answers)
     common = {
-        "trait": trait.name,
-        "trait_description": trait.description,
-        "trait_version": trait.version,
-        "trait_file_sha256": trait.sha256,
-        "model": model.spec,
-        "model_name": model.name,
-        "model_source": model.source or model.path,
-        "model_sha256": model.sha256,
-        "num_layers": model.num_layers,
-        "hidden_size": model.hidden_size,
+        **trait_and_model_fields(trait, model),
         "judge": judge.describe(),
         "filter": "kept when positive trait ≥ threshold, negative trait < 100 − threshold, both coherence ≥ "
         "coherence_min"
@@ -459,31 +436,68 @@ def extract(
         "dropped_by_reason": dropped,
         "eval_pairs_kept": len(eval_kept),
         "eval_pairs_dropped": sum(eval_dropped.values()),
-        "settings": {**asdict(settings), **resolved},
+        "settings": {**asdict(settings), **resolved_fields(settings)},
         "resources": asdict(resources),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "generation_seconds": round(gen_seconds, 1),
+        "generation_seconds": round(generation_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1),
+    }
+    return write_vectors(out_dir, trait.name, vectors, reports, common, model.num_layers, methods, started)
+
+
+def trait_and_model_fields(trait: Trait, model: ModelRef) -> dict:
+    """The sidecar fields that say which trait file and which model weights a vector comes from."""
+    return {
+        "trait": trait.name,
+        "trait_description": trait.description,
+        "trait_version": trait.version,
+        "trait_file_sha256": trait.sha256,
+        "model": model.spec,
+        "model_name": model.name,
+        "model_source": model.source or model.path,
+        "model_sha256": model.sha256,
+        "num_layers": model.num_layers,
+        "hidden_size": model.hidden_size,
+    }
+
+
+def resolved_fields(settings: ExtractSettings) -> dict[str, str]:
+    """ "auto" resolved as the stages resolve it, so the sidecar says what the vectors were computed with."""
+    device, dtype = _resolved(settings.device, settings.dtype)
+    return {"resolved_device": str(device), "resolved_dtype": str(dtype).removeprefix("torch.")}
+
+
+def write_vectors(
+    out_dir: Path,
+    name: str,
+    vectors: torch.Tensor,
+    reports: dict[str, list[LayerStats]],
+    common: dict,
+    num_layers: int,
+    methods: Sequence[str],
+    started: float,
+) -> ExtractResult:
+    """Step 7: one `.pt` + sidecar per method asked for, with its layer report and chosen layer."""
+    common = {
+        **common,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "chosen_layer_rule": CHOICE_RULE,
     }
     paths, sidecars = {}, {}
     for m, method in enumerate(METHODS):
         if method not in methods:
             continue
-        report = layer_report(proj[POS][:, m], proj[NEG][:, m])
         sidecar = {
             **common,
             "method": method,
-            "chosen_layer": choose_layer(report, model.num_layers),
-            "layer_report": [asdict(r) for r in report],
+            "chosen_layer": choose_layer(reports[method], num_layers),
+            "layer_report": [asdict(r) for r in reports[method]],
         }
-        path = out_dir / f"{trait.name}_{method}_diff.pt"
-        paths[method] = save_vector(path, vectors[m], sidecar)
+        paths[method] = save_vector(out_dir / f"{name}_{method}_diff.pt", vectors[m], sidecar)
         sidecars[method] = sidecar
     return ExtractResult(paths, sidecars, time.perf_counter() - started)
 
 
-def _write_responses(path: Path, items: list[Item]) -> None:
+def write_responses(path: Path, items: list[Answer]) -> None:
     """Every response with its scores, kept or not: nothing is dropped silently."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = (
