@@ -29,6 +29,15 @@ class InstructionPair:
 
 
 @dataclass(frozen=True)
+class Example:
+    """A question with two written answers: one that plainly shows the trait, one that plainly does not."""
+
+    question: str
+    positive: str
+    negative: str
+
+
+@dataclass(frozen=True)
 class Trait:
     name: str
     description: str
@@ -39,6 +48,8 @@ class Trait:
     eval_prompt: str  # judge rubric with {question} and {answer}
     path: str
     sha256: str
+    examples: tuple[Example, ...] = ()  # written pairs for extraction from examples
+    eval_examples: tuple[Example, ...] = ()  # held out: the layer report and the specificity matrix
 
     def positive_system(self, pair: InstructionPair) -> str:
         article = "an" if self.name[0] in "aeiou" else "a"
@@ -60,6 +71,24 @@ def _strings(data: dict, key: str, path: Path) -> tuple[str, ...]:
     if len(set(value)) != len(value):
         raise TraitError(f"{path}: {key!r} holds duplicates")
     return tuple(value)
+
+
+def _examples(data: dict, key: str, path: Path) -> tuple[Example, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise TraitError(f"{path}: {key!r} must be a list of {{'question', 'positive', 'negative'}} objects")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise TraitError(f"{path}: {key}[{i}] must be an object with 'question', 'positive', 'negative'")
+        for field in ("question", "positive", "negative"):
+            if not isinstance(item.get(field), str) or not item[field].strip():
+                raise TraitError(f"{path}: {key}[{i}].{field} must be a non-empty string")
+        out.append(Example(item["question"], item["positive"], item["negative"]))
+    questions = [e.question for e in out]
+    if len(set(questions)) != len(questions):
+        raise TraitError(f"{path}: {key!r} repeats a question")
+    return tuple(out)
 
 
 def parse_trait(data: dict, path: Path, sha256: str = "") -> Trait:
@@ -91,8 +120,22 @@ def parse_trait(data: dict, path: Path, sha256: str = "") -> Trait:
     version = data.get("version", 1)
     if not isinstance(version, int):
         raise TraitError(f"{path}: 'version' must be an integer")
+    examples = _examples(data, "examples", path)
+    eval_examples = _examples(data, "eval_examples", path)
+    if shared := {e.question for e in examples} & {e.question for e in eval_examples}:
+        raise TraitError(f"{path}: 'eval_examples' must be held out, but {len(shared)} questions are shared")
     return Trait(
-        name, description, version, tuple(instructions), questions, eval_questions, rubric, str(path), sha256
+        name,
+        description,
+        version,
+        tuple(instructions),
+        questions,
+        eval_questions,
+        rubric,
+        str(path),
+        sha256,
+        examples,
+        eval_examples,
     )
 
 
@@ -164,6 +207,10 @@ Each pair takes a different angle on the trait.
 - "questions": 20 distinct, natural user questions that give room to display the trait or not. They \
 must not mention the trait.
 - "eval_questions": 20 more such questions, different from the first 20.
+- "examples": 30 objects {{"question": ..., "positive": ..., "negative": ...}}: a new user question, an \
+answer that plainly shows the trait, and an answer of about the same length that plainly does not (a \
+normal, helpful answer with no other notable persona). Varied topics and lengths.
+- "eval_examples": 20 more such objects, with questions different from all the others.
 """
 
 
@@ -180,6 +227,8 @@ def scaffold(name: str, description: str, draft: dict | None = None) -> dict:
         "questions": draft.get("questions", []),
         "eval_questions": draft.get("eval_questions", []),
         "eval_prompt": RUBRIC_TEMPLATE.format(name=name, description=description),
+        "examples": draft.get("examples", []),
+        "eval_examples": draft.get("eval_examples", []),
     }
 
 
@@ -192,4 +241,5 @@ def parse_draft(text: str) -> dict:
         data = json.loads(text[start : end + 1])
     except json.JSONDecodeError as e:
         raise TraitError(f"the generator's reply is not valid JSON ({e})") from e
-    return {k: data[k] for k in ("instruction", "questions", "eval_questions") if k in data}
+    keys = ("instruction", "questions", "eval_questions", "examples", "eval_examples")
+    return {k: data[k] for k in keys if k in data}
