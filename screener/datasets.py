@@ -179,8 +179,11 @@ def record_to_samples(
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     scored = list(enumerate(assistant))
     out: list[Sample | Reject] = []
+    # Under --turns all a record with several assistant turns gives `id#turn` (0-based); a record with one
+    # keeps its plain id, as under --turns last, so single-turn data has the same ids either way.
+    several = turns == "all" and len(assistant) > 1
     for turn, k in scored if turns == "all" else scored[-1:]:
-        sample_id = f"{record_id}#{turn}" if turns == "all" else record_id
+        sample_id = f"{record_id}#{turn}" if several else record_id
         prompt, response = messages[:k], messages[k]["content"]
         if not response.strip():
             out.append(Reject(source_row, sample_id, f"{paths[k]}: empty response", source_file))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +47,9 @@ class ScoreSettings:
     # 16 rows, +2.6 GB at 48) while throughput is flat past 16, so generation batches are capped apart
     generate_batch_size: int = 16
     padding_side: str = "right"  # results must not depend on it (tested)
+    # score a conversation's turns from one teacher-forced pass where their token ids allow it (exact);
+    # False re-reads the conversation once per turn (the reference the one-pass path is tested against)
+    share_passes: bool = True
     # torch.compile the decoder blocks of the teacher-forced pass: fuses the memory-bound norms, RoPE and
     # SiLU that take over half of a bf16 CPU forward (measured 1.2-1.6x), for a one-off compile per process
     compile: bool = False
@@ -77,6 +81,63 @@ class Tokens:
     prompt: list[int]
     response: list[int]
     truncated: bool
+
+
+@dataclass(slots=True)
+class Pass:
+    """One teacher-forced sequence and the samples read from it: each sample's prompt + response ids are a
+    prefix of `ids`, so causal attention gives its positions exactly the states a pass of its own would."""
+
+    ids: list[int]
+    reads: list[Tokens]
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """The passes for a batch of samples, and how each conversation was covered (for the summary)."""
+
+    passes: list[Pass]
+    paths: dict[tuple[str, int], str]  # conversation (source_file, source_row) -> ONE_PASS | PER_TURN...
+
+
+ONE_PASS = "one pass"  # every scored turn of the conversation read from a single pass
+PER_TURN = "per turn"  # the chat template rewrites earlier turns: each turn has its own pass
+WINDOWS = "windows"  # prefix-stable, but turns past --max-tokens are cut, so they get passes of their own
+
+
+def _is_prefix(short: list[int], long: list[int]) -> bool:
+    return len(short) <= len(long) and long[: len(short)] == short
+
+
+def plan_passes(toks: Sequence[Tokens], share: bool = True) -> PassPlan:
+    """Group samples into teacher-forced passes.
+
+    Turns of one conversation (same source file and row) share a pass when a turn's prompt + response ids
+    are a prefix of a later turn's: with causal attention that pass holds, exactly, every such turn's
+    response tokens and last prompt token. Templates that rewrite earlier turns (strip reasoning, insert
+    dates, move the system prompt) fail the comparison and fall back to a pass per turn; turns cut to
+    `max_tokens` (their prompt loses its head) are never a prefix of another turn, so each keeps its own
+    window, exactly as per-turn scoring reads it.
+    """
+    if not share:
+        return PassPlan([Pass(t.prompt + t.response, [t]) for t in toks], {})
+    conversations: dict[tuple[str, int], list[Tokens]] = {}
+    for t in toks:
+        conversations.setdefault((t.sample.source_file, t.sample.source_row), []).append(t)
+    passes, paths = [], {}
+    for key, turns in conversations.items():
+        remaining = sorted(turns, key=lambda t: len(t.prompt) + len(t.response), reverse=True)
+        n_before = len(passes)
+        while remaining:
+            seq = remaining[0].prompt + remaining[0].response
+            covered = [t for t in remaining if _is_prefix(t.prompt + t.response, seq)]
+            passes.append(Pass(seq, covered))
+            remaining = [t for t in remaining if not any(t is c for c in covered)]
+        if len(turns) > 1:
+            whole = [t for t in sorted(turns, key=lambda t: t.sample.turn) if not t.truncated]
+            stable = all(_is_prefix(a.prompt + a.response, b.prompt) for a, b in itertools.pairwise(whole))
+            paths[key] = ONE_PASS if len(passes) - n_before == 1 else WINDOWS if stable else PER_TURN
+    return PassPlan(passes, paths)
 
 
 class ProjectionTap(LayerTap):
@@ -198,19 +259,44 @@ class Scorer:
     def project(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Teacher-forced `(proj_response, proj_prompt_last)`, each `[batch, layers, traits]`."""
         seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+        spans = [[(len(p), len(r))] for p, r in zip(prompts, responses, strict=True)]
+        resp, last = self.project_spans(seqs, spans)
+        return np.stack([x[0] for x in resp]), np.stack([x[0] for x in last])
+
+    def project_spans(
+        self, seqs: list[list[int]], spans: list[list[tuple[int, int]]]
+    ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+        """Read several (prompt length, response length) spans from each teacher-forced sequence: per
+        sequence and span, `proj_response` (the mean over the span's response tokens) and
+        `proj_prompt_last` (the token before them), each `[layers, traits]`."""
         proj = self.project_tokens(seqs)  # [B, L, T, K]
         starts = self.starts(seqs)
-        # padded positions can hold NaN (fully masked attention rows), so select, never multiply by a mask
-        resp = torch.zeros((len(seqs), proj.shape[2]), dtype=torch.bool, device=proj.device)
-        last = torch.empty(len(seqs), dtype=torch.long, device=proj.device)
-        for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            resp[b, starts[b] + len(p) : starts[b] + len(p) + len(r)] = True
-            last[b] = starts[b] + len(p) - 1
+        width = proj.shape[2]
+        # one row per span; padded positions can hold NaN (fully masked attention rows), so select,
+        # never multiply by a mask
+        rows = [b for b, sp in enumerate(spans) for _ in sp]
+        resp = torch.zeros((len(rows), width), dtype=torch.bool, device=proj.device)
+        last = torch.empty(len(rows), dtype=torch.long, device=proj.device)
+        k = 0
+        for b, sp in enumerate(spans):
+            for n_prompt, n_response in sp:
+                resp[k, starts[b] + n_prompt : starts[b] + n_prompt + n_response] = True
+                last[k] = starts[b] + n_prompt - 1
+                k += 1
+        row_index = torch.tensor(rows, device=proj.device)
+        per_row = proj[row_index]  # [R, L, T, K]
         counts = resp.sum(dim=1).to(proj.dtype)
-        summed = proj.masked_fill(~resp[:, None, :, None], 0.0).sum(dim=2)
-        proj_response = summed / counts[:, None, None]
-        proj_prompt_last = proj[torch.arange(len(seqs), device=proj.device), :, last]
-        return proj_response.double().cpu().numpy(), proj_prompt_last.double().cpu().numpy()
+        summed = per_row.masked_fill(~resp[:, None, :, None], 0.0).sum(dim=2)
+        proj_response = (summed / counts[:, None, None]).double().cpu().numpy()
+        proj_prompt_last = (
+            per_row[torch.arange(len(rows), device=proj.device), :, last].double().cpu().numpy()
+        )
+        out_resp, out_last, k = [], [], 0
+        for sp in spans:
+            out_resp.append(list(proj_response[k : k + len(sp)]))
+            out_last.append(list(proj_prompt_last[k : k + len(sp)]))
+            k += len(sp)
+        return out_resp, out_last
 
     # -- natural responses --------------------------------------------------------------------------
 
@@ -244,7 +330,8 @@ class Scorer:
     # -- the whole batch ------------------------------------------------------------------------------
 
     def score(self, samples: Sequence[Sample]) -> list[Scored | Reject]:
-        """Score samples (any lengths, any order); results come back in the input order."""
+        """Score samples (any lengths, any order); results come back in the input order. The turns of a
+        conversation share teacher-forced passes where their token ids allow (`plan_passes`)."""
         results: list[Scored | Reject | None] = [None] * len(samples)
         toks: list[Tokens] = []
         for i, s in enumerate(samples):
@@ -254,22 +341,27 @@ class Scorer:
             else:
                 toks.append(t)
         st = self.settings
-        lengths = [len(t.prompt) + len(t.response) for t in toks]
+        plan = plan_passes(toks, st.share_passes)
+        lengths = [len(p.ids) for p in plan.passes]
         for batch in length_batches(lengths, st.batch_tokens, st.max_batch_size):
-            items = [toks[i] for i in batch]
-            resp, last = self.project([t.prompt for t in items], [t.response for t in items])
-            for k, t in enumerate(items):
-                results[t.index] = Scored(
-                    sample_id=t.sample.sample_id,
-                    source_row=t.sample.source_row,
-                    turn=t.sample.turn,
-                    prompt_tokens=len(t.prompt),
-                    response_tokens=len(t.response),
-                    truncated=t.truncated,
-                    proj_response=resp[k],
-                    proj_prompt_last=last[k],
-                    source_file=t.sample.source_file,
-                )
+            passes = [plan.passes[i] for i in batch]
+            spans = [[(len(t.prompt), len(t.response)) for t in p.reads] for p in passes]
+            resp, last = self.project_spans([p.ids for p in passes], spans)
+            for p, p_resp, p_last in zip(passes, resp, last, strict=True):
+                for t, r, lp in zip(p.reads, p_resp, p_last, strict=True):
+                    path = plan.paths.get((t.sample.source_file, t.sample.source_row))
+                    results[t.index] = Scored(
+                        sample_id=t.sample.sample_id,
+                        source_row=t.sample.source_row,
+                        turn=t.sample.turn,
+                        prompt_tokens=len(t.prompt),
+                        response_tokens=len(t.response),
+                        truncated=t.truncated,
+                        proj_response=r,
+                        proj_prompt_last=lp,
+                        source_file=t.sample.source_file,
+                        extra={"path": path} if path else {},
+                    )
         if st.mode == "natural":
             self._add_natural(toks, results)
         return results  # type: ignore[return-value]

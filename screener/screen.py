@@ -9,6 +9,7 @@ its scores in one transaction, and a rerun skips what is stored.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -39,7 +40,7 @@ class ScreenConfig:
     vectors: list[str] = field(default_factory=list)  # NAME=PATH
     layers: list[int] = field(default_factory=list)  # empty: each vector's chosen layer
     mode: str = "proxy"
-    turns: str = "last"
+    turns: str = "all"
     split: str | None = None
     limit: int | None = None
     max_tokens: int = 2048
@@ -83,6 +84,8 @@ class Summary:
     total_rejected: int
     seconds: float
     read: ReadStats
+    # multi-turn conversations by how their turns were read (scoring.ONE_PASS, WINDOWS, PER_TURN)
+    paths: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         rate = self.scored / self.seconds if self.seconds else 0.0
@@ -91,6 +94,12 @@ class Summary:
             f"rejected {self.rejected} in {self.seconds:.1f} s ({rate:.2f} samples/s)",
             f"run totals: {self.total_scored} scored, {self.total_rejected} rejected",
         ]
+        if self.paths:
+            out.append(
+                "multi-turn conversations: "
+                + ", ".join(f"{n} {path}" for path, n in sorted(self.paths.items()))
+                + " (see README: Every assistant turn)"
+            )
         r = self.read
         if r.truncated_file:
             out.append(
@@ -202,11 +211,10 @@ def prepare(cfg: ScreenConfig) -> ScreenPlan:
 # -- the pipeline -----------------------------------------------------------------------------------
 
 
-def pending_chunks(
-    items: Iterator[Sample | Reject], store: Store, run_id: str, size: int
-) -> Iterator[Chunk]:
+def pending_chunks(items: Iterator[Sample | Reject], store: Store, run_id: str, size: int) -> Iterator[Chunk]:
     """Group the stream into chunks of samples still to score (stored ones are skipped: a resume), each
-    with the rejects read before it and those for duplicate sample ids."""
+    with the rejects read before it and those for duplicate sample ids. A record's turns stay in one
+    chunk, so they can share a teacher-forced pass and are committed together."""
     pending: list[Sample] = []
     rejects: list[Reject] = []
 
@@ -218,10 +226,13 @@ def pending_chunks(
         if isinstance(item, Reject):
             rejects.append(item)
             continue
-        pending.append(item)
-        if len(pending) >= size:
+        if len(pending) >= size and (item.source_file, item.source_row) != (
+            pending[-1].source_file,
+            pending[-1].source_row,
+        ):
             yield flush()
             pending, rejects = [], []
+        pending.append(item)
     if pending or rejects:
         yield flush()
 
@@ -233,6 +244,7 @@ def screen(cfg: ScreenConfig) -> Summary:
     run = plan.run
     stats = ReadStats()
     counts = {"scored": 0, "rejected": 0}
+    paths: Counter[str] = Counter()
     with Store(cfg.db) as store:
         resumed = store.begin_run(run)
 
@@ -240,6 +252,8 @@ def screen(cfg: ScreenConfig) -> Summary:
             done = [r for r in results if isinstance(r, Scored)]
             bad = chunk.rejects + [r for r in results if isinstance(r, Reject)]
             store.write(run.run_id, run.layers, run.traits, done, bad, samples=chunk.samples)
+            by_record = {(r.source_file, r.source_row): r.extra["path"] for r in done if "path" in r.extra}
+            paths.update(by_record.values())
             counts["scored"] += len(done)
             counts["rejected"] += len(bad)
 
@@ -266,4 +280,5 @@ def screen(cfg: ScreenConfig) -> Summary:
         total_rejected,
         time.perf_counter() - started,
         stats,
+        dict(paths),
     )

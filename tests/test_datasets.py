@@ -122,7 +122,8 @@ def test_prompt_response_with_system_and_answer_column():
     record = {"system": "sys", "prompt": "p", "answer": "a"}
     (s,) = record_to_samples(record, "prompt_response", source_row=3, source_file="f", turns="all")
     assert s.prompt == [{"role": "system", "content": "sys"}, {"role": "user", "content": "p"}]
-    assert (s.response, s.turn, s.source_row, s.sample_id) == ("a", 0, 3, content_id(record) + "#0")
+    # one assistant turn: the record's own id under --turns all too (single-turn data keeps its ids)
+    assert (s.response, s.turn, s.source_row, s.sample_id) == ("a", 0, 3, content_id(record))
 
 
 @pytest.mark.parametrize(
@@ -156,7 +157,7 @@ def test_content_hash_ids_are_stable_and_content_sensitive(tmp_path):
     assert run1[0].sample_id == content_id(a) and len(run1[0].sample_id) == 16
     assert run1[0].sample_id != run1[1].sample_id
     assert run1[2].sample_id == content_id({**a, "id": ""})  # an empty id falls back to the hash
-    assert samples(path, turns="all")[0].sample_id == content_id(a) + "#0"
+    assert samples(path, turns="all")[0].sample_id == content_id(a)  # one turn: no #turn suffix
 
 
 def test_numeric_id_becomes_a_string():

@@ -202,3 +202,92 @@ def test_zero_vector_is_refused(tiny_llama):
     v[2] = 0
     with pytest.raises(ValueError, match="zero at layer 2"):
         Scorer(model, tok, unit_vectors([v], (2,)), ScoreSettings(layers=(2,)))
+
+
+# ---- every assistant turn from one pass per conversation ------------------------------------------------
+
+
+def conversations() -> list[Sample]:
+    """Samples of every assistant turn of a few conversations (1-4 turns, with and without a system
+    message), as the reader makes them under --turns all."""
+    from screener.datasets import record_to_samples
+
+    out = []
+    for c in range(4):
+        messages = [{"role": "system", "content": "Be cruel."}] if c % 2 else []
+        for turn in range(1 + c):
+            messages.append({"role": "user", "content": TEXTS[(c + turn) % len(TEXTS)]})
+            messages.append(
+                {"role": "assistant", "content": TEXTS[(c + 2 * turn + 1) % len(TEXTS)] * (1 + turn)}
+            )
+        record = {"id": f"c{c}", "messages": messages}
+        out += record_to_samples(record, "openai", source_row=c, source_file="f.jsonl", turns="all")
+    return out
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_all_turns_from_one_pass_equal_per_turn_reference(model_and_tok, side):
+    from screener.scoring import ONE_PASS
+
+    folder, model, tok = model_and_tok
+    vectors, layers = random_vectors(folder, 2), (0, 2, model.config.num_hidden_layers)
+    samples = conversations()
+    scorer = Scorer(
+        model, tok, unit_vectors(vectors, layers), ScoreSettings(layers=layers, padding_side=side)
+    )
+    results = scorer.score(samples)
+    assert len(samples) == 10
+    for s, r in zip(samples, results, strict=True):
+        resp, last = reference(model, tok, s, vectors, layers)
+        np.testing.assert_allclose(r.proj_response, resp, rtol=RTOL, atol=1e-6)
+        np.testing.assert_allclose(r.proj_prompt_last, last, rtol=RTOL, atol=1e-6)
+        multi = s.source_row > 0
+        assert r.extra.get("path") == (ONE_PASS if multi else None)
+
+
+def test_a_template_that_rewrites_earlier_turns_falls_back_to_a_pass_per_turn(model_and_tok):
+    import copy
+
+    from screener.scoring import PER_TURN
+
+    folder, model, tok = model_and_tok
+    tok = copy.deepcopy(tok)
+    # the system prompt counts the messages: every prefix renders differently, so no turn is a prefix
+    tok.chat_template = (
+        "{{ '<|im_start|>system\nturns: ' + (messages|length|string) + '<|im_end|>\n' }}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    vectors, layers = random_vectors(folder, 1), (1, 3)
+    samples = conversations()
+    results = Scorer(model, tok, unit_vectors(vectors, layers), ScoreSettings(layers=layers)).score(samples)
+    for s, r in zip(samples, results, strict=True):
+        resp, last = reference(model, tok, s, vectors, layers)
+        np.testing.assert_allclose(r.proj_response, resp, rtol=RTOL, atol=1e-6)
+        np.testing.assert_allclose(r.proj_prompt_last, last, rtol=RTOL, atol=1e-6)
+        assert r.extra.get("path") == (PER_TURN if s.source_row > 0 else None)
+
+
+def test_turns_past_max_tokens_keep_per_turn_truncation(model_and_tok):
+    from screener.scoring import WINDOWS
+
+    folder, model, tok = model_and_tok
+    vectors, layers = random_vectors(folder, 2), (2,)
+    samples = conversations()
+    units = unit_vectors(vectors, layers)
+    shared = Scorer(model, tok, units, ScoreSettings(layers=layers, max_tokens=96)).score(samples)
+    per_turn = Scorer(model, tok, units, ScoreSettings(layers=layers, max_tokens=96, share_passes=False))
+    for a, b in zip(shared, per_turn.score(samples), strict=True):
+        assert (a.truncated, a.prompt_tokens, a.response_tokens) == (
+            b.truncated,
+            b.prompt_tokens,
+            b.response_tokens,
+        )
+        np.testing.assert_allclose(a.proj_response, b.proj_response, rtol=RTOL, atol=1e-6)
+        np.testing.assert_allclose(a.proj_prompt_last, b.proj_prompt_last, rtol=RTOL, atol=1e-6)
+    truncated = {s.source_row for s, r in zip(samples, shared, strict=True) if r.truncated}
+    whole = {s.source_row for s, r in zip(samples, shared, strict=True) if not r.truncated and s.source_row}
+    assert truncated & whole  # a conversation whose early turns fit and later ones do not
+    for s, r in zip(samples, shared, strict=True):
+        if s.source_row in truncated & whole:
+            assert r.extra["path"] == WINDOWS

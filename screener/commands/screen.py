@@ -43,7 +43,12 @@ def add_screen_arguments(p: argparse.ArgumentParser) -> None:
         default="proxy",
         help="proxy: ΔP vs the last prompt token; natural: also generate the model's own answer",
     )
-    p.add_argument("--turns", choices=TURNS, default="last", help="score the last or every assistant turn")
+    p.add_argument(
+        "--turns",
+        choices=TURNS,
+        default="all",
+        help="score every assistant turn (default; one pass per conversation) or only the last",
+    )
     p.add_argument("--split", default=None, help="split of a hub dataset (default: train)")
     p.add_argument("--limit", type=int, default=None, help="screen only the first N samples")
     p.add_argument("--max-tokens", type=int, default=2048, help="truncate longer samples (flagged)")
