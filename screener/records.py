@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+MODES = ("proxy", "natural")  # ΔP against the last prompt token, or against the model's own answer
+TURNS = ("last", "all")  # which assistant turns of a record are scored
 
 
 @dataclass(slots=True)
