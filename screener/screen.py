@@ -1,6 +1,6 @@
 """A screen, end to end: dataset URI → samples → model work on actors → one DuckDB transaction per chunk.
 
-Resume is by key: a run is identified by everything that determines its values (store.RunInfo), each
+Resume is by key: a run is identified by everything that determines its values (runs.Run), each
 chunk of samples is committed with its scores in one transaction, and a rerun skips what is stored.
 """
 
@@ -22,8 +22,9 @@ from screener.errors import UserError
 from screener.models import DEFAULT_MODEL, ModelRef, load_model, pick_device, pick_dtype, resolve_model
 from screener.progress import Progress
 from screener.records import Reject, Sample, Scored
+from screener.runs import Run
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings
-from screener.store import RunInfo, Store
+from screener.store import DEFAULT_DB, Store
 from screener.vectors import Vector, builtin_traits, check_vector, resolve_vectors
 
 DEFAULT_TRAITS = ("evil", "sycophantic", "hallucinating")
@@ -32,7 +33,7 @@ DEFAULT_TRAITS = ("evil", "sycophantic", "hallucinating")
 @dataclass
 class ScreenConfig:
     dataset: str
-    db: str = "screen.duckdb"
+    db: str = DEFAULT_DB
     model: str = DEFAULT_MODEL
     traits: list[str] = field(default_factory=list)
     vectors: list[str] = field(default_factory=list)  # NAME=PATH
@@ -121,7 +122,7 @@ def default_layers(vectors: list[Vector], num_layers: int) -> list[int]:
     return sorted(chosen) or [round(num_layers * 2 / 3)]
 
 
-def prepare(cfg: ScreenConfig) -> tuple[ModelRef, list[Vector], RunInfo, ScoreSettings]:
+def prepare(cfg: ScreenConfig) -> tuple[ModelRef, list[Vector], Run, ScoreSettings]:
     """Resolve the model and vectors and check them against each other, before any model work."""
     model = resolve_model(cfg.model)
     traits = cfg.traits or (
@@ -158,7 +159,7 @@ def prepare(cfg: ScreenConfig) -> tuple[ModelRef, list[Vector], RunInfo, ScoreSe
     }
     if cfg.mode == "natural":
         run_settings["generation"] = asdict(cfg.generation)
-    run = RunInfo(
+    run = Run(
         model=cfg.model,
         model_sha256=model.sha256,
         dataset_uri=canonical_uri(cfg.dataset),
@@ -253,7 +254,7 @@ def add_screen_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "dataset", help="a .jsonl/.json/.parquet/.csv file, a folder, a glob, or a hub dataset (org/name)"
     )
-    p.add_argument("--db", default="screen.duckdb", help="DuckDB file for the results (default: %(default)s)")
+    p.add_argument("--db", default=DEFAULT_DB, help="DuckDB file for the results (default: %(default)s)")
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="HF folder, .gguf file, hub id, or 'default' (SmolLM2-135M)"
     )

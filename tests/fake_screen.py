@@ -11,7 +11,8 @@ import numpy as np
 
 from screener.datasets import read_samples
 from screener.records import Reject, Sample, Scored
-from screener.store import RunInfo, Store
+from screener.runs import Run
+from screener.store import Store
 
 LAYERS, TRAITS = (10, 20), ("evil", "sycophantic")
 
@@ -55,7 +56,7 @@ def write_json_array(path: Path, records: list[dict]) -> Path:
 @dataclass
 class FakeScreen:
     db: Path
-    run: RunInfo
+    run: Run
     samples: list[Sample]
     rejects: list[Reject]
     # [n_samples, n_layers, n_traits] arrays in `samples` order; proj_natural is None in proxy mode
@@ -103,7 +104,7 @@ def make_screen(
     natural = rng.normal(size=shape) if mode == "natural" else None
     if natural is not None:
         natural[1] = np.nan  # an empty natural response: delta_p is NULL for this sample
-    run = RunInfo(
+    run = Run(
         model, "00" * 32, str(dataset), mode, LAYERS, TRAITS, {"split": None, "turns": turns, "seed": seed}
     )
     scored = [

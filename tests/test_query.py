@@ -208,10 +208,11 @@ WRITER = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     from screener.records import Sample, Scored
-    from screener.store import RunInfo, Store
+    from screener.runs import Run
+    from screener.store import Store
 
     db, stop = sys.argv[1], Path(sys.argv[2])
-    run = RunInfo("m", "00" * 32, "d.jsonl", "proxy", (1,), ("evil",), {})
+    run = Run("m", "00" * 32, "d.jsonl", "proxy", (1,), ("evil",), {})
     with Store(db) as store:
         store.begin_run(run)
         batch = 0
