@@ -1,9 +1,11 @@
-"""Tiny random-weight models built from a config, saved as HF folders: fast, deterministic, offline."""
+"""Tiny random-weight models built from a config, saved as HF folders: fast, deterministic, offline; and
+the synthetic screens the results tests share (tests/helpers.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,17 @@ def random_vectors(folder: Path, n: int, seed: int = 1) -> list[torch.Tensor]:
     cfg = json.loads((folder / "config.json").read_text())
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(cfg["num_hidden_layers"] + 1, cfg["hidden_size"], generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def screens(tmp_path_factory):
+    """A natural-mode run, then a proxy-mode run (the latest) of one 30-record dataset (two unscorable
+    rows), in one database: helpers.FakeScreen each."""
+    from helpers import make_screen, openai_records, write_jsonl
+
+    folder = tmp_path_factory.mktemp("screens")
+    data = write_jsonl(folder / "in.jsonl", openai_records(30))
+    natural = make_screen(folder / "s.duckdb", data, mode="natural", seed=0)
+    time.sleep(0.01)  # distinct started_at: the proxy run is the latest
+    proxy = make_screen(folder / "s.duckdb", data, mode="proxy", seed=1)
+    return natural, proxy

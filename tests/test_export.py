@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fake_screen import (
+from helpers import (
     FakeScreen,
     cli,
     make_screen,

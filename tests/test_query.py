@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from fake_screen import LAYERS, TRAITS, FakeScreen, cli, make_screen, openai_records, write_jsonl
+from helpers import LAYERS, TRAITS, FakeScreen, cli
 
 from screener.query import QueryError, open_db, pick_run
 from screener.store import SQL_DIR, Store
@@ -24,16 +24,6 @@ from screener.store import SQL_DIR, Store
 ROOT = Path(__file__).resolve().parent.parent
 VIEWS = ("scored", "top_delta_p", "trait_percentiles", "dataset_summary", "run_overview")
 PCTS = {"p01": 1, "p05": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95, "p99": 99}
-
-
-@pytest.fixture
-def screens(tmp_path: Path) -> tuple[FakeScreen, FakeScreen]:
-    """A natural-mode run, then a proxy-mode run (the latest) of the same 30-record dataset."""
-    data = write_jsonl(tmp_path / "in.jsonl", openai_records(30))
-    natural = make_screen(tmp_path / "s.duckdb", data, mode="natural", seed=0)
-    time.sleep(0.01)  # distinct started_at: the proxy run is the latest
-    proxy = make_screen(tmp_path / "s.duckdb", data, mode="proxy", seed=1)
-    return natural, proxy
 
 
 def test_views_on_empty_databases(tmp_path: Path) -> None:

@@ -5,24 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_screen import TRAITS, FakeScreen, cli, make_screen, openai_records, write_jsonl
+from helpers import TRAITS, cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def screens(tmp_path_factory) -> tuple[FakeScreen, FakeScreen]:
-    """A natural-mode run and a later proxy-mode run of one 30-record dataset (two unscorable rows)."""
-    tmp = tmp_path_factory.mktemp("report")
-    data = write_jsonl(tmp / "in.jsonl", openai_records(30))
-    natural = make_screen(tmp / "s.duckdb", data, mode="natural", seed=0)
-    time.sleep(0.01)
-    return natural, make_screen(tmp / "s.duckdb", data, mode="proxy", seed=1)
 
 
 def test_hist_text_matches_numpy_and_writes_png(screens, tmp_path: Path, capsys) -> None:

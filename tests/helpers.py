@@ -1,5 +1,6 @@
-"""Synthetic screens for the query/report/export tests: a real input file, read with `read_samples`,
-scored with seeded random projections and stored through `Store.write`, exactly as a screen stores."""
+"""What the tests share: input files in the formats screens read, synthetic screens (a real input file,
+read with `read_samples`, scored with seeded random projections and stored through `Store.write`, exactly
+as a screen stores), and `cli`, which runs a `screener` command as the command line does."""
 
 from __future__ import annotations
 
@@ -133,13 +134,7 @@ def make_screen(
 
 
 def cli(*argv: object) -> int:
-    """Run one analysis subcommand as `screener` would (only this module's commands are registered,
-    so the tests do not depend on the screen's heavier imports)."""
-    import argparse
+    """Run a subcommand as `screener` would, errors and exit codes included: through `cli.main`."""
+    from screener.cli import main
 
-    from screener import analysis_commands
-
-    parser = argparse.ArgumentParser(prog="screener")
-    analysis_commands.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return main([str(a) for a in argv])
