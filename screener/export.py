@@ -22,8 +22,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import duckdb
-
 from screener.datasets import (
     data_suffix,
     detect_format,
@@ -32,61 +30,14 @@ from screener.datasets import (
     iter_records,
     record_to_samples,
 )
-from screener.query import METRICS, QueryError, RunChoice, run_sql
+from screener.errors import QueryError
+from screener.results import DropFilter, Selection
+from screener.runs import Run
 
-__all__ = ["ExportFilter", "ExportResult", "export", "manifest_path", "parse_drop_top", "selected_rows"]
+__all__ = ["FORMATS", "ExportResult", "export_records", "manifest_path"]
 
 FORMATS = ("jsonl", "parquet", "hf")
 PARQUET_BATCH = 1000
-# ({source_row: traits that selected it}, {scored source_row: its sample_ids}, {trait: scored source_rows})
-Selection = tuple[dict[int, set[str]], dict[int, set[str]], dict[str, set[int]]]
-
-
-@dataclass(frozen=True)
-class ExportFilter:
-    """Which samples to drop. At most one of drop_top_percent, drop_top_count, threshold and where."""
-
-    metric: str
-    layer: int | None  # None: every layer of the run (only --where without --layer)
-    traits: tuple[str, ...] = ()  # empty: every trait (for --where: no restriction on trait)
-    drop_top_percent: float | None = None
-    drop_top_count: int | None = None
-    threshold: float | None = None
-    where: str | None = None
-    drop_unscored: bool = False
-    invert: bool = False
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, not {self.metric!r}")
-        chosen = [
-            x
-            for x in (self.drop_top_percent, self.drop_top_count, self.threshold, self.where)
-            if x is not None
-        ]
-        if len(chosen) > 1:
-            raise ValueError("choose one of --drop-top, --threshold and --where")
-        if self.drop_top_percent is not None and not 0 <= self.drop_top_percent <= 100:
-            raise ValueError(f"--drop-top percent must be in [0, 100], not {self.drop_top_percent:g}")
-        if self.drop_top_count is not None and self.drop_top_count < 0:
-            raise ValueError(f"--drop-top count must be at least 0, not {self.drop_top_count}")
-
-    def describe(self) -> str:
-        traits = ", ".join(self.traits) or "every trait"
-        if self.drop_top_percent is not None:
-            what = f"drop the top {self.drop_top_percent:g}% by {self.metric} per trait ({traits})"
-        elif self.drop_top_count is not None:
-            what = f"drop the top {self.drop_top_count} samples by {self.metric} per trait ({traits})"
-        elif self.threshold is not None:
-            what = f"drop samples with {self.metric} > {self.threshold:g} for any of: {traits}"
-        elif self.where is not None:
-            layers = "any layer" if self.layer is None else f"layer {self.layer}"
-            what = f"drop samples of the scored view ({layers}) where: {self.where}"
-        else:
-            what = "no filter (every record)"
-        if self.drop_unscored:
-            what += "; drop records the screen did not score"
-        return what + "; write the dropped records" * self.invert
 
 
 @dataclass
@@ -111,81 +62,15 @@ class ExportResult:
     created_at: str = ""
 
 
-def parse_drop_top(text: str) -> tuple[float | None, int | None]:
-    """'5%' → (5.0, None): a percentage; '20' → (None, 20): a count."""
-    text = text.strip()
-    try:
-        if text.endswith("%"):
-            return float(text[:-1]), None
-        return None, int(text)
-    except ValueError:
-        raise ValueError(f"--drop-top takes a percentage like 5% or a count like 20, not {text!r}") from None
-
-
 def manifest_path(out: str | Path, fmt: str) -> Path:
     out = Path(out)
     return out / "manifest.json" if fmt == "hf" else out.with_name(out.name + ".manifest.json")
 
 
-def selected_rows(con: duckdb.DuckDBPyConnection, run: RunChoice, flt: ExportFilter) -> Selection:
-    """What the filter selects, and what the screen scored, for one run (and layer); see `Selection`."""
-    base = {"run_id": run.run_id, "layer": flt.layer}
-    scored_rows = run_sql(
-        con, "SELECT source_row, list(sample_id) FROM samples WHERE run_id = $run_id GROUP BY ALL", base
-    ).fetchall()
-    by_trait: dict[str, set[int]] = {}
-    for trait, row in run_sql(
-        con,
-        "SELECT DISTINCT trait, source_row FROM scored"
-        " WHERE run_id = $run_id AND layer = coalesce($layer, layer)",
-        base,
-    ).fetchall():
-        by_trait.setdefault(trait, set()).add(row)
-
-    traits = list(flt.traits)
-    value = flt.metric  # validated against METRICS: safe to name in SQL
-    scope = "run_id = $run_id AND layer = coalesce($layer, layer)" + (
-        " AND list_contains($traits, trait)" if traits else ""
-    )
-    params = {**base, "traits": traits}
-    if flt.drop_top_percent is not None or flt.drop_top_count is not None:
-        # Rank per trait, highest first, ties broken by sample_id so the cut is deterministic.
-        limit = "ceil(n * $pct / 100)" if flt.drop_top_percent is not None else "$count"
-        sql = f"""SELECT source_row, trait FROM (
-                SELECT source_row, trait,
-                       row_number() OVER (PARTITION BY trait ORDER BY {value} DESC, sample_id) AS rank,
-                       count(*) OVER (PARTITION BY trait) AS n
-                FROM scored WHERE {scope} AND {value} IS NOT NULL)
-            WHERE rank <= {limit}"""
-        params |= {"pct": flt.drop_top_percent, "count": flt.drop_top_count}
-    elif flt.threshold is not None:
-        sql = f"SELECT source_row, trait FROM scored WHERE {scope} AND {value} > $threshold"
-        params["threshold"] = flt.threshold
-    elif flt.where is not None:
-        sql = f"SELECT * FROM scored WHERE {scope}"
-    else:
-        sql = None
-    selected: dict[int, set[str]] = {}
-    if sql is not None:
-        try:
-            rel = run_sql(con, sql, params)
-            if flt.where is not None:
-                # Not spliced into the SQL text: `filter` parses exactly one expression, so the predicate
-                # cannot close the scope's parenthesis (`x) OR (true`) and select other runs' rows. It runs
-                # on `open_db`'s connection, which can read the database and write nothing.
-                rel = rel.filter(flt.where).project("source_row, trait")
-            rows = rel.fetchall()
-        except duckdb.Error as e:
-            raise QueryError(f"the filter failed: {e}") from e
-        for row, trait in rows:
-            selected.setdefault(row, set()).add(trait)
-    return selected, {row: set(ids) for row, ids in scored_rows}, by_trait
-
-
 def _split(
     uri: str,
     split: str | None,
-    flt: ExportFilter,
+    flt: DropFilter,
     selected: dict[int, set[str]],
     scored: dict[int, set[str]],
     turns: str,
@@ -231,38 +116,20 @@ def _split(
     result.dropped_by_trait = dict(dropped_by_trait)
 
 
-def export(
-    con: duckdb.DuckDBPyConnection,
-    run: RunChoice,
-    out: str | Path,
-    fmt: str,
-    flt: ExportFilter,
-    *,
-    input_uri: str | None = None,
-    hf_cache_dir: str | None = None,
-) -> ExportResult:
-    """Write the split and its manifest; returns the counts. `con` is only used before writing starts,
-    so the caller may close it as soon as `selected_rows` has run — see `export_from_selection`."""
-    selection = selected_rows(con, run, flt)
-    return export_from_selection(
-        run, out, fmt, flt, selection, input_uri=input_uri, hf_cache_dir=hf_cache_dir
-    )
-
-
-def export_from_selection(
-    run: RunChoice,
-    out: str | Path,
-    fmt: str,
-    flt: ExportFilter,
+def export_records(
+    run: Run,
+    flt: DropFilter,
     selection: Selection,
+    out: str | Path,
+    fmt: str,
     *,
     input_uri: str | None = None,
     hf_cache_dir: str | None = None,
 ) -> ExportResult:
-    """Write the split chosen by `selected_rows` (no database needed) and its manifest."""
+    """Write the records chosen by `results.select_drops` (no database needed) and the manifest."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}")
-    selected, scored, by_trait = selection
+    selected, scored, by_trait = selection.dropped, selection.scored, selection.by_trait
     uri = input_uri or run.dataset_uri
     _check_input(uri)
     split = run.settings.get("split")
