@@ -306,7 +306,7 @@ def _parse_drop_top(text: str) -> tuple[float | None, int | None]:
 
 
 def _export_summary(result: ExportResult, flt: DropFilter) -> str:
-    n = result
+    n = result.counts
     lines = [
         f"{result.output}: wrote {n.written:,} {'dropped' if flt.invert else 'kept'} records of "
         f"{n.records_read:,} (kept {n.kept:,}, dropped {n.dropped:,}); filter: {flt.describe()}"
