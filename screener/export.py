@@ -1,13 +1,13 @@
-"""Filtered training splits: the input's own records, minus the ones a screen flagged.
+"""Filtered training data: the input's own records, minus the ones a screen flagged.
 
-Every filter selects *samples to drop* (rows of the `scored` view of one run and layer); a record is
-dropped when any of its scored samples is selected. Records the screen did not score (rejected, or past
-`--limit`) are kept unless `--drop-unscored`; unparseable input lines are in neither split (the manifest
-counts them as `unreadable_rows`). `--invert` writes the dropped records instead. Records are re-read from
-the run's dataset with `iter_records` and written back unchanged, so a jsonl export without a filter
-reproduces the input records exactly. Parquet and hf are columnar, with one schema for all records: where
-records have differing keys, each record gains the keys it lacks, with null values. A manifest beside the
-output says what was done.
+`results.select_drops` says which source rows a filter drops (every filter selects *samples to drop*; a
+record is dropped when any of its scored samples is selected). `export_records` then reads the run's
+dataset once with `iter_records` and writes the records back unchanged, so a jsonl export without a
+filter reproduces the input records exactly. Records the screen did not score (rejected, or past
+`--limit`) are kept unless `drop_unscored`; unparseable input lines are written to neither side (the
+manifest counts them as `unreadable_rows`). `invert` writes the dropped records instead. Parquet and hf
+are columnar, with one schema for all records: where records have differing keys, each record gains the
+keys it lacks, with null values. A manifest beside the output says what was done.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-
-import duckdb
 
 from screener.datasets import (
     data_suffix,
@@ -32,94 +32,61 @@ from screener.datasets import (
     iter_records,
     record_to_samples,
 )
-from screener.query import METRICS, QueryError, RunChoice, run_sql
+from screener.errors import QueryError
+from screener.results import DropFilter, Selection
+from screener.runs import Run
 
-__all__ = ["ExportFilter", "ExportResult", "export", "manifest_path", "parse_drop_top", "selected_rows"]
+__all__ = ["FORMATS", "ExportCounts", "ExportResult", "export_records", "manifest_path"]
 
 FORMATS = ("jsonl", "parquet", "hf")
-PARQUET_BATCH = 1000
-# ({source_row: traits that selected it}, {scored source_row: its sample_ids}, {trait: scored source_rows})
-Selection = tuple[dict[int, set[str]], dict[int, set[str]], dict[str, set[int]]]
+SPOOL_BATCH = 1000  # records per pickled batch of a spool, and per parquet row group
+
+Write = Callable[[dict], object]
 
 
 @dataclass(frozen=True)
-class ExportFilter:
-    """Which samples to drop. At most one of drop_top_percent, drop_top_count, threshold and where."""
+class ExportCounts:
+    """What one pass over the input did. kept + dropped = records_read; `written` is one of the two
+    (the dropped ones with invert)."""
 
-    metric: str
-    layer: int | None  # None: every layer of the run (only --where without --layer)
-    traits: tuple[str, ...] = ()  # empty: every trait (for --where: no restriction on trait)
-    drop_top_percent: float | None = None
-    drop_top_count: int | None = None
-    threshold: float | None = None
-    where: str | None = None
-    drop_unscored: bool = False
-    invert: bool = False
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, not {self.metric!r}")
-        chosen = [
-            x
-            for x in (self.drop_top_percent, self.drop_top_count, self.threshold, self.where)
-            if x is not None
-        ]
-        if len(chosen) > 1:
-            raise ValueError("choose one of --drop-top, --threshold and --where")
-        if self.drop_top_percent is not None and not 0 <= self.drop_top_percent <= 100:
-            raise ValueError(f"--drop-top percent must be in [0, 100], not {self.drop_top_percent:g}")
-        if self.drop_top_count is not None and self.drop_top_count < 0:
-            raise ValueError(f"--drop-top count must be at least 0, not {self.drop_top_count}")
-
-    def describe(self) -> str:
-        traits = ", ".join(self.traits) or "every trait"
-        if self.drop_top_percent is not None:
-            what = f"drop the top {self.drop_top_percent:g}% by {self.metric} per trait ({traits})"
-        elif self.drop_top_count is not None:
-            what = f"drop the top {self.drop_top_count} samples by {self.metric} per trait ({traits})"
-        elif self.threshold is not None:
-            what = f"drop samples with {self.metric} > {self.threshold:g} for any of: {traits}"
-        elif self.where is not None:
-            layers = "any layer" if self.layer is None else f"layer {self.layer}"
-            what = f"drop samples of the scored view ({layers}) where: {self.where}"
-        else:
-            what = "no filter (every record)"
-        if self.drop_unscored:
-            what += "; drop records the screen did not score"
-        return what + "; write the dropped records" * self.invert
-
-
-@dataclass
-class ExportResult:
-    """The counts written to the manifest. kept + dropped = records read; `written` is one of the two
-    (dropped with --invert). per_trait[t]: records scored for trait t, those dropped because t selected
-    them, and those kept (a record dropped for another trait is not kept)."""
-
-    run_id: str
-    dataset_uri: str
-    output: str
-    format: str
-    filter: dict
     records_read: int = 0
     kept: int = 0
     dropped: int = 0
     written: int = 0
     dropped_unscored: int = 0
-    unreadable_rows: int = 0  # rows iter_records skipped (invalid JSON): in neither split
+    unreadable_rows: int = 0  # rows iter_records skipped (invalid JSON): on neither side
     dropped_by_trait: dict[str, int] = field(default_factory=dict)  # a record may count for several
-    per_trait: dict[str, dict[str, int]] = field(default_factory=dict)
-    created_at: str = ""
 
 
-def parse_drop_top(text: str) -> tuple[float | None, int | None]:
-    """'5%' → (5.0, None): a percentage; '20' → (None, 20): a count."""
-    text = text.strip()
-    try:
-        if text.endswith("%"):
-            return float(text[:-1]), None
-        return None, int(text)
-    except ValueError:
-        raise ValueError(f"--drop-top takes a percentage like 5% or a count like 20, not {text!r}") from None
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export did: the manifest. per_trait[t]: records scored for trait t, those dropped because
+    t selected them, and those kept (a record dropped for another trait is not kept)."""
+
+    run_id: str
+    input: str  # where the records were read: the run's dataset, or --input
+    output: str
+    format: str
+    filter: dict
+    counts: ExportCounts
+    per_trait: dict[str, dict[str, int]]
+    created_at: str
+
+    def manifest(self, run: Run, flt: DropFilter) -> dict:
+        return {
+            "run_id": self.run_id,
+            "dataset_uri": run.dataset_uri,
+            "input": self.input,
+            "split": run.settings.get("split"),
+            "metric": flt.metric,
+            "layer": flt.layer,
+            "output": self.output,
+            "format": self.format,
+            "filter": self.filter,
+            **asdict(self.counts),
+            "per_trait": self.per_trait,
+            "created_at": self.created_at,
+        }
 
 
 def manifest_path(out: str | Path, fmt: str) -> Path:
@@ -127,169 +94,37 @@ def manifest_path(out: str | Path, fmt: str) -> Path:
     return out / "manifest.json" if fmt == "hf" else out.with_name(out.name + ".manifest.json")
 
 
-def selected_rows(con: duckdb.DuckDBPyConnection, run: RunChoice, flt: ExportFilter) -> Selection:
-    """What the filter selects, and what the screen scored, for one run (and layer); see `Selection`."""
-    base = {"run_id": run.run_id, "layer": flt.layer}
-    scored_rows = run_sql(
-        con, "SELECT source_row, list(sample_id) FROM samples WHERE run_id = $run_id GROUP BY ALL", base
-    ).fetchall()
-    by_trait: dict[str, set[int]] = {}
-    for trait, row in run_sql(
-        con,
-        "SELECT DISTINCT trait, source_row FROM scored"
-        " WHERE run_id = $run_id AND layer = coalesce($layer, layer)",
-        base,
-    ).fetchall():
-        by_trait.setdefault(trait, set()).add(row)
-
-    traits = list(flt.traits)
-    value = flt.metric  # validated against METRICS: safe to name in SQL
-    scope = "run_id = $run_id AND layer = coalesce($layer, layer)" + (
-        " AND list_contains($traits, trait)" if traits else ""
-    )
-    params = {**base, "traits": traits}
-    if flt.drop_top_percent is not None or flt.drop_top_count is not None:
-        # Rank per trait, highest first, ties broken by sample_id so the cut is deterministic.
-        limit = "ceil(n * $pct / 100)" if flt.drop_top_percent is not None else "$count"
-        sql = f"""SELECT source_row, trait FROM (
-                SELECT source_row, trait,
-                       row_number() OVER (PARTITION BY trait ORDER BY {value} DESC, sample_id) AS rank,
-                       count(*) OVER (PARTITION BY trait) AS n
-                FROM scored WHERE {scope} AND {value} IS NOT NULL)
-            WHERE rank <= {limit}"""
-        params |= {"pct": flt.drop_top_percent, "count": flt.drop_top_count}
-    elif flt.threshold is not None:
-        sql = f"SELECT source_row, trait FROM scored WHERE {scope} AND {value} > $threshold"
-        params["threshold"] = flt.threshold
-    elif flt.where is not None:
-        sql = f"SELECT * FROM scored WHERE {scope}"
-    else:
-        sql = None
-    selected: dict[int, set[str]] = {}
-    if sql is not None:
-        try:
-            rel = run_sql(con, sql, params)
-            if flt.where is not None:
-                # Not spliced into the SQL text: `filter` parses exactly one expression, so the predicate
-                # cannot close the scope's parenthesis (`x) OR (true`) and select other runs' rows. It runs
-                # on `open_db`'s connection, which can read the database and write nothing.
-                rel = rel.filter(flt.where).project("source_row, trait")
-            rows = rel.fetchall()
-        except duckdb.Error as e:
-            raise QueryError(f"the filter failed: {e}") from e
-        for row, trait in rows:
-            selected.setdefault(row, set()).add(trait)
-    return selected, {row: set(ids) for row, ids in scored_rows}, by_trait
-
-
-def _split(
-    uri: str,
-    split: str | None,
-    flt: ExportFilter,
-    selected: dict[int, set[str]],
-    scored: dict[int, set[str]],
-    turns: str,
-    result: ExportResult,
-) -> Iterator[dict]:
-    """The records to write, counting both sides in `result` as it goes (from zero on every pass)."""
-    result.records_read = result.kept = result.dropped = result.written = 0
-    result.dropped_unscored = result.unreadable_rows = 0
-    expected_row, dropped_by_trait, fmt = 0, Counter(), None
-    for row, source, record in iter_records(uri, split=split):
-        result.unreadable_rows += row - expected_row
-        expected_row = row + 1
-        if row in scored:
-            # The record must still be the one scored at this row, or we would drop the wrong records.
-            fmt = fmt or detect_format(record)
-            here = {
-                s.sample_id
-                for s in record_to_samples(record, fmt, source_row=row, source_file=source, turns=turns)
-            }
-            if not scored[row] <= here:
-                raise QueryError(
-                    f"{source}, row {row}: the screen scored {sorted(scored[row])[:3]} here, but this record "
-                    f"has {sorted(here)[:3]}: the input changed since the screen; pass the screened data "
-                    "with --input"
-                )
-        unscored = row not in scored
-        drop = row in selected or (flt.drop_unscored and unscored)
-        result.records_read += 1
-        if drop:
-            result.dropped += 1
-            result.dropped_unscored += unscored
-            dropped_by_trait.update(selected.get(row, ()))
-        else:
-            result.kept += 1
-        if drop == flt.invert:
-            result.written += 1
-            yield record
-    if scored and max(scored) >= expected_row:
-        raise QueryError(
-            f"the screen scored row {max(scored)}, but the input has {expected_row} rows: "
-            "the input changed since the screen; pass the screened data with --input"
-        )
-    result.dropped_by_trait = dict(dropped_by_trait)
-
-
-def export(
-    con: duckdb.DuckDBPyConnection,
-    run: RunChoice,
-    out: str | Path,
-    fmt: str,
-    flt: ExportFilter,
-    *,
-    input_uri: str | None = None,
-    hf_cache_dir: str | None = None,
-) -> ExportResult:
-    """Write the split and its manifest; returns the counts. `con` is only used before writing starts,
-    so the caller may close it as soon as `selected_rows` has run — see `export_from_selection`."""
-    selection = selected_rows(con, run, flt)
-    return export_from_selection(
-        run, out, fmt, flt, selection, input_uri=input_uri, hf_cache_dir=hf_cache_dir
-    )
-
-
-def export_from_selection(
-    run: RunChoice,
-    out: str | Path,
-    fmt: str,
-    flt: ExportFilter,
+def export_records(
+    run: Run,
+    flt: DropFilter,
     selection: Selection,
+    out: str | Path,
+    fmt: str,
     *,
     input_uri: str | None = None,
     hf_cache_dir: str | None = None,
 ) -> ExportResult:
-    """Write the split chosen by `selected_rows` (no database needed) and its manifest."""
+    """Read the run's records once and write the ones the filter keeps (those it drops, with invert) to
+    `out`, then the manifest beside it. Needs no database: `selection` was read from it before."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}")
-    selected, scored, by_trait = selection
     uri = input_uri or run.dataset_uri
     _check_input(uri)
-    split = run.settings.get("split")
-    out = Path(out)
-    result = ExportResult(run.run_id, uri, str(out), fmt, {"description": flt.describe(), **asdict(flt)})
-
-    def records() -> Iterator[dict]:
-        return _split(uri, split, flt, selected, scored, run.settings.get("turns") or "last", result)
-
-    {"jsonl": _write_jsonl, "parquet": _write_parquet, "hf": _write_hf}[fmt](out, records, hf_cache_dir)
-
-    for trait in run.traits:
-        rows = by_trait.get(trait, set())
-        dropped = result.dropped_by_trait.get(trait, 0)
-        kept = sum(1 for r in rows if r not in selected)
-        result.per_trait[trait] = {"scored_records": len(rows), "dropped": dropped, "kept": kept}
-    result.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    manifest = {
-        "run_id": run.run_id,
-        "dataset_uri": run.dataset_uri,
-        "input": uri,
-        "split": split,
-        "metric": flt.metric,
-        "layer": flt.layer,
-        **{k: v for k, v in asdict(result).items() if k not in ("run_id", "dataset_uri")},
-    }
-    manifest_path(out, fmt).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    records = iter_records(uri, split=run.settings.get("split"))  # a hub dataset's split, as screened
+    with WRITERS[fmt](Path(out), hf_cache_dir) as write:
+        counts = _write_chosen(records, selection, flt, run.settings.get("turns") or "last", write)
+    result = ExportResult(
+        run_id=run.run_id,
+        input=uri,
+        output=str(out),
+        format=fmt,
+        filter={"description": flt.describe(), **asdict(flt)},
+        counts=counts,
+        per_trait=_per_trait(run, selection, counts),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    manifest = json.dumps(result.manifest(run, flt), indent=2, ensure_ascii=False)
+    manifest_path(out, fmt).write_text(manifest + "\n")
     return result
 
 
@@ -311,73 +146,154 @@ def _check_input(uri: str) -> None:
     raise QueryError(f"the screened dataset is not here: {problem}; pass its location with --input")
 
 
-# ---- writers: each takes a callable that streams the records (the parquet writer reads twice) ----------
+def _write_chosen(
+    records: Iterator[tuple[int, str, dict]], selection: Selection, flt: DropFilter, turns: str, write: Write
+) -> ExportCounts:
+    """Decide for every record whether it is dropped, `write` the side the filter asks for, and count
+    both sides."""
+    n: Counter[str] = Counter()
+    dropped_by_trait: Counter[str] = Counter()
+    expected_row, fmt = 0, None
+    for row, source, record in records:
+        n["unreadable_rows"] += row - expected_row
+        expected_row = row + 1
+        unscored = row not in selection.scored
+        if not unscored:
+            fmt = fmt or detect_format(record)
+            _check_same_samples(row, source, record, fmt, selection.scored[row], turns)
+        drop = row in selection.dropped or (flt.drop_unscored and unscored)
+        n["records_read"] += 1
+        if drop:
+            n["dropped"] += 1
+            n["dropped_unscored"] += unscored
+            dropped_by_trait.update(selection.dropped.get(row, ()))
+        else:
+            n["kept"] += 1
+        if drop == flt.invert:
+            write(record)
+            n["written"] += 1
+    if selection.scored and max(selection.scored) >= expected_row:
+        raise QueryError(
+            f"the screen scored row {max(selection.scored)}, but the input has {expected_row} rows: "
+            "the input changed since the screen; pass the screened data with --input"
+        )
+    return ExportCounts(**n, dropped_by_trait=dict(dropped_by_trait))
 
 
-def _atomic_file(out: Path) -> tuple[Path, Callable[[], None]]:
-    """A temp path beside `out` and a function that moves it into place: no half-written outputs."""
+def _check_same_samples(row: int, source: str, record: dict, fmt: str, scored: set[str], turns: str) -> None:
+    """The record must still be the one scored at this row, or the export would drop the wrong records."""
+    here = {
+        s.sample_id for s in record_to_samples(record, fmt, source_row=row, source_file=source, turns=turns)
+    }
+    if not scored <= here:
+        raise QueryError(
+            f"{source}, row {row}: the screen scored {sorted(scored)[:3]} here, but this record has "
+            f"{sorted(here)[:3]}: the input changed since the screen; pass the screened data with --input"
+        )
+
+
+def _per_trait(run: Run, selection: Selection, counts: ExportCounts) -> dict[str, dict[str, int]]:
+    per_trait = {}
+    for trait in run.traits:
+        rows = selection.by_trait.get(trait, set())
+        per_trait[trait] = {
+            "scored_records": len(rows),
+            "dropped": counts.dropped_by_trait.get(trait, 0),
+            "kept": sum(1 for r in rows if r not in selection.dropped),
+        }
+    return per_trait
+
+
+# ---- writers: context managers that take records one at a time and leave no half-written output ---------
+
+
+@contextmanager
+def _atomic_file(out: Path) -> Iterator[Path]:
+    """A temp path beside `out`, moved into place when the block succeeds and removed if it fails."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    return Path(tmp), lambda: os.replace(tmp, out)
-
-
-def _write_jsonl(out: Path, records: Callable[[], Iterator[dict]], _cache: str | None) -> None:
-    tmp, commit = _atomic_file(out)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records():
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        commit()
+        yield Path(tmp)
+        os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
 
 
-def _batches(records: Iterator[dict]) -> Iterator[list[dict]]:
-    batch = []
-    for record in records:
-        batch.append(record)
-        if len(batch) == PARQUET_BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+@contextmanager
+def _spool(path: Path) -> Iterator[Write]:
+    """Records written to `path` in pickled batches, for `_unspool` to read back in order."""
+    batch: list[dict] = []
+    with open(path, "wb") as f:
+
+        def write(record: dict) -> None:
+            batch.append(record)
+            if len(batch) == SPOOL_BATCH:
+                pickle.dump(batch, f)
+                batch.clear()
+
+        yield write
+        if batch:
+            pickle.dump(batch, f)
 
 
-def _write_parquet(out: Path, records: Callable[[], Iterator[dict]], _cache: str | None) -> None:
+def _unspool(path: str | Path) -> Iterator[list[dict]]:
+    with open(path, "rb") as f:  # our own temp file
+        while True:
+            try:
+                yield pickle.load(f)
+            except EOFError:
+                return
+
+
+@contextmanager
+def _jsonl_writer(out: Path, _cache_dir: str | None) -> Iterator[Write]:
+    with _atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield lambda record: f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def _parquet_writer(out: Path, _cache_dir: str | None) -> Iterator[Write]:
+    """One schema for all records: a field that is null in the first batch would otherwise be typed null
+    and fail later. The records are spooled as they come, their schemas unified, then written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # Pass 1 infers one schema for all records (a field that is null in the first batch would otherwise
-    # be typed null and fail later); pass 2 writes. Both passes stream.
-    schemas = [pa.Table.from_pylist(b).schema for b in _batches(records())]
-    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-    tmp, commit = _atomic_file(out)
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for batch in _batches(records()):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        spool = Path(tmp) / "records.pickle"
+        with _spool(spool) as write:
+            yield write
+        # by all the keys of a batch (Table.from_pylist would take the first record's keys only)
+        schemas = [pa.schema(list(pa.array(batch).type)) for batch in _unspool(spool)]
+        schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+        with _atomic_file(out) as part, pq.ParquetWriter(part, schema) as writer:
+            for batch in _unspool(spool):
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-        commit()
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def _write_hf(out: Path, records: Callable[[], Iterator[dict]], cache_dir: str | None) -> None:
+@contextmanager
+def _hf_writer(out: Path, cache_dir: str | None) -> Iterator[Write]:
+    """A `datasets` folder (save_to_disk), built from the spooled records once they are all chosen."""
     import datasets
 
     datasets.disable_progress_bars()  # the command prints its own summary
     if out.exists() and any(out.iterdir()):
         raise QueryError(f"{out} exists and is not empty; choose a new directory for --format hf")
-
-    def gen() -> Iterator[dict]:
-        yield from records()
-
     # A fresh cache dir: datasets' fingerprint cannot see the input file change, so never reuse a cache.
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        try:
-            ds = datasets.Dataset.from_generator(gen, cache_dir=tmp, keep_in_memory=False)
-        except datasets.exceptions.DatasetGenerationError as e:
-            if isinstance(e.__cause__, QueryError):  # our own check failed inside datasets' builder
-                raise e.__cause__ from None
-            raise
+        spool = Path(tmp) / "records.pickle"
+        with _spool(spool) as write:
+            yield write
+        ds = datasets.Dataset.from_generator(
+            _spooled_records, gen_kwargs={"spool": str(spool)}, cache_dir=tmp, keep_in_memory=False
+        )
         ds.save_to_disk(str(out))
+
+
+def _spooled_records(spool: str) -> Iterator[dict]:
+    for batch in _unspool(spool):
+        yield from batch
+
+
+WRITERS = {"jsonl": _jsonl_writer, "parquet": _parquet_writer, "hf": _hf_writer}

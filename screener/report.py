@@ -1,7 +1,5 @@
-"""What a screen found: histograms, top samples, the dataset-level summary, and a one-file HTML report.
-
-The numbers come from the canned queries in sql/queries (the same ones `screener query` runs), so the
-terminal, the HTML report and a user's own SQL always agree.
+"""The one-file HTML report of a run: metadata, the dataset-level summary, and per trait a histogram (inline
+SVG) and the top samples. It renders a `results.ReportData`; it reads no database itself.
 """
 
 from __future__ import annotations
@@ -10,183 +8,13 @@ import html
 import json
 import math
 import re
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
-import duckdb
+from screener.render import METRIC_LABELS, excerpt, histogram_title, prompt_excerpt
+from screener.results import Histogram, ReportData
+from screener.runs import Run
 
-from screener.query import RunChoice, canned, run_sql
-
-__all__ = [
-    "Histogram",
-    "excerpt",
-    "format_histogram",
-    "format_top",
-    "histogram",
-    "html_report",
-    "prompt_excerpt",
-    "save_histogram_png",
-    "summary",
-    "top_samples",
-]
-
-METRIC_LABELS = {
-    "delta_p": "ΔP (response − natural response projection)",
-    "delta_p_proxy": "ΔP proxy (response − last prompt token projection)",
-    "proj_response": "response projection",
-}
-BLOCKS = " ▏▎▍▌▋▊▉█"  # eighths, for smooth text bars
-
-
-@dataclass(frozen=True)
-class Histogram:
-    """Equal-width bins of one score of one trait; `lower[i] <= x < upper[i]` (the last bin is closed)."""
-
-    run_id: str
-    trait: str
-    layer: int
-    metric: str
-    lower: list[float]
-    upper: list[float]
-    counts: list[int]
-
-    @property
-    def n(self) -> int:
-        return sum(self.counts)
-
-    def title(self) -> str:
-        return f"{self.trait} · {self.metric} · layer {self.layer} · run {self.run_id} · n = {self.n:,}"
-
-
-def histogram(
-    con: duckdb.DuckDBPyConnection, run: RunChoice, trait: str, layer: int, metric: str, bins: int = 20
-) -> Histogram:
-    """Bin a score with sql/queries/hist.sql; no bins when the score is NULL for every sample."""
-    if bins < 1:
-        raise ValueError("bins must be >= 1")
-    params = {"run_id": run.run_id, "trait": trait, "layer": layer, "metric": metric, "bins": bins}
-    rows = run_sql(con, canned("hist"), params).fetchall()
-    return Histogram(
-        run.run_id, trait, layer, metric, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
-    )
-
-
-def format_histogram(h: Histogram, width: int = 100) -> str:
-    """A text histogram: one line per bin with its range, a bar and its count."""
-    if not h.counts:
-        return f"{h.title()}\n(no values: {h.metric} is NULL for every sample of this trait)"
-    labels = [
-        f"[{lo:>9.4g}, {hi:>9.4g}{']' if i == len(h.counts) - 1 else ')'}"
-        for i, (lo, hi) in enumerate(zip(h.lower, h.upper, strict=True))
-    ]
-    count_width = len(f"{max(h.counts):,}")
-    bar_width = max(10, width - len(labels[0]) - count_width - 3)
-    top = max(h.counts)
-    lines = [h.title()]
-    for label, count in zip(labels, h.counts, strict=True):
-        eighths = round(count / top * bar_width * 8) if top else 0
-        bar = "█" * (eighths // 8) + (BLOCKS[eighths % 8] if eighths % 8 else "")
-        lines.append(f"{label} {bar:<{bar_width}} {count:>{count_width},}")
-    return "\n".join(lines)
-
-
-def save_histogram_png(h: Histogram, path: str | Path) -> None:
-    """The histogram as a PNG, with axis labels and a title naming the run, the trait and the count."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; safe on servers and in CI
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    try:
-        widths = [hi - lo for lo, hi in zip(h.lower, h.upper, strict=True)]
-        ax.bar(
-            h.lower,
-            h.counts,
-            width=[w or 1.0 for w in widths],
-            align="edge",
-            color="#4c72b0",
-            edgecolor="white",
-            linewidth=0.5,
-        )
-        ax.set_xlabel(f"{METRIC_LABELS.get(h.metric, h.metric)}, layer {h.layer}")
-        ax.set_ylabel("samples")
-        ax.set_title(f"{h.trait}: {h.metric}  (run {h.run_id}, n = {h.n:,})")
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
-
-
-# ---- top samples ---------------------------------------------------------------------------------
-
-
-def top_samples(
-    con: duckdb.DuckDBPyConnection, run: RunChoice, trait: str, layer: int, metric: str, k: int = 20
-) -> list[dict]:
-    """The k highest-scoring samples (sql/queries/top.sql), as dicts with the prompt parsed."""
-    params = {"run_id": run.run_id, "trait": trait, "layer": layer, "metric": metric, "k": k}
-    rel = run_sql(con, canned("top"), params)
-    names = rel.columns
-    rows = [dict(zip(names, r, strict=True)) for r in rel.fetchall()]
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
-        row["prompt"] = json.loads(row["prompt"]) if isinstance(row["prompt"], str) else row["prompt"]
-    return rows
-
-
-def excerpt(text: str | None, limit: int) -> str:
-    """Whitespace collapsed to single spaces, cut to `limit` characters with an ellipsis."""
-    if text is None:
-        return ""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: max(limit - 1, 0)].rstrip() + "…"
-
-
-def prompt_excerpt(prompt: list[dict], limit: int) -> str:
-    """The last user message (what the response answers), else the last message of the prompt."""
-    users = [m for m in prompt if m.get("role") == "user"] or prompt
-    return excerpt(users[-1].get("content", "") if users else "", limit)
-
-
-def format_top(rows: list[dict], metric: str, width: int = 100) -> str:
-    """Samples as blocks: rank, score and ids, then prompt, response and natural response excerpts."""
-    if not rows:
-        return f"(no samples with a {metric} score)"
-    indent, text_width = "    ", max(20, width - 14)
-    out = []
-    for row in rows:
-        other = [
-            f"{m}={row[m]:.4g}"
-            for m in ("delta_p", "delta_p_proxy", "proj_response")
-            if m != metric and row[m] is not None
-        ]
-        head = f"#{row['rank']:<3} {metric}={row['value']:.4g}  {row['sample_id']} (row {row['source_row']})"
-        out.append(excerpt(f"{head}  {' '.join(other)}", width))
-        out.append(f"{indent}prompt:   {prompt_excerpt(row['prompt'], text_width)}")
-        out.append(f"{indent}response: {excerpt(row['response'], text_width)}")
-        if row["natural_response"] is not None:
-            natural = excerpt(row["natural_response"], text_width) or "(empty)"
-            out.append(f"{indent}natural:  {natural}")
-    return "\n".join(out)
-
-
-def summary(con: duckdb.DuckDBPyConnection, run: RunChoice) -> list[dict]:
-    """The dataset-level summary (sql/queries/summary.sql), one dict per trait and layer."""
-    rel = run_sql(con, canned("summary"), {"run_id": run.run_id})
-    return [dict(zip(rel.columns, r, strict=True)) for r in rel.fetchall()]
-
-
-def percentiles(con: duckdb.DuckDBPyConnection, run: RunChoice) -> dict[tuple[str, int, str], dict]:
-    """{(trait, layer, metric): row of trait_percentiles} for a run."""
-    rel = run_sql(con, canned("percentiles"), {"run_id": run.run_id})
-    rows = [dict(zip(rel.columns, r, strict=True)) for r in rel.fetchall()]
-    return {(r["trait"], r["layer"], r["metric"]): r for r in rows}
-
-
-# ---- HTML -----------------------------------------------------------------------------------------
+__all__ = ["histogram_svg", "html_report"]
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 0;
@@ -241,7 +69,7 @@ def histogram_svg(h: Histogram, width: int = 720, height: int = 260) -> str:
     bw = pw / len(h.counts)
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(h.title())}">'
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(histogram_title(h))}">'
     ]
     for i, c in enumerate(h.counts):
         bh = ph * c / peak
@@ -275,7 +103,7 @@ def histogram_svg(h: Histogram, width: int = 720, height: int = 260) -> str:
     return "".join(parts)
 
 
-def _metadata_section(run: RunChoice, layer: int, metric: str) -> str:
+def _metadata_section(run: Run, layer: int, metric: str) -> str:
     fields = [
         ("run id", run.run_id),
         ("mode", run.mode),
@@ -285,8 +113,8 @@ def _metadata_section(run: RunChoice, layer: int, metric: str) -> str:
         ("traits", ", ".join(run.traits)),
         ("started (UTC)", str(run.started_at)),
         ("finished (UTC)", str(run.finished_at) if run.finished_at else "not finished (running or crashed)"),
-        ("samples scored", f"{run.n_samples:,}"),
-        ("rejected", f"{run.n_rejects:,}"),
+        ("samples scored", f"{run.n_scored:,}"),
+        ("rejected", f"{run.n_rejected:,}"),
         ("report layer / metric", f"{layer} / {metric}"),
     ]
     rows = [[html.escape(k), html.escape(v)] for k, v in fields]
@@ -329,28 +157,28 @@ def _summary_section(rows: list[dict]) -> str:
     return f'<section id="dataset-summary"><h2>Dataset-level summary</h2>{note}{table}</section>'
 
 
+def _expandable(short: str, full: str | None, cls: str = "") -> str:
+    """A cell showing an excerpt that opens to the full text; a dash when there is no text."""
+    if full is None:
+        return "—"
+    return (
+        f'<details class="{cls}"><summary>{html.escape(short or "(empty)")}</summary>'
+        f"<pre>{html.escape(full)}</pre></details>"
+    )
+
+
 def _top_section(trait: str, rows: list[dict], metric: str, limit: int = 160) -> str:
     body = []
     for r in rows:
         prompt_full = "\n\n".join(f"[{m.get('role')}] {m.get('content', '')}" for m in r["prompt"])
-
-        def cell(short: str, full: str | None, cls: str = "") -> str:
-            if full is None:
-                return "—"
-            summary_text = html.escape(short or "(empty)")
-            return (
-                f'<details class="{cls}"><summary>{summary_text}</summary>'
-                f"<pre>{html.escape(full)}</pre></details>"
-            )
-
         body.append(
             [
                 str(r["rank"]),
                 _num(r["value"]),
                 html.escape(f"{r['sample_id']} (row {r['source_row']})"),
-                cell(prompt_excerpt(r["prompt"], limit), prompt_full),
-                cell(excerpt(r["response"], limit), r["response"]),
-                cell(excerpt(r["natural_response"], limit), r["natural_response"], "natural"),
+                _expandable(prompt_excerpt(r["prompt"], limit), prompt_full),
+                _expandable(excerpt(r["response"], limit), r["response"]),
+                _expandable(excerpt(r["natural_response"], limit), r["natural_response"], "natural"),
             ]
         )
     table = (
@@ -379,22 +207,18 @@ def _hist_section(h: Histogram, stats: dict | None) -> str:
         )
     return (
         f'<section id="hist-{_slug(h.trait)}"><h2>Distribution: {html.escape(h.trait)}</h2>'
-        f"<p class='stats'>{html.escape(h.title())}</p>{line}{histogram_svg(h)}</section>"
+        f"<p class='stats'>{html.escape(histogram_title(h))}</p>{line}{histogram_svg(h)}</section>"
     )
 
 
-def html_report(
-    con: duckdb.DuckDBPyConnection, run: RunChoice, layer: int, metric: str, *, bins: int = 30, k: int = 10
-) -> str:
+def html_report(data: ReportData) -> str:
     """One self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched)."""
-    stats = percentiles(con, run)
-    nav = "".join(f'<a href="#hist-{_slug(t)}">{html.escape(t)}</a>' for t in run.traits)
-    sections = [_metadata_section(run, layer, metric), _summary_section(summary(con, run))]
-    for trait in run.traits:
-        sections.append(
-            _hist_section(histogram(con, run, trait, layer, metric, bins), stats.get((trait, layer, metric)))
-        )
-        sections.append(_top_section(trait, top_samples(con, run, trait, layer, metric, k), metric))
+    run, layer, metric = data.run, data.layer, data.metric
+    nav = "".join(f'<a href="#hist-{_slug(t)}">{html.escape(t)}</a>' for t in data.traits)
+    sections = [_metadata_section(run, layer, metric), _summary_section(data.summary)]
+    for trait, found in data.traits.items():
+        sections.append(_hist_section(found.histogram, found.stats))
+        sections.append(_top_section(trait, found.top, metric))
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = html.escape(f"persona-screen report: run {run.run_id}")
     return (

@@ -23,7 +23,7 @@ from screener.progress import Progress
 from screener.records import MODES, TURNS, Reject, Sample, Scored
 from screener.runs import Run
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings
-from screener.store import Store
+from screener.store import DEFAULT_DB, Store
 from screener.vectors import Vector, builtin_traits, check_vector, resolve_vectors, unit_vectors
 
 DEFAULT_TRAITS = ("evil", "sycophantic", "hallucinating")
@@ -34,7 +34,7 @@ class ScreenConfig:
     """A screen as the user asked for it (the command line's options)."""
 
     dataset: str
-    db: str = "screen.duckdb"
+    db: str = DEFAULT_DB
     model: str = DEFAULT_MODEL
     traits: list[str] = field(default_factory=list)
     vectors: list[str] = field(default_factory=list)  # NAME=PATH

@@ -7,11 +7,10 @@ skips what is stored and never duplicates a row.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,40 +20,16 @@ import pyarrow as pa
 
 from screener.errors import BusyError
 from screener.records import Reject, Sample, Scored
+from screener.runs import Run
 
-__all__ = ["SQL_DIR", "RunInfo", "Store", "StoreBusyError"]
+__all__ = ["DEFAULT_DB", "SQL_DIR", "Store", "StoreBusyError"]
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"  # a link to the repo's top-level sql/
+DEFAULT_DB = "screen.duckdb"  # the file a screen writes and the read commands read, unless given --db
 
 
 class StoreBusyError(BusyError):
     """The database file is locked by another process (DuckDB allows one writer per file)."""
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """Everything that determines a run's values; its hash is the run's key."""
-
-    model: str
-    model_sha256: str
-    dataset_uri: str
-    mode: str  # 'proxy' | 'natural'
-    layers: tuple[int, ...]
-    traits: tuple[str, ...]
-    settings: dict = field(hash=False)  # JSON-serialisable: dtype, max_tokens, turns, split, vector files...
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("proxy", "natural"):
-            raise ValueError(f"mode must be 'proxy' or 'natural', not {self.mode!r}")
-        # Callers pass lists or numpy ints: normalise so equal configs compare and hash equal.
-        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        object.__setattr__(self, "traits", tuple(str(t) for t in self.traits))
-
-    @property
-    def run_id(self) -> str:
-        """First 16 hex of the sha256 of the canonical JSON of all fields: same config, same id."""
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 class Store:
@@ -107,7 +82,7 @@ class Store:
             raise
         self.con.commit()
 
-    def begin_run(self, run: RunInfo) -> bool:
+    def begin_run(self, run: Run) -> bool:
         """Record the run if new; True if it already existed (a resume, which reopens it)."""
         run_id = run.run_id
         with self._transaction():
@@ -132,7 +107,9 @@ class Store:
                 )
         return bool(existed)
 
-    def _split(self, run_id: str, items: Sequence[Sample] | Sequence[Scored]) -> tuple[list, list[Reject]]:
+    def _new_and_duplicates(
+        self, run_id: str, items: Sequence[Sample] | Sequence[Scored]
+    ) -> tuple[list, list[Reject]]:
         """Items still to store, and rejects for sample_ids owned by a different source_row.
 
         The owner is the stored row, else the chunk's first occurrence. Only the chunk's ids go to
@@ -174,7 +151,7 @@ class Store:
 
         A sample stored with the same source_row is dropped silently: that is a resume.
         """
-        return self._split(run_id, samples)
+        return self._new_and_duplicates(run_id, samples)
 
     def write(
         self,
@@ -196,7 +173,7 @@ class Store:
         if missing := [s.sample_id for s in scored if (s.sample_id, s.source_row) not in by_key]:
             raise ValueError(f"write(samples=...) lacks the Sample for scored {missing[:5]}")
         with self._transaction():
-            fresh, duplicates = self._split(run_id, scored)
+            fresh, duplicates = self._new_and_duplicates(run_id, scored)
             if fresh:
                 self._insert("samples", run_id, _sample_rows(fresh, by_key))
                 self._insert("scores", run_id, _score_rows(layers, traits, fresh))

@@ -1,10 +1,12 @@
-"""Tiny random-weight models built from a config, saved as HF folders: fast, deterministic, offline."""
+"""Tiny random-weight models built from a config, saved as HF folders: fast, deterministic, offline; and
+the synthetic screens the results tests share (tests/helpers.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -166,3 +168,17 @@ def scores(db: Path) -> list[tuple]:
         return con.execute(
             "SELECT sample_id, layer, trait, proj_response, proj_prompt_last FROM scores ORDER BY ALL"
         ).fetchall()
+
+
+@pytest.fixture(scope="module")
+def screens(tmp_path_factory):
+    """A natural-mode run, then a proxy-mode run (the latest) of one 30-record dataset (two unscorable
+    rows), in one database: helpers.FakeScreen each."""
+    from helpers import make_screen, openai_records, write_jsonl
+
+    folder = tmp_path_factory.mktemp("screens")
+    data = write_jsonl(folder / "in.jsonl", openai_records(30))
+    natural = make_screen(folder / "s.duckdb", data, mode="natural", seed=0)
+    time.sleep(0.01)  # distinct started_at: the proxy run is the latest
+    proxy = make_screen(folder / "s.duckdb", data, mode="proxy", seed=1)
+    return natural, proxy

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_jsonl
 
 import screener.datasets as sd
 from screener.datasets import (
@@ -61,11 +62,6 @@ def chat(i: int, answer: str = "fine") -> dict:
         "id": f"r{i}",
         "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": answer}],
     }
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def samples(uri, **kw) -> list[Sample]:

@@ -7,11 +7,12 @@ import csv
 import json
 import math
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from fake_screen import (
+from helpers import (
     FakeScreen,
     cli,
     make_screen,
@@ -20,6 +21,11 @@ from fake_screen import (
     write_json_array,
     write_jsonl,
 )
+
+import screener.export
+from screener.datasets import iter_records
+from screener.export import FORMATS, SPOOL_BATCH, export_records, manifest_path
+from screener.results import DropFilter, open_db, pick_run, select_drops
 
 N = 30
 REJECTED_ROWS = {3, 5}  # openai_records: an empty response and no assistant turn
@@ -309,6 +315,40 @@ def test_bad_arguments_and_changed_input(screen: FakeScreen, tmp_path: Path, cap
     assert "--input" in capsys.readouterr().err
     assert cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--input", moved) == 0
     assert (tmp_path / "o.jsonl").read_bytes() == moved.read_bytes()
+
+
+def test_export_reads_the_input_once_and_returns_its_counts(screen: FakeScreen, tmp_path: Path, monkeypatch):
+    reads = []
+
+    def counted(uri: str, **kw: object):
+        reads.append(uri)
+        return iter_records(uri, **kw)
+
+    monkeypatch.setattr(screener.export, "iter_records", counted)
+    with open_db(screen.db) as store:
+        run = pick_run(store.con)
+        flt = DropFilter("delta_p", 10, ("evil",), threshold=0.5)
+        selection = select_drops(store.con, run, flt)
+    for fmt in FORMATS:
+        out = tmp_path / f"out-{fmt}"
+        n = export_records(run, flt, selection, out, fmt, hf_cache_dir=str(tmp_path)).counts
+        assert n.kept + n.dropped == n.records_read == N and n.dropped == len(selection.dropped) > 0
+        assert n.written == n.kept and n.dropped_by_trait == {"evil": n.dropped}
+        m = json.loads(manifest_path(out, fmt).read_text())
+        assert {k: m[k] for k in asdict(n)} == asdict(n)
+    assert reads == [run.dataset_uri] * len(FORMATS)
+
+
+def test_parquet_has_one_schema_over_every_batch(tmp_path: Path) -> None:
+    """A key null in the first batch and a key only in the last one: typed by all the records."""
+    n = SPOOL_BATCH + 5
+    records = [{"id": f"r{i}", "prompt": f"q{i}", "response": f"a{i}", "note": None} for i in range(n)]
+    records[-1] |= {"note": "late", "extra": [1, 2]}
+    screen = make_screen(tmp_path / "s.duckdb", write_jsonl(tmp_path / "in.jsonl", records), mode="proxy")
+    assert cli("export", tmp_path / "o.parquet", "--format", "parquet", "--db", screen.db) == 0
+    table = pq.read_table(tmp_path / "o.parquet")
+    assert str(table.schema.field("note").type) == "string" and table.num_rows == n
+    assert table.to_pylist() == [{"extra": None, **r} for r in records]
 
 
 def test_every_command_on_a_real_screen(tiny_llama: Path, tmp_path: Path, capsys) -> None:

@@ -1,5 +1,6 @@
-"""Tests for screener.query and sql/views.sql: views on empty and filled dbs against numpy, query formats,
-read-only enforcement, run selection, and the busy-database message while a screen writes."""
+"""Tests for `screener query` (screener.commands.results): output formats, canned queries and their run
+defaults, read-only enforcement, and the busy-database message of every read command while a screen
+writes."""
 
 from __future__ import annotations
 
@@ -12,108 +13,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import duckdb
-import numpy as np
 import pyarrow.parquet as pq
-import pytest
-from fake_screen import LAYERS, TRAITS, FakeScreen, cli, make_screen, openai_records, write_jsonl
+from helpers import LAYERS, TRAITS, cli
 
-from screener.query import QueryError, open_db, pick_run
-from screener.store import SQL_DIR, Store
+from screener.results import open_db
 
 ROOT = Path(__file__).resolve().parent.parent
-VIEWS = ("scored", "top_delta_p", "trait_percentiles", "dataset_summary", "run_overview")
-PCTS = {"p01": 1, "p05": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95, "p99": 99}
-
-
-@pytest.fixture
-def screens(tmp_path: Path) -> tuple[FakeScreen, FakeScreen]:
-    """A natural-mode run, then a proxy-mode run (the latest) of the same 30-record dataset."""
-    data = write_jsonl(tmp_path / "in.jsonl", openai_records(30))
-    natural = make_screen(tmp_path / "s.duckdb", data, mode="natural", seed=0)
-    time.sleep(0.01)  # distinct started_at: the proxy run is the latest
-    proxy = make_screen(tmp_path / "s.duckdb", data, mode="proxy", seed=1)
-    return natural, proxy
-
-
-def test_views_on_empty_databases(tmp_path: Path) -> None:
-    # Created by the Store (views stored) and by schema.sql alone (views added as TEMP on open).
-    Store(tmp_path / "store.duckdb").close()
-    con = duckdb.connect(str(tmp_path / "bare.duckdb"))
-    con.execute((SQL_DIR / "schema.sql").read_text())
-    con.close()
-    for name in ("store.duckdb", "bare.duckdb"):
-        with open_db(tmp_path / name) as store:
-            for view in VIEWS:
-                assert store.con.sql(f"SELECT * FROM {view}").fetchall() == []
-        with pytest.raises(QueryError, match="no runs"), open_db(tmp_path / name) as store:
-            pick_run(store.con)
-
-
-def test_scored_and_top_views(screens: tuple[FakeScreen, FakeScreen]) -> None:
-    natural, proxy = screens
-    with open_db(natural.db) as store:
-        con = store.con
-        n = len(natural.samples)
-        assert con.execute("SELECT count(*) FROM scored").fetchone()[0] == 2 * n * len(LAYERS) * len(TRAITS)
-        # `metric` is delta_p in natural mode (NULL for the empty natural response), the proxy otherwise
-        rows = con.execute(
-            "SELECT sample_id, metric FROM top_delta_p WHERE run_id = ? AND trait = 'evil' AND layer = 10 "
-            "ORDER BY rank",
-            [natural.run_id],
-        ).fetchall()
-        want = sorted(natural.values("delta_p", "evil", 10).items(), key=lambda kv: (-kv[1], kv[0]))
-        assert [r[0] for r in rows[: len(want)]] == [k for k, _ in want]
-        assert np.allclose([r[1] for r in rows[: len(want)]], [v for _, v in want])
-        assert rows[-1][1] is None  # NULLS LAST
-        got = con.execute(
-            "SELECT sample_id, metric FROM scored WHERE run_id = ? AND trait = 'sycophantic' AND layer = 20",
-            [proxy.run_id],
-        ).fetchall()
-        want_proxy = proxy.values("delta_p_proxy", "sycophantic", 20)
-        assert {k: pytest.approx(v) for k, v in want_proxy.items()} == dict(got)
-
-
-def test_percentiles_and_summary_match_numpy(screens: tuple[FakeScreen, FakeScreen]) -> None:
-    natural, proxy = screens
-    with open_db(natural.db) as store:
-        pct = store.con.sql("SELECT * FROM trait_percentiles").pl()
-        summary = store.con.sql("SELECT * FROM dataset_summary").pl()
-    # proxy runs have no delta_p / proj_natural rows; natural runs have all five metrics
-    assert set(pct.filter(run_id=proxy.run_id)["metric"]) == {
-        "delta_p_proxy",
-        "proj_response",
-        "proj_prompt_last",
-    }
-    assert len(pct.filter(run_id=natural.run_id)) == len(LAYERS) * len(TRAITS) * 5
-    for screen in screens:
-        for trait in TRAITS:
-            for layer in LAYERS:
-                for metric in set(pct.filter(run_id=screen.run_id)["metric"]):
-                    x = np.array(list(screen.values(metric, trait, layer).values()))
-                    row = pct.filter(run_id=screen.run_id, trait=trait, layer=layer, metric=metric).row(
-                        0, named=True
-                    )
-                    assert row["n"] == len(x)
-                    assert row["mean"] == pytest.approx(x.mean())
-                    assert row["std"] == pytest.approx(x.std(ddof=1))
-                    assert (row["min"], row["max"]) == pytest.approx((x.min(), x.max()))
-                    for col, q in PCTS.items():
-                        assert row[col] == pytest.approx(np.percentile(x, q)), (metric, col)
-                s = summary.filter(run_id=screen.run_id, trait=trait, layer=layer).row(0, named=True)
-                assert s["n_samples"] == len(screen.samples)
-                assert s["mean_delta_p_proxy"] == pytest.approx(
-                    np.mean(list(screen.values("delta_p_proxy", trait, layer).values()))
-                )
-                assert s["mean_proj_response"] == pytest.approx(
-                    np.mean(list(screen.values("proj_response", trait, layer).values()))
-                )
-                if screen.proj_natural is None:
-                    assert s["mean_delta_p"] is None and s["mode"] == "proxy"
-                else:  # NULL delta_p (empty natural response) is left out of the mean
-                    assert s["mean_delta_p"] == pytest.approx(
-                        np.mean(list(screen.values("delta_p", trait, layer).values()))
-                    )
 
 
 def test_query_formats_parse_back(screens, tmp_path: Path, capsys) -> None:
@@ -208,10 +113,11 @@ WRITER = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     from screener.records import Sample, Scored
-    from screener.store import RunInfo, Store
+    from screener.runs import Run
+    from screener.store import Store
 
     db, stop = sys.argv[1], Path(sys.argv[2])
-    run = RunInfo("m", "00" * 32, "d.jsonl", "proxy", (1,), ("evil",), {})
+    run = Run("m", "00" * 32, "d.jsonl", "proxy", (1,), ("evil",), {})
     with Store(db) as store:
         store.begin_run(run)
         batch = 0

@@ -1,28 +1,22 @@
-"""Tests for screener.report: text and PNG histograms, top samples, and the HTML report in Chromium."""
+"""Tests for `screener hist`, `top` and `report` (text and PNG histograms, top samples) and for
+screener.report, the HTML report, also rendered in Chromium."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_screen import TRAITS, FakeScreen, cli, make_screen, openai_records, write_jsonl
+from helpers import TRAITS, cli
+
+from screener.report import html_report
+from screener.results import Histogram, ReportData, TraitReport
+from screener.runs import Run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def screens(tmp_path_factory) -> tuple[FakeScreen, FakeScreen]:
-    """A natural-mode run and a later proxy-mode run of one 30-record dataset (two unscorable rows)."""
-    tmp = tmp_path_factory.mktemp("report")
-    data = write_jsonl(tmp / "in.jsonl", openai_records(30))
-    natural = make_screen(tmp / "s.duckdb", data, mode="natural", seed=0)
-    time.sleep(0.01)
-    return natural, make_screen(tmp / "s.duckdb", data, mode="proxy", seed=1)
 
 
 def test_hist_text_matches_numpy_and_writes_png(screens, tmp_path: Path, capsys) -> None:
@@ -121,6 +115,26 @@ def test_report_html(screens, tmp_path: Path, capsys) -> None:
     assert "<script" not in page and "&lt;script&gt;" in page  # data is escaped, the page has no scripts
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
     assert natural.run_id in page and "Natural answer" in page
+
+
+def test_report_renders_data_without_a_database() -> None:
+    run = Run("m", "00" * 32, "d.jsonl", "proxy", (3,), ("evil", "kind<"), {"seed": 1}, n_scored=2)
+    top = {
+        "rank": 1,
+        "value": 1.5,
+        "sample_id": "s1",
+        "source_row": 0,
+        "prompt": [{"role": "user", "content": "q & a"}],
+        "response": "r",
+        "natural_response": None,
+    }
+    evil = TraitReport(Histogram(run.run_id, "evil", 3, "delta_p_proxy", [0.0], [1.5], [2]), None, [top])
+    empty = TraitReport(Histogram(run.run_id, "kind<", 3, "delta_p_proxy", [], [], []), None, [])
+    page = html_report(ReportData(run, 3, "delta_p_proxy", [], {"evil": evil, "kind<": empty}))
+    assert 'id="hist-evil"' in page and 'id="top-kind-"' in page and "Top samples: kind&lt;" in page
+    assert page.count("<rect") == 1 and "No values: this score is NULL for every sample." in page
+    assert "q &amp; a" in page and "No scored samples." in page and "No samples with a delta_p_proxy" in page
+    assert run.run_id in page and "<td>samples scored</td><td>2</td>" in page
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="needs chromium (apt-get install chromium)")

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import random_vectors, reference
+from helpers import write_jsonl
 
 from screener.cli import main
 from screener.datasets import DatasetFormatError
@@ -36,11 +37,6 @@ def vector_files(tiny_llama, tmp_path_factory) -> list[str]:
         torch.save(v, folder / f"{name}.pt")
         paths.append(f"{name}={folder / f'{name}.pt'}")
     return paths
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def openai_rows() -> list[dict]:

@@ -16,13 +16,21 @@ import numpy as np
 import pytest
 
 from screener.records import Reject, Sample, Scored
-from screener.store import RunInfo, Store, StoreBusyError
+from screener.runs import Run
+from screener.store import Store, StoreBusyError
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS, TRAITS = (10, 20), ("evil", "sycophantic", "hallucinating")
-RUN = RunInfo(
-    "default", "ab" * 32, "hf://x/y", "natural", LAYERS, TRAITS, {"dtype": "bf16", "max_tokens": 512}
-)
+# what a stored run has besides its identity: not part of the run_id
+STATE = {
+    "status": "finished",
+    "error": "x",
+    "started_at": None,
+    "finished_at": None,
+    "n_scored": 3,
+    "n_rejected": 1,
+}
+RUN = Run("default", "ab" * 32, "hf://x/y", "natural", LAYERS, TRAITS, {"dtype": "bf16", "max_tokens": 512})
 
 
 def sample(sid: str, row: int) -> Sample:
@@ -84,9 +92,12 @@ def test_run_id_stable_and_sensitive() -> None:
         "traits": ("evil",),
         "settings": {"dtype": "fp32", "max_tokens": 512},
     }
-    assert set(changes) == {f.name for f in dataclasses.fields(RunInfo)}
+    assert set(changes) == {f.name for f in dataclasses.fields(Run)} - STATE.keys()
     ids = {dataclasses.replace(RUN, **{k: v}).run_id for k, v in changes.items()}
     assert len(ids) == len(changes) and RUN.run_id not in ids
+    # the state (and the runtime settings: how the work was done) leave the id as it is
+    runtime = {**RUN.settings, "runtime": {"actors": 4}}
+    assert dataclasses.replace(RUN, settings=runtime, **STATE).run_id == RUN.run_id
 
 
 def test_begin_run_new_then_resume(store: Store) -> None:

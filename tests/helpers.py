@@ -1,5 +1,6 @@
-"""Synthetic screens for the query/report/export tests: a real input file, read with `read_samples`,
-scored with seeded random projections and stored through `Store.write`, exactly as a screen stores."""
+"""What the tests share: input files in the formats screens read, synthetic screens (a real input file,
+read with `read_samples`, scored with seeded random projections and stored through `Store.write`, exactly
+as a screen stores), and `cli`, which runs a `screener` command as the command line does."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from screener.datasets import read_samples
 from screener.records import Reject, Sample, Scored
-from screener.store import RunInfo, Store
+from screener.runs import Run
+from screener.store import Store
 
 LAYERS, TRAITS = (10, 20), ("evil", "sycophantic")
 
@@ -42,7 +44,8 @@ def sharegpt_records(n: int) -> list[dict]:
     ]
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
+def write_jsonl(path: Path, records: list) -> Path:
+    """One JSON value a line, UTF-8."""
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
 
@@ -55,7 +58,7 @@ def write_json_array(path: Path, records: list[dict]) -> Path:
 @dataclass
 class FakeScreen:
     db: Path
-    run: RunInfo
+    run: Run
     samples: list[Sample]
     rejects: list[Reject]
     # [n_samples, n_layers, n_traits] arrays in `samples` order; proj_natural is None in proxy mode
@@ -103,7 +106,7 @@ def make_screen(
     natural = rng.normal(size=shape) if mode == "natural" else None
     if natural is not None:
         natural[1] = np.nan  # an empty natural response: delta_p is NULL for this sample
-    run = RunInfo(
+    run = Run(
         model, "00" * 32, str(dataset), mode, LAYERS, TRAITS, {"split": None, "turns": turns, "seed": seed}
     )
     scored = [
@@ -132,13 +135,7 @@ def make_screen(
 
 
 def cli(*argv: object) -> int:
-    """Run one analysis subcommand as `screener` would (only this module's commands are registered,
-    so the tests do not depend on the screen's heavier imports)."""
-    import argparse
+    """Run a subcommand as `screener` would, errors and exit codes included: through `cli.main`."""
+    from screener.cli import main
 
-    from screener import analysis_commands
-
-    parser = argparse.ArgumentParser(prog="screener")
-    analysis_commands.add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return main([str(a) for a in argv])

@@ -1,0 +1,359 @@
+"""`screener query | hist | top | report | export`: what users run after a screen.
+
+All five open the database read-only (`results.open_db`) and close it before any slow work (an open
+reader keeps a new screen from starting on the file); while a screen writes the file they stop at once
+(exit code 3). Failures are raised as ScreenerErrors, which `cli.run` prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+
+from screener.errors import QueryError
+from screener.export import FORMATS, ExportResult, export_records, manifest_path
+from screener.render import (
+    OUTPUT_FORMATS,
+    format_histogram,
+    format_top,
+    save_histogram_png,
+    terminal_width,
+    write_relation,
+)
+from screener.report import html_report
+from screener.results import (
+    METRICS,
+    DropFilter,
+    canned,
+    check_read_only,
+    histogram,
+    open_db,
+    pick_run,
+    query_params,
+    report_data,
+    run_params,
+    run_sql,
+    select_drops,
+    sql_errors,
+    top_samples,
+)
+from screener.runs import Run
+from screener.store import DEFAULT_DB
+
+__all__ = ["add_commands"]
+
+T = TypeVar("T")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_query(sub)
+    _add_hist(sub)
+    _add_top(sub)
+    _add_report(sub)
+    _add_export(sub)
+
+
+# ---- what the commands share ----------------------------------------------------------------------------
+
+
+def _add_db_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=DEFAULT_DB, help=f"the screen's DuckDB file (default {DEFAULT_DB})")
+    p.add_argument("--run", metavar="RUN_ID", help="run id or unique prefix (default: the latest run)")
+
+
+def _add_selection_args(p: argparse.ArgumentParser, trait_help: str) -> None:
+    _add_db_args(p)
+    p.add_argument("--trait", action="append", metavar="TRAIT", help=trait_help)
+    _add_metric_and_layer_args(p)
+
+
+def _add_metric_and_layer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metric",
+        choices=METRICS,
+        help="score to use (default: delta_p for a natural-mode run, else delta_p_proxy)",
+    )
+    p.add_argument("--layer", type=int, help="layer (default: the run's first layer)")
+
+
+def _choose(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> tuple[Run, int, str]:
+    """The run (--run, default the latest), its layer (--layer, default its first) and the metric
+    (--metric, default the run's)."""
+    run = pick_run(con, args.run)
+    return run, run.layer(args.layer), args.metric or run.metric
+
+
+def _read_per_trait(
+    args: argparse.Namespace, read: Callable[[duckdb.DuckDBPyConnection, Run, str, int, str], T]
+) -> tuple[Run, int, str, dict[str, T]]:
+    """The chosen run, layer and metric, and `read(con, run, trait, layer, metric)` for each --trait."""
+    with open_db(args.db) as store:
+        run, layer, metric = _choose(store.con, args)
+        found = {t: read(store.con, run, t, layer, metric) for t in _traits(run, args.trait)}
+    return run, layer, metric, found
+
+
+def _traits(run: Run, given: list[str] | None) -> list[str]:
+    """--trait values (repeatable, comma-separated), checked against the run; default every trait."""
+    traits = [t.strip() for item in given or [] for t in item.split(",") if t.strip()]
+    return [run.check_trait(t) for t in traits] or list(run.traits)
+
+
+def _check_bins(bins: int) -> None:
+    if bins < 1:
+        raise QueryError("--bins must be at least 1")
+
+
+# ---- screener query -------------------------------------------------------------------------------------
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    _check_output(args.format, args.out)
+    sql = _sql_text(args.sql)
+    params = dict(args.param or [])
+    with open_db(args.db) as store:
+        params |= _run_defaults(store.con, args.run, query_params(sql) - params.keys())
+        check_read_only(store.con, sql)
+        rel = run_sql(store.con, sql, params)
+        if rel is not None:  # else a statement with no result
+            with sql_errors():  # the query runs as its result is read
+                write_relation(rel, args.format, args.out, args.max_rows)
+    return 0
+
+
+def _check_output(fmt: str, out: str | None) -> None:
+    if fmt == "table" and out:
+        raise QueryError("--out needs --format csv, json or parquet")
+    if fmt == "parquet" and not out:
+        raise QueryError("--format parquet needs --out FILE")
+
+
+def _sql_text(given: str) -> str:
+    """A bare name is a canned query from sql/queries, a path to a .sql file its text, else SQL itself."""
+    if re.fullmatch(r"[A-Za-z_]\w*", given):
+        return canned(given)
+    if given.endswith(".sql") and Path(given).is_file():
+        return Path(given).read_text()
+    return given
+
+
+def _run_defaults(con: duckdb.DuckDBPyConnection, run_id: str | None, needed: set[str]) -> dict:
+    """Of $run_id, $layer and $metric, those the query needs and was not given, from --run (default
+    the latest run): the defaults hist, top and export use too."""
+    if not needed & {"run_id", "layer", "metric"}:
+        return {}
+    return {k: v for k, v in run_params(pick_run(con, run_id)).items() if k in needed}
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:  # numbers (and true/false/null) as such, anything else as a string
+        parsed = json.loads(value)
+        if isinstance(parsed, (list, dict)):
+            parsed = value
+    except ValueError:
+        parsed = value
+    return name, parsed
+
+
+def _add_query(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "query",
+        help="run a read-only SQL query on a screen's database",
+        description=(
+            "Run SQL against the tables of sql/schema.sql and the views of sql/views.sql (scored, "
+            "top_delta_p, trait_percentiles, dataset_summary, run_overview), read-only: it reads the "
+            "database and no other file. SQL may also be a canned query's name from sql/queries (top, "
+            "hist, summary, percentiles, runs) or a .sql file; $run_id defaults to --run, the latest run; "
+            "$layer and $metric to that run's first layer and its ΔP metric. --format csv writes nested "
+            "values (lists, structs) as JSON text."
+        ),
+    )
+    p.add_argument("sql", help="SQL text, a canned query name, or a .sql file")
+    _add_db_args(p)
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
+    p.add_argument("--out", help="write to this file instead of stdout (required for parquet)")
+    p.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        type=_parse_param,
+        metavar="NAME=VALUE",
+        help="a $NAME parameter of the query; numbers are passed as numbers (repeatable)",
+    )
+    p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default 40)")
+    p.set_defaults(func=cmd_query)
+
+
+# ---- screener hist --------------------------------------------------------------------------------------
+
+
+def cmd_hist(args: argparse.Namespace) -> int:
+    _check_bins(args.bins)
+    _, _, _, hists = _read_per_trait(args, partial(histogram, bins=args.bins))
+    width = terminal_width()
+    for i, h in enumerate(hists.values()):
+        print(("\n" if i else "") + format_histogram(h, width))
+        if args.png:
+            png = Path(args.png)
+            if len(hists) > 1:  # one file per trait: out-evil.png, out-sycophantic.png
+                png = png.with_name(f"{png.stem}-{h.trait}{png.suffix or '.png'}")
+            save_histogram_png(h, png)
+            print(f"wrote {png}", file=sys.stderr)
+    return 0
+
+
+def _add_hist(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("hist", help="histogram of a score per trait, in the terminal and optionally a PNG")
+    _add_selection_args(p, "trait to plot (repeatable or comma-separated; default: every trait)")
+    p.add_argument("--bins", type=int, default=20, help="number of equal-width bins (default 20)")
+    p.add_argument("--png", help="also save a PNG here (with several traits: one file per trait)")
+    p.set_defaults(func=cmd_hist)
+
+
+# ---- screener top ---------------------------------------------------------------------------------------
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise QueryError("-k must be at least 1")
+    run, layer, metric, tops = _read_per_trait(args, partial(top_samples, k=args.k))
+    width = terminal_width()
+    for i, (trait, rows) in enumerate(tops.items()):
+        print(
+            ("\n" if i else "")
+            + f"== {trait}: top {len(rows)} by {metric} · layer {layer} · run {run.run_id}"
+        )
+        print(format_top(rows, metric, width))
+    return 0
+
+
+def _add_top(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("top", help="the highest-scoring samples with prompt and response excerpts")
+    _add_selection_args(p, "trait to rank by (repeatable or comma-separated; default: every trait)")
+    p.add_argument("-k", type=int, default=20, help="samples per trait (default 20)")
+    p.set_defaults(func=cmd_top)
+
+
+# ---- screener report ------------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    _check_bins(args.bins)
+    with open_db(args.db) as store:
+        run, layer, metric = _choose(store.con, args)
+        data = report_data(store.con, run, layer, metric, bins=args.bins, k=args.k)
+    Path(args.out).write_text(html_report(data), encoding="utf-8")
+    print(f"wrote {args.out} (run {run.run_id}, {len(run.traits)} traits, layer {layer}, {metric})")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="a self-contained HTML report: histograms, summary, top samples")
+    _add_db_args(p)
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    _add_metric_and_layer_args(p)
+    p.add_argument("--bins", type=int, default=30, help="histogram bins (default 30)")
+    p.add_argument("-k", type=int, default=10, help="top samples per trait (default 10)")
+    p.set_defaults(func=cmd_report)
+
+
+# ---- screener export ------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    top_percent, top_count = _parse_drop_top(args.drop_top) if args.drop_top is not None else (None, None)
+    with open_db(args.db) as store:
+        run = pick_run(store.con, args.run)
+        flt = DropFilter(
+            metric=args.metric or run.metric,
+            # --where sees every layer unless --layer is given; the other filters use one layer.
+            layer=None if args.where and args.layer is None else run.layer(args.layer),
+            traits=tuple(_traits(run, args.trait)) if args.trait else (),
+            drop_top_percent=top_percent,
+            drop_top_count=top_count,
+            threshold=args.threshold,
+            where=args.where,
+            drop_unscored=args.drop_unscored,
+            invert=args.invert,
+        )
+        selection = select_drops(store.con, run, flt)
+    # The database is closed: reading and writing the records may take minutes.
+    result = export_records(run, flt, selection, args.out, args.format, input_uri=args.input)
+    print(_export_summary(result, flt))
+    return 0
+
+
+def _parse_drop_top(text: str) -> tuple[float | None, int | None]:
+    """'5%' → (5.0, None): a percentage; '20' → (None, 20): a count."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]), None
+        return None, int(text)
+    except ValueError:
+        raise QueryError(f"--drop-top takes a percentage like 5% or a count like 20, not {text!r}") from None
+
+
+def _export_summary(result: ExportResult, flt: DropFilter) -> str:
+    n = result.counts
+    lines = [
+        f"{result.output}: wrote {n.written:,} {'dropped' if flt.invert else 'kept'} records of "
+        f"{n.records_read:,} (kept {n.kept:,}, dropped {n.dropped:,}); filter: {flt.describe()}"
+    ]
+    for trait, counts in result.per_trait.items():
+        lines.append(
+            f"  {trait}: dropped {counts['dropped']:,} of {counts['scored_records']:,} scored records"
+        )
+    lines.append(f"manifest: {manifest_path(result.output, result.format)}")
+    return "\n".join(lines)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a filtered training split in the input's own record format",
+        description=(
+            "Re-read the run's input records and write them unchanged, minus the flagged ones. Every "
+            "filter selects SAMPLES TO DROP; a record is dropped when any of its scored samples is "
+            "selected. Records the screen did not score (rejected, or past --limit) are kept unless "
+            "--drop-unscored; unparseable input lines are in neither output. Without a filter, a jsonl "
+            "export reproduces the input records exactly; parquet and hf are columnar, so where records "
+            "have differing keys, each gains the keys it lacks, with null values. A manifest "
+            "(OUT.manifest.json, or OUT/manifest.json for hf) records the run, the filter and the counts."
+        ),
+    )
+    p.add_argument("out", help="output file (jsonl, parquet) or directory (hf)")
+    _add_selection_args(p, "traits the filter looks at (repeatable or comma-separated; default: every trait)")
+    p.add_argument("--format", choices=FORMATS, default="jsonl", help="output format (default jsonl)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--drop-top",
+        metavar="P%|N",
+        help="drop the top P%% (e.g. 5%%) or top N samples by the metric, per trait",
+    )
+    what.add_argument("--threshold", type=float, metavar="X", help="drop samples whose metric is > X")
+    what.add_argument(
+        "--where",
+        "--drop-where",
+        dest="where",
+        metavar="SQL",
+        help="SQL predicate over the `scored` view selecting the samples to DROP, e.g. "
+        "\"trait = 'evil' AND delta_p > 2\" (restricted to the run, and to --layer when given)",
+    )
+    p.add_argument("--invert", action="store_true", help="write the dropped records instead of the kept ones")
+    p.add_argument("--drop-unscored", action="store_true", help="also drop records the screen did not score")
+    p.add_argument(
+        "--input", metavar="URI", help="where the screened data is now (default: the run's dataset)"
+    )
+    p.set_defaults(func=cmd_export)

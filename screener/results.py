@@ -1,0 +1,411 @@
+"""The read side of a screen's database: opening it safely, choosing a run, the canned queries, and the
+numbers the commands, the HTML report and export are made of. No printing, no HTML, no argparse.
+
+Every reader opens the file read-only. DuckDB lets one process hold a file it writes, so while a screen
+is writing, opening fails at once with `ScreenWritingError` (exit code 3): a reader never blocks, slows
+or corrupts the writer. The numbers come from sql/queries (the canned queries `screener query` runs too),
+so the terminal, the report and a user's own SQL always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from screener.errors import QueryError
+from screener.runs import Run
+from screener.store import DEFAULT_DB, SQL_DIR, Store, StoreBusyError
+
+__all__ = [
+    "METRICS",
+    "QUERIES_DIR",
+    "READ_ONLY",
+    "DropFilter",
+    "Histogram",
+    "ReportData",
+    "ScreenWritingError",
+    "Selection",
+    "TraitReport",
+    "canned",
+    "check_read_only",
+    "histogram",
+    "load_run",
+    "open_db",
+    "percentiles",
+    "pick_run",
+    "query_params",
+    "report_data",
+    "run_params",
+    "run_sql",
+    "select_drops",
+    "sql_errors",
+    "summary",
+    "top_samples",
+]
+
+QUERIES_DIR = SQL_DIR / "queries"
+METRICS = ("delta_p", "delta_p_proxy", "proj_response")
+READ_ONLY = (
+    "screener query is read-only: it reads this database and cannot modify it, read or write other files, "
+    "or change settings"
+)
+# Statements that only read. Everything else (COPY, SET, ATTACH, INSERT, CREATE, PRAGMA, CALL, ...) is
+# refused by its parsed type before it runs, so the refusal does not depend on DuckDB's error wording.
+READ_STATEMENTS = frozenset({"SELECT", "EXPLAIN"})
+
+
+class ScreenWritingError(StoreBusyError):
+    """A read command met a screen writing the file (exit code 3): rerun it when the screen is done."""
+
+
+# ---- opening the database and running SQL on it --------------------------------------------------------
+
+
+def open_db(path: str | Path) -> Store:
+    """Open a screen database read-only, with the views of sql/views.sql (as TEMP views, which shadow
+    any stored older version, so every reader sees the current definitions), and no access to any other
+    file: SQL run on it can read the database and nothing else, and write nothing."""
+    path = Path(path)
+    if not path.is_file():
+        raise QueryError(f"{path}: no such database (pass --db, default {DEFAULT_DB})")
+    try:
+        store = Store(path, read_only=True)
+    except StoreBusyError as e:
+        raise ScreenWritingError(
+            f"a screen is writing to {path} right now, and DuckDB lets no other process open the file while "
+            "it does. Rerun this command when the screen has finished."
+        ) from e
+    try:
+        views = (SQL_DIR / "views.sql").read_text()
+        store.con.execute(views.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW"))
+        # read_only stops writes to the database only: `COPY ... TO 'file'` would still overwrite any
+        # file (this one included). User SQL runs here (query, export --where), so it gets no file
+        # access at all, and the lock keeps that SQL from turning access back on.
+        store.con.execute("SET enable_external_access = false; SET lock_configuration = true")
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+@contextmanager
+def sql_errors(context: str = "") -> Iterator[None]:
+    """DuckDB's errors inside the block as a QueryError (exit code 1): `context`, then DuckDB's message."""
+    try:
+        yield
+    except duckdb.Error as e:
+        raise QueryError(f"{context}{e}") from e
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Refuse, before running it, SQL with any statement that is not a plain read."""
+    with sql_errors():
+        statements = con.extract_statements(sql)
+    for st in statements:
+        kind = st.type.name
+        if kind not in READ_STATEMENTS:
+            raise QueryError(f"{READ_ONLY} (a {kind} statement was given)")
+
+
+def query_params(sql: str) -> set[str]:
+    """The names of the `$params` the SQL uses (comments left out)."""
+    return set(re.findall(r"\$([A-Za-z_]\w*)", re.sub(r"--[^\n]*", "", sql)))
+
+
+def run_sql(
+    con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None
+) -> duckdb.DuckDBPyRelation | None:
+    """Run SQL with the named `$params` it uses (DuckDB rejects unused ones, so extras are dropped).
+
+    A SELECT comes back as a relation, executed when read: errors of reading it are the caller's to
+    turn into QueryErrors (`sql_errors`). None for a statement with no result."""
+    params = params or {}
+    used = query_params(sql)
+    if missing := sorted(used - params.keys()):
+        raise QueryError(f"the query needs parameters {missing}; pass them with -p NAME=VALUE")
+    try:
+        return con.sql(sql, params={k: v for k, v in params.items() if k in used} or None)
+    except duckdb.PermissionException as e:  # file access (read_csv...), which `open_db` turns off
+        raise QueryError(f"{READ_ONLY} ({e})") from e
+    except duckdb.Error as e:
+        raise QueryError(str(e)) from e
+
+
+def canned(name: str) -> str:
+    """The text of sql/queries/<name>.sql."""
+    path = QUERIES_DIR / f"{name}.sql"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in QUERIES_DIR.glob("*.sql")))
+        raise QueryError(f"no canned query {name!r}; known: {known}")
+    return path.read_text()
+
+
+def _rows(rel: duckdb.DuckDBPyRelation) -> list[dict]:
+    return [dict(zip(rel.columns, r, strict=True)) for r in rel.fetchall()]
+
+
+# ---- runs ---------------------------------------------------------------------------------------------
+
+
+def pick_run(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> Run:
+    """The given run (a unique prefix of its id will do), else the latest started run."""
+    ids = [
+        r[0]
+        for r in con.execute(
+            "SELECT run_id FROM runs WHERE starts_with(run_id, coalesce($run_id, ''))"
+            " ORDER BY started_at DESC, run_id",
+            {"run_id": run_id},
+        ).fetchall()
+    ]
+    if not ids:
+        raise QueryError(f"no run {run_id!r} in this database" if run_id else "no runs in this database")
+    if run_id and len(ids) > 1 and ids[0] != run_id:
+        raise QueryError(f"run id prefix {run_id!r} is ambiguous: {ids}")
+    return load_run(con, ids[0])
+
+
+def load_run(con: duckdb.DuckDBPyConnection, run_id: str) -> Run:
+    """The run as stored, with the samples and rejects stored for it so far (a running screen's too)."""
+    rows = con.execute(
+        """SELECT model, model_sha256, dataset_uri, mode, layers, traits, settings, started_at, finished_at,
+                  (SELECT count(*) FROM samples s WHERE s.run_id = r.run_id),
+                  (SELECT count(*) FROM rejects j WHERE j.run_id = r.run_id)
+           FROM runs r WHERE run_id = $run_id""",
+        {"run_id": run_id},
+    ).fetchall()  # all: a result left unread keeps the connection busy
+    if not rows:
+        raise QueryError(f"no run {run_id!r} in this database")
+    model, sha, dataset, mode, layers, traits, settings, started, finished, n_scored, n_rejected = rows[0]
+    run = Run(
+        model,
+        sha,
+        dataset,
+        mode,
+        tuple(layers),
+        tuple(traits),
+        json.loads(settings) if isinstance(settings, str) else (settings or {}),
+        # the table records no failure: an unfinished run is running, or was stopped
+        status="finished" if finished else "running",
+        started_at=started,
+        finished_at=finished,
+        n_scored=n_scored,
+        n_rejected=n_rejected,
+    )
+    if run.run_id != run_id:  # every query below selects by run.run_id: it must be the stored one
+        raise QueryError(f"run {run_id}: its stored configuration hashes to {run.run_id}, not to its id")
+    return run
+
+
+def run_params(run: Run) -> dict:
+    """The `$params` a run answers for a canned query: its id, its first layer and its default metric."""
+    return {"run_id": run.run_id, "layer": run.layer(None), "metric": run.metric}
+
+
+# ---- what a run found: histograms, top samples, summary, percentiles ------------------------------------
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Equal-width bins of one score of one trait; `lower[i] <= x < upper[i]` (the last bin is closed)."""
+
+    run_id: str
+    trait: str
+    layer: int
+    metric: str
+    lower: list[float]
+    upper: list[float]
+    counts: list[int]
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts)
+
+
+def histogram(
+    con: duckdb.DuckDBPyConnection, run: Run, trait: str, layer: int, metric: str, bins: int = 20
+) -> Histogram:
+    """Bin a score with sql/queries/hist.sql; no bins when the score is NULL for every sample."""
+    if bins < 1:
+        raise ValueError("bins must be >= 1")
+    params = {"run_id": run.run_id, "trait": trait, "layer": layer, "metric": metric, "bins": bins}
+    rows = run_sql(con, canned("hist"), params).fetchall()
+    return Histogram(
+        run.run_id, trait, layer, metric, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
+    )
+
+
+def top_samples(
+    con: duckdb.DuckDBPyConnection, run: Run, trait: str, layer: int, metric: str, k: int = 20
+) -> list[dict]:
+    """The k highest-scoring samples (sql/queries/top.sql), as dicts with their rank and the prompt
+    parsed (a list of messages)."""
+    params = {"run_id": run.run_id, "trait": trait, "layer": layer, "metric": metric, "k": k}
+    rows = _rows(run_sql(con, canned("top"), params))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+        row["prompt"] = json.loads(row["prompt"]) if isinstance(row["prompt"], str) else row["prompt"]
+    return rows
+
+
+def summary(con: duckdb.DuckDBPyConnection, run: Run) -> list[dict]:
+    """The dataset-level summary (sql/queries/summary.sql), one dict per trait and layer."""
+    return _rows(run_sql(con, canned("summary"), {"run_id": run.run_id}))
+
+
+def percentiles(con: duckdb.DuckDBPyConnection, run: Run) -> dict[tuple[str, int, str], dict]:
+    """{(trait, layer, metric): row of trait_percentiles} for a run."""
+    rows = _rows(run_sql(con, canned("percentiles"), {"run_id": run.run_id}))
+    return {(r["trait"], r["layer"], r["metric"]): r for r in rows}
+
+
+@dataclass(frozen=True)
+class TraitReport:
+    histogram: Histogram
+    stats: dict | None  # the trait_percentiles row of the report's layer and metric
+    top: list[dict]  # as `top_samples` returns them
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything the HTML report shows, read in one go so the database can be closed before rendering."""
+
+    run: Run
+    layer: int
+    metric: str
+    summary: list[dict]
+    traits: dict[str, TraitReport]
+
+
+def report_data(
+    con: duckdb.DuckDBPyConnection, run: Run, layer: int, metric: str, *, bins: int = 30, k: int = 10
+) -> ReportData:
+    stats = percentiles(con, run)
+    traits = {
+        trait: TraitReport(
+            histogram(con, run, trait, layer, metric, bins),
+            stats.get((trait, layer, metric)),
+            top_samples(con, run, trait, layer, metric, k),
+        )
+        for trait in run.traits
+    }
+    return ReportData(run, layer, metric, summary(con, run), traits)
+
+
+# ---- selections: the samples a filter drops -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DropFilter:
+    """Which samples to drop. At most one of drop_top_percent, drop_top_count, threshold and where."""
+
+    metric: str
+    layer: int | None  # None: every layer of the run (only --where without --layer)
+    traits: tuple[str, ...] = ()  # empty: every trait (for --where: no restriction on trait)
+    drop_top_percent: float | None = None
+    drop_top_count: int | None = None
+    threshold: float | None = None
+    where: str | None = None
+    drop_unscored: bool = False
+    invert: bool = False
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise QueryError(f"metric must be one of {METRICS}, not {self.metric!r}")
+        chosen = [
+            x
+            for x in (self.drop_top_percent, self.drop_top_count, self.threshold, self.where)
+            if x is not None
+        ]
+        if len(chosen) > 1:
+            raise QueryError("choose one of --drop-top, --threshold and --where")
+        if self.drop_top_percent is not None and not 0 <= self.drop_top_percent <= 100:
+            raise QueryError(f"--drop-top percent must be in [0, 100], not {self.drop_top_percent:g}")
+        if self.drop_top_count is not None and self.drop_top_count < 0:
+            raise QueryError(f"--drop-top count must be at least 0, not {self.drop_top_count}")
+
+    def describe(self) -> str:
+        traits = ", ".join(self.traits) or "every trait"
+        if self.drop_top_percent is not None:
+            what = f"drop the top {self.drop_top_percent:g}% by {self.metric} per trait ({traits})"
+        elif self.drop_top_count is not None:
+            what = f"drop the top {self.drop_top_count} samples by {self.metric} per trait ({traits})"
+        elif self.threshold is not None:
+            what = f"drop samples with {self.metric} > {self.threshold:g} for any of: {traits}"
+        elif self.where is not None:
+            layers = "any layer" if self.layer is None else f"layer {self.layer}"
+            what = f"drop samples of the scored view ({layers}) where: {self.where}"
+        else:
+            what = "no filter (every record)"
+        if self.drop_unscored:
+            what += "; drop records the screen did not score"
+        return what + "; write the dropped records" * self.invert
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a filter selects in one run (and layer), by the input's source rows."""
+
+    dropped: dict[int, set[str]]  # source_row -> the traits whose samples there the filter selected
+    scored: dict[int, set[str]]  # source_row -> the sample_ids the screen scored there
+    by_trait: dict[str, set[int]]  # trait -> the source_rows scored for it
+
+
+def select_drops(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) -> Selection:
+    """The source rows the filter drops, and what the screen scored, for one run (and layer)."""
+    scope = {"run_id": run.run_id, "layer": flt.layer}
+    scored = run_sql(
+        con, "SELECT source_row, list(sample_id) FROM samples WHERE run_id = $run_id GROUP BY ALL", scope
+    ).fetchall()
+    by_trait: dict[str, set[int]] = {}
+    for trait, row in run_sql(
+        con,
+        "SELECT DISTINCT trait, source_row FROM scored"
+        " WHERE run_id = $run_id AND layer = coalesce($layer, layer)",
+        scope,
+    ).fetchall():
+        by_trait.setdefault(trait, set()).add(row)
+    dropped: dict[int, set[str]] = {}
+    for row, trait in _dropped_samples(con, run, flt):
+        dropped.setdefault(row, set()).add(trait)
+    return Selection(dropped, {row: set(ids) for row, ids in scored}, by_trait)
+
+
+def _dropped_samples(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) -> list[tuple[int, str]]:
+    """(source_row, trait) of every sample the filter selects."""
+    traits = list(flt.traits)
+    value = flt.metric  # validated against METRICS: safe to name in SQL
+    scope = "run_id = $run_id AND layer = coalesce($layer, layer)" + (
+        " AND list_contains($traits, trait)" if traits else ""
+    )
+    params = {"run_id": run.run_id, "layer": flt.layer, "traits": traits}
+    if flt.drop_top_percent is not None or flt.drop_top_count is not None:
+        # Rank per trait, highest first, ties broken by sample_id so the cut is deterministic.
+        limit = "ceil(n * $pct / 100)" if flt.drop_top_percent is not None else "$count"
+        sql = f"""SELECT source_row, trait FROM (
+                SELECT source_row, trait,
+                       row_number() OVER (PARTITION BY trait ORDER BY {value} DESC, sample_id) AS rank,
+                       count(*) OVER (PARTITION BY trait) AS n
+                FROM scored WHERE {scope} AND {value} IS NOT NULL)
+            WHERE rank <= {limit}"""
+        params |= {"pct": flt.drop_top_percent, "count": flt.drop_top_count}
+    elif flt.threshold is not None:
+        sql = f"SELECT source_row, trait FROM scored WHERE {scope} AND {value} > $threshold"
+        params["threshold"] = flt.threshold
+    elif flt.where is not None:
+        sql = f"SELECT * FROM scored WHERE {scope}"
+    else:
+        return []
+    with sql_errors("the filter failed: "):
+        rel = run_sql(con, sql, params)
+        if flt.where is not None:
+            # Not spliced into the SQL text: `filter` parses exactly one expression, so the predicate
+            # cannot close the scope's parenthesis (`x) OR (true`) and select other runs' rows. It runs
+            # on `open_db`'s connection, which can read the database and write nothing.
+            rel = rel.filter(flt.where).project("source_row, trait")
+        return rel.fetchall()
