@@ -125,7 +125,10 @@ def format_top(rows: list[dict], metric: str, width: int = 100) -> str:
             for m in ("delta_p", "delta_p_proxy", "proj_response")
             if m != metric and row[m] is not None
         ]
-        head = f"#{row['rank']:<3} {metric}={row['value']:.4g}  {row['sample_id']} (row {row['source_row']})"
+        where = f"row {row['source_row']}"
+        if row.get("record_turns", 1) > 1:  # one of a record's several scored turns
+            where += f", turn {row['turn']} of {row['record_turns']}"
+        head = f"#{row['rank']:<3} {metric}={row['value']:.4g}  {row['sample_id']} ({where})"
         out.append(excerpt(f"{head}  {' '.join(other)}", width))
         out.append(f"{indent}prompt:   {prompt_excerpt(row['prompt'], text_width)}")
         out.append(f"{indent}response: {excerpt(row['response'], text_width)}")

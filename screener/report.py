@@ -175,7 +175,11 @@ def _top_section(trait: str, rows: list[dict], metric: str, limit: int = 160) ->
             [
                 str(r["rank"]),
                 _num(r["value"]),
-                html.escape(f"{r['sample_id']} (row {r['source_row']})"),
+                html.escape(
+                    f"{r['sample_id']} (row {r['source_row']}"
+                    + (f", turn {r['turn']} of {r['record_turns']}" if r.get("record_turns", 1) > 1 else "")
+                    + ")"
+                ),
                 _expandable(prompt_excerpt(r["prompt"], limit), prompt_full),
                 _expandable(excerpt(r["response"], limit), r["response"]),
                 _expandable(excerpt(r["natural_response"], limit), r["natural_response"], "natural"),

@@ -34,6 +34,30 @@ FROM scores sc
 JOIN samples s USING (run_id, sample_id)
 JOIN runs r USING (run_id);
 
+-- One row per (run, record, trait, layer): a record's scored assistant turns together (under --turns all a
+-- record has one sample per assistant turn; under --turns last, one). `max_metric` is its worst turn (what
+-- an export filter on any turn drops it for); `mean_metric` weights each turn by its response tokens, as
+-- fine-tuning's loss does. NULL metrics (an empty natural response) are left out of both.
+CREATE OR REPLACE VIEW scored_records AS
+SELECT
+    run_id,
+    source_file,
+    source_row,
+    trait,
+    layer,
+    any_value(mode) AS mode,
+    count(*) AS turns_scored,
+    list(turn ORDER BY turn) AS turns,
+    max(metric) AS max_metric,
+    arg_max(turn, metric) AS max_turn,
+    sum(metric * response_tokens) / nullif(sum(response_tokens) FILTER (WHERE metric IS NOT NULL), 0)
+        AS mean_metric,
+    sum(response_tokens) AS response_tokens,
+    max(delta_p_proxy) AS max_delta_p_proxy,
+    max(delta_p) AS max_delta_p
+FROM scored
+GROUP BY ALL;
+
 -- `scored` ranked per (run, trait, layer) by the headline metric, highest first; ties by sample_id.
 -- Samples whose metric is NULL (an empty natural response) rank last. Filter with `rank <= k`.
 CREATE OR REPLACE VIEW top_delta_p AS

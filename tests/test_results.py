@@ -32,7 +32,7 @@ from screener.results import (
 )
 from screener.store import SQL_DIR, Store
 
-VIEWS = ("scored", "top_delta_p", "trait_percentiles", "dataset_summary", "run_overview")
+VIEWS = ("scored", "scored_records", "top_delta_p", "trait_percentiles", "dataset_summary", "run_overview")
 PCTS = {"p01": 1, "p05": 5, "p25": 25, "p50": 50, "p75": 75, "p95": 95, "p99": 99}
 
 
@@ -244,3 +244,37 @@ def test_drop_filter_refuses_what_the_command_line_cannot_mean() -> None:
         == "drop samples of the scored view (any layer) where: x > 1; write the dropped records"
     )
     assert dataclasses.asdict(flt)["traits"] == ("evil",)
+
+
+def test_record_level_view_and_top_show_the_turns(tmp_path: Path) -> None:
+    """Under --turns all a record has a sample per assistant turn: `scored_records` gathers them (turns
+    scored, the worst turn, the response-token-weighted mean) and `top` says which turn a sample is."""
+    records = openai_records(6)
+    for r in records[:3]:  # three records with two more exchanges each
+        r["messages"] = [*r["messages"], {"role": "user", "content": "more?"},
+                         {"role": "assistant", "content": "yes " * 3}] * 1  # fmt: skip
+        r["messages"] += [{"role": "user", "content": "again?"}, {"role": "assistant", "content": "no"}]
+    screen = make_screen(tmp_path / "s.duckdb", write_jsonl(tmp_path / "d.jsonl", records), turns="all")
+    with open_db(screen.db) as store:
+        rows = store.con.execute(
+            "SELECT source_row, turns_scored, turns, max_metric, max_turn, mean_metric FROM scored_records "
+            "WHERE run_id = ? AND trait = 'evil' AND layer = 10 ORDER BY source_row",
+            [screen.run_id],
+        ).fetchall()
+        run = pick_run(store.con)
+        top = top_samples(store.con, run, "evil", 10, "delta_p", 30)
+    values = screen.values("delta_p", "evil", 10)
+    by_row: dict[int, list] = {}
+    for i, s in enumerate(screen.samples):  # (turn, metric or None for an empty natural answer, tokens)
+        by_row.setdefault(s.source_row, []).append((s.turn, values.get(s.sample_id), 20 + i))
+    assert [r[0] for r in rows] == sorted(by_row)
+    for row, n, turns, worst, worst_turn, mean in rows:
+        assert n == len(by_row[row]) and turns == [t for t, _, _ in by_row[row]]
+        items = [x for x in by_row[row] if x[1] is not None]
+        assert worst == pytest.approx(max(v for _, v, _ in items))
+        assert worst_turn == max(items, key=lambda x: x[1])[0]
+        assert mean == pytest.approx(sum(v * w for _, v, w in items) / sum(w for _, _, w in items))
+    assert any(r[1] == 3 for r in rows)  # the multi-turn records really have three turns
+    multi = [t for t in top if t["record_turns"] > 1]
+    assert multi and all("#" in t["sample_id"] for t in multi)
+    assert all(t["record_turns"] == 1 for t in top if "#" not in t["sample_id"])
