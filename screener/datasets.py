@@ -79,6 +79,17 @@ class ReadStats:
     truncated_at_byte: int | None = None  # where the last complete record of the truncated file ends
     recovered_records: int | None = None
     format: str | None = None
+    # how far through the input the read is, for a progress estimate when the sample count is not known
+    bytes_total: int = 0  # of the local files, known when the read starts (0 for hub datasets)
+    bytes_done: int = 0  # of the files finished
+    position: Callable[[], int] | None = field(default=None, repr=False)  # bytes into the current file
+
+    def fraction(self) -> float | None:
+        """The share of the input's bytes read so far, or None when the input's size is not known."""
+        if not self.bytes_total:
+            return None
+        current = self.position() if self.position is not None else 0
+        return min(1.0, (self.bytes_done + current) / self.bytes_total)
 
 
 @dataclass(slots=True)
@@ -274,12 +285,16 @@ def _hash(data: bytes) -> str:
 def _iter_rows(sources: list[tuple[str, Callable]], stats: ReadStats) -> Iterator[tuple[int, str, Row]]:
     """Number the rows of every source in order; this is the one path shared by files and hub datasets."""
     row = 0
+    stats.bytes_total = sum(os.path.getsize(source) for source, _ in sources if os.path.isfile(source))
     for source, read in sources:
         stats.files.append(source)
         for record in read(stats):
             stats.records += 1
             yield row, source, record
             row += 1
+        stats.position = None
+        if os.path.isfile(source):
+            stats.bytes_done += os.path.getsize(source)
 
 
 def is_glob(uri: str) -> bool:
@@ -360,10 +375,15 @@ def _read_file(path: str, stats: ReadStats) -> Iterator[Row]:
     suffix = data_suffix(path)
     if suffix == ".parquet":
         with pq.ParquetFile(path) as parquet:
+            size, rows, done = os.path.getsize(path), max(parquet.metadata.num_rows, 1), 0
+            stats.position = lambda: size * done // rows
             for batch in parquet.iter_batches(batch_size=1024):
                 yield from batch.to_pylist()
+                done += batch.num_rows
         return
     with gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb") as f:
+        raw = f.fileobj if isinstance(f, gzip.GzipFile) else f  # compressed bytes, to compare with the size
+        stats.position = raw.tell
         if suffix == ".jsonl":
             yield from _read_jsonl(f)
         elif suffix == ".csv":

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,7 +46,10 @@ log = logging.getLogger(__name__)
 
 class Stage(Protocol):
     def setup(self) -> None: ...
-    def process(self, batch: Any) -> Any: ...
+    def process(self, batch: Any, report: Callable[[int], None] | None = None) -> Any: ...
+
+
+Progress = Callable[[int], None]  # called with the units of work done since the last call
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,27 @@ def model_workers(
     device: str, actors: int | None = None, cpus: int | None = None, address: str | None = None
 ) -> Iterator[Resources]:
     """The resources for `run_stage`, planned inside the Ray session they need (none for `actors=0`):
-    on a cluster the GPUs to count are the cluster's, not the driver's node's."""
-    if actors == 0:
+    on a cluster the GPUs to count are the cluster's, not the driver's node's.
+
+    With no cluster asked for (`address`, `$RAY_ADDRESS`) and no `actors` given, a plan of one local
+    worker (a 2-core machine, one GPU) runs in this process: Ray would only add its start-up and its
+    processes to the same cores. Resume and kill -9 safety come from the store, not from Ray.
+    """
+    cluster = address or os.environ.get("RAY_ADDRESS")
+    if actors == 0 or (actors is None and not cluster and _local_workers(device, cpus) == 1):
         yield plan_resources(device, 0, cpus)
         return
     with RaySession(address):
         yield plan_resources(device, actors, cpus)
+
+
+def _local_workers(device: str, cpus: int | None) -> int:
+    """How many workers the default plan gives on this machine alone."""
+    if device.startswith("cuda"):
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return plan_resources(device, None, cpus).actors
 
 
 def _gpu_count() -> int:
@@ -202,18 +220,30 @@ def _reap() -> None:
 
 
 class _StageActor:
+    """One worker: sets its stage up once, then processes batches one at a time. `progress` runs in a
+    concurrency group of its own, so the driver can ask how far the current batch is while it runs."""
+
     def __init__(self, stage: Stage, threads: int):
         import torch
 
         torch.set_num_threads(threads)
         self.stage = stage
+        self.done = 0
         stage.setup()
 
     def pid(self) -> int:
         return os.getpid()
 
+    def _report(self, n: int) -> None:
+        self.done += n
+
     def process(self, batch: Any) -> Any:
-        return self.stage.process(batch)
+        return self.stage.process(batch, self._report)
+
+    def progress(self) -> int:
+        """Units reported since the last call."""
+        n, self.done = self.done, 0
+        return n
 
 
 class ActorFailedError(WorkerError):
@@ -225,19 +255,23 @@ class ActorFailedError(WorkerError):
 ACTOR_RESTARTS = 3
 BATCH_ATTEMPTS = 3
 STALL_WARNING_S = 600.0
+PROGRESS_POLL_S = 2.0  # how often the driver asks busy actors how far they are
 
 
-def run_stage(stage: Stage, batches: Iterable[Any], resources: Resources) -> Iterator[tuple[Any, Any]]:
-    """Yield `(batch, stage.process(batch))` for every batch, as results complete."""
+def run_stage(
+    stage: Stage, batches: Iterable[Any], resources: Resources, progress: Progress | None = None
+) -> Iterator[tuple[Any, Any]]:
+    """Yield `(batch, stage.process(batch))` for every batch, as results complete; `progress(n)` hears of
+    the work as the stage reports it, inside a batch (in-process at once, from actors every few seconds)."""
     if resources.actors == 0:
         import torch
 
         torch.set_num_threads(resources.threads)
         stage.setup()
         for batch in batches:
-            yield batch, stage.process(batch)
+            yield batch, stage.process(batch, progress)
         return
-    yield from _run_on_actors(stage, batches, resources)
+    yield from _run_on_actors(stage, batches, resources, progress)
 
 
 @dataclass
@@ -255,7 +289,8 @@ class _ActorPool:
         import ray
 
         self.stage, self.threads = stage, res.threads
-        self.actor_cls = ray.remote(_StageActor).options(
+        actor = ray.remote(concurrency_groups={"progress": 1})(_StageActor)
+        self.actor_cls = actor.options(
             num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=-1
         )
         self.slots = [_Slot(self.actor_cls.remote(stage, res.threads)) for _ in range(res.actors)]
@@ -320,6 +355,19 @@ class _ActorPool:
         for seq, batch in orphans:
             self.submit(seq, batch)
 
+    def poll_progress(self, progress: Progress) -> None:
+        """Pass on what the actors reported since the last poll (a dead or busy-restarting one: later)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+
+        refs = [s.actor.progress.remote() for s in self.slots]
+        try:
+            done = sum(ray.get(refs, timeout=2.0))
+        except (GetTimeoutError, RayError):
+            return
+        if done:
+            progress(done)
+
     def close(self) -> None:
         import ray
 
@@ -327,7 +375,9 @@ class _ActorPool:
             ray.kill(s.actor)
 
 
-def _run_on_actors(stage: Stage, batches: Iterable[Any], res: Resources) -> Iterator[tuple[Any, Any]]:
+def _run_on_actors(
+    stage: Stage, batches: Iterable[Any], res: Resources, progress: Progress | None
+) -> Iterator[tuple[Any, Any]]:
     pool = _ActorPool(stage, res)
     numbered = enumerate(batches)
     exhausted, last_result = False, time.monotonic()
@@ -341,7 +391,9 @@ def _run_on_actors(stage: Stage, batches: Iterable[Any], res: Resources) -> Iter
                     pool.submit(*nxt)
             if not pool.in_flight:
                 return
-            finished = pool.next_result(timeout=10.0)
+            finished = pool.next_result(timeout=PROGRESS_POLL_S if progress else 10.0)
+            if progress is not None:
+                pool.poll_progress(progress)
             if finished is not None:
                 last_result = time.monotonic()
                 yield finished

@@ -1,22 +1,34 @@
-"""A progress line for long screens: tqdm on a terminal, a plain log line every few seconds otherwise
-(Ray job logs and CI capture stderr, where carriage-return redraws are unreadable)."""
+"""A progress line for long screens: tqdm on a terminal, a plain log line otherwise (Ray job logs and CI
+capture stderr, where carriage-return redraws are unreadable).
+
+It moves per model batch, not per committed chunk. Its ETA comes from the sample count when it is known
+(`--limit`), else from the share of the input's bytes read so far.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
 
 
 class Progress:
     def __init__(
-        self, total: int | None = None, enabled: bool = True, unit: str = "samples", every: float = 10.0
+        self,
+        total: int | None = None,
+        enabled: bool = True,
+        unit: str = "samples",
+        every: float = 10.0,
+        fraction: Callable[[], float | None] | None = None,
     ):
         self.total, self.enabled, self.unit, self.every = total, enabled, unit, every
+        self.fraction = fraction  # share of the input read, when the total is not known
         self.done = 0
         self._bar: tqdm | None = None
-        self._start = self._last = time.monotonic()
+        self._start = time.monotonic()
+        self._last: float | None = None  # the first update prints at once
 
     def __enter__(self) -> Progress:
         if self.enabled and sys.stderr.isatty():
@@ -27,9 +39,18 @@ class Progress:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.enabled and time.monotonic() - self._last >= self.every:
+            if self.total is None and (eta := self._eta_from_input()) is not None:
+                self._bar.set_postfix_str(eta, refresh=False)
+        elif self.enabled and (self._last is None or time.monotonic() - self._last >= self.every):
             self._last = time.monotonic()
             print(self.line(), file=sys.stderr, flush=True)
+
+    def _eta_from_input(self) -> str | None:
+        share = self.fraction() if self.fraction is not None else None
+        if not share:
+            return None
+        elapsed = time.monotonic() - self._start
+        return f"{share:.0%} of input, ETA {tqdm.format_interval(elapsed / share * (1 - share))}"
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self._start, 1e-9)
@@ -41,6 +62,8 @@ class Progress:
         )
         if self.total and rate > 0:
             text += f", ETA {tqdm.format_interval(max(self.total - self.done, 0) / rate)}"
+        elif (eta := self._eta_from_input()) is not None:
+            text += f", {eta}"
         return text
 
     def __exit__(self, *exc: object) -> None:

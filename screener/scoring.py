@@ -24,6 +24,15 @@ import torch
 
 from screener.models import LayerTap, chat_ids, decoder_parts, generate, pad, pad_id, run_until_tapped
 from screener.records import MODES, Reject, Sample, Scored
+from screener.tuning import (
+    CPU_GENERATE_ROWS,
+    CPU_TOKENS,
+    GPU_GENERATE_ROWS,
+    GPU_TOKENS,
+    Stopwatch,
+    Tuner,
+    machine_key,
+)
 
 
 @dataclass(frozen=True)
@@ -41,11 +50,12 @@ class ScoreSettings:
     layers: tuple[int, ...]
     mode: str = "proxy"  # "proxy" | "natural"
     max_tokens: int = 2048  # prompt + response; longer samples are truncated and flagged
-    batch_tokens: int = 16384  # padded tokens per forward batch
+    # padded tokens per forward batch; None: chosen from the run's first batches (tuning.py)
+    batch_tokens: int | None = 16384
     max_batch_size: int = 64
     # HF generate's memory grows faster than its batch (measured on CPU, bf16, 64 new tokens: +0.5 GB at
-    # 16 rows, +2.6 GB at 48) while throughput is flat past 16, so generation batches are capped apart
-    generate_batch_size: int = 16
+    # 16 rows, +2.6 GB at 48), so generation batches are sized apart; None: tuned like batch_tokens
+    generate_batch_size: int | None = 16
     padding_side: str = "right"  # results must not depend on it (tested)
     # score a conversation's turns from one teacher-forced pass where their token ids allow it (exact);
     # False re-reads the conversation once per turn (the reference the one-pass path is tested against)
@@ -63,12 +73,13 @@ class ScoreSettings:
 
     @classmethod
     def for_device(cls, gpu: bool, **overrides) -> ScoreSettings:
-        """Defaults sized for a GPU or a CPU; `None` overrides are ignored."""
-        sized = (
-            {"batch_tokens": 65536, "max_batch_size": 256, "generate_batch_size": 128}
-            if gpu
-            else {"batch_tokens": 8192, "max_batch_size": 64, "generate_batch_size": 16}
-        )
+        """Settings for a screen: batch sizes tuned on the device unless given; `None` overrides are
+        ignored."""
+        sized = {
+            "batch_tokens": None,
+            "generate_batch_size": None,
+            "max_batch_size": 256 if gpu else 64,
+        }
         return cls(**{**sized, **{k: v for k, v in overrides.items() if v is not None}})
 
 
@@ -196,10 +207,22 @@ class Scorer:
         self.units = {layer: units[layer].float().to(self.device) for layer in self.layers}
         self.n_traits = self.units[self.layers[0]].shape[1]
         self.pad_id = pad_id(tokenizer)
+        _, blocks, _ = decoder_parts(model)
+        run = min(max(self.layers), len(blocks))  # blocks after the early stop never run
+        # useful work of a teacher-forced pass, to time batches by: 2 FLOPs a parameter a token in the blocks
+        # that run, plus causal attention's 2·T²·hidden a block (scores and values, half the square each)
+        self.flops_per_token = 2 * sum(p.numel() for b in blocks[:run] for p in b.parameters())
+        self.attention_flops = 2 * run * model.config.hidden_size
+        dtype = next(model.parameters()).dtype
+        key = machine_key(self.device, dtype, f"{type(model).__name__} h{model.config.hidden_size} x{run}")
+        gpu = self.device.type == "cuda"
+        self.batch_tuner = Tuner(
+            key, "batch_tokens", GPU_TOKENS if gpu else CPU_TOKENS, settings.batch_tokens
+        )
+        rows = GPU_GENERATE_ROWS if gpu else CPU_GENERATE_ROWS
+        self.generate_tuner = Tuner(key, "generate_batch_size", rows, settings.generate_batch_size)
         self._compiled: dict[int, Callable] = {}
         if settings.compile:
-            _, blocks, _ = decoder_parts(model)
-            run = min(max(self.layers), len(blocks))  # blocks after the early stop never run
             # the forward only, so the hooks (and their early stop) stay outside the compiled graph
             self._compiled = {i: torch.compile(blocks[i].forward, dynamic=True) for i in range(run)}
 
@@ -329,9 +352,34 @@ class Scorer:
 
     # -- the whole batch ------------------------------------------------------------------------------
 
-    def score(self, samples: Sequence[Sample]) -> list[Scored | Reject]:
+    def runtime(self) -> dict:
+        """How the work is being done (not what it computes): the batch sizes and how they were chosen."""
+        out = {"batch_tokens": self.batch_tuner.describe()}
+        if self.settings.mode == "natural":
+            out["generate_batch_size"] = self.generate_tuner.describe()
+        return out
+
+    @staticmethod
+    def _batches(lengths: Sequence[int], limits: Callable[[], tuple[int, int]]) -> Iterator[list[int]]:
+        """Indices in batches of similar length, each within the (padded tokens, rows) limits that
+        `limits()` gives at that moment: a tuner learns from the batches before, so consume lazily."""
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        i = 0
+        while i < len(order):
+            (budget, max_rows), batch = limits(), [order[i]]
+            i += 1
+            # sorted ascending, so the newest member is the longest: padded size = length x count
+            while i < len(order) and len(batch) < max_rows and lengths[order[i]] * (len(batch) + 1) <= budget:
+                batch.append(order[i])
+                i += 1
+            yield batch
+
+    def score(
+        self, samples: Sequence[Sample], report: Callable[[int], None] | None = None
+    ) -> list[Scored | Reject]:
         """Score samples (any lengths, any order); results come back in the input order. The turns of a
-        conversation share teacher-forced passes where their token ids allow (`plan_passes`)."""
+        conversation share teacher-forced passes where their token ids allow (`plan_passes`). `report(n)`
+        is called as each batch's n samples are done."""
         results: list[Scored | Reject | None] = [None] * len(samples)
         toks: list[Tokens] = []
         for i, s in enumerate(samples):
@@ -343,10 +391,16 @@ class Scorer:
         st = self.settings
         plan = plan_passes(toks, st.share_passes)
         lengths = [len(p.ids) for p in plan.passes]
-        for batch in length_batches(lengths, st.batch_tokens, st.max_batch_size):
+        for batch in self._batches(lengths, lambda: (self.batch_tuner.size(), st.max_batch_size)):
             passes = [plan.passes[i] for i in batch]
             spans = [[(len(t.prompt), len(t.response)) for t in p.reads] for p in passes]
-            resp, last = self.project_spans([p.ids for p in passes], spans)
+            budget = self.batch_tuner.size()
+            with Stopwatch(self.device) as watch:
+                resp, last = self.project_spans([p.ids for p in passes], spans)
+            work = sum(
+                self.flops_per_token * len(p.ids) + self.attention_flops * len(p.ids) ** 2 for p in passes
+            )
+            self.batch_tuner.record(budget, work, watch.seconds)
             for p, p_resp, p_last in zip(passes, resp, last, strict=True):
                 for t, r, lp in zip(p.reads, p_resp, p_last, strict=True):
                     path = plan.paths.get((t.sample.source_file, t.sample.source_row))
@@ -362,22 +416,32 @@ class Scorer:
                         source_file=t.sample.source_file,
                         extra={"path": path} if path else {},
                     )
+            if report is not None and st.mode == "proxy":
+                report(sum(len(p.reads) for p in passes))
         if st.mode == "natural":
-            self._add_natural(toks, results)
+            self._add_natural(toks, results, report)
         return results  # type: ignore[return-value]
 
-    def _add_natural(self, toks: list[Tokens], results: list) -> None:
+    def _add_natural(self, toks: list[Tokens], results: list, report: Callable[[int], None] | None) -> None:
         st = self.settings
-        budget = [len(t.prompt) + st.generation.max_new_tokens + 1 for t in toks]
-        for batch in length_batches(budget, st.batch_tokens, min(st.max_batch_size, st.generate_batch_size)):
+        lengths = [len(t.prompt) for t in toks]
+        # the rows are what is tuned: HF generate's memory and speed depend on them, not on a token budget
+        for batch in self._batches(
+            lengths, lambda: (1 << 62, min(st.max_batch_size, self.generate_tuner.size()))
+        ):
             items = [toks[i] for i in batch]
             # seed from the batch's contents, so sampling does not depend on which actor ran it
             seed = st.generation.seed + int(
                 hashlib.sha256(items[0].sample.sample_id.encode()).hexdigest()[:8], 16
             )
-            proj, answers = self.generate_natural([t.prompt for t in items], seed=seed)
+            size = self.generate_tuner.size()
+            with Stopwatch(self.device) as watch:
+                proj, answers = self.generate_natural([t.prompt for t in items], seed=seed)
+            self.generate_tuner.record(size, sum(map(len, answers)) + len(items), watch.seconds)
             for k, t in enumerate(items):
                 r: Scored = results[t.index]
                 r.proj_natural = proj[k]
                 r.natural_tokens = len(answers[k])
                 r.natural_response = self.tokenizer.decode(answers[k], skip_special_tokens=True)
+            if report is not None:
+                report(len(items))

@@ -86,6 +86,9 @@ class Summary:
     read: ReadStats
     # multi-turn conversations by how their turns were read (scoring.ONE_PASS, WINDOWS, PER_TURN)
     paths: dict[str, int] = field(default_factory=dict)
+    # when (epoch seconds) the first model batch and the last chunk were done: the fixed costs around them
+    first_batch_done: float | None = None
+    last_batch_done: float | None = None
 
     def lines(self) -> list[str]:
         rate = self.scored / self.seconds if self.seconds else 0.0
@@ -128,9 +131,11 @@ class ScreenStage:
         model, tok = self.plan.model.load(self.plan.device, self.plan.dtype)
         self.scorer = Scorer(model, tok, self.plan.units, self.plan.settings)
 
-    def process(self, chunk: Chunk) -> list[Scored | Reject]:
+    def process(self, chunk: Chunk, report=None) -> tuple[list[Scored | Reject], dict]:
+        """The chunk's results, in its order, and how the work was done (batch sizes, for the run's
+        settings). `report(n)` hears of each model batch's samples as they are done."""
         assert self.scorer is not None, "setup() first"
-        return self.scorer.score(chunk.samples)
+        return self.scorer.score(chunk.samples, report), self.scorer.runtime()
 
 
 # -- planning ---------------------------------------------------------------------------------------
@@ -266,10 +271,21 @@ def screen(cfg: ScreenConfig) -> Summary:
                     commit(chunk, [])
 
         workers = model_workers(str(plan.device), cfg.actors, address=cfg.address)
-        with workers as resources, Progress(total=cfg.limit, enabled=cfg.progress) as progress:
-            for chunk, results in run_stage(ScreenStage(plan), work(), resources):
+        progress = Progress(total=cfg.limit, enabled=cfg.progress, fraction=stats.fraction)
+        runtime: dict = {}  # the last chunk's: by then the batch sizes are settled
+        times: dict[str, float] = {}
+
+        def report(n: int) -> None:
+            times.setdefault("first", time.time())
+            progress.update(n)
+
+        with workers as resources, progress:
+            stage = ScreenStage(plan)
+            for chunk, (results, chunk_runtime) in run_stage(stage, work(), resources, report):
                 commit(chunk, results)
-                progress.update(len(chunk.samples))
+                runtime, times["last"] = chunk_runtime, time.time()
+        workers_used = resources.actors or "in-process"
+        store.record_runtime(run.run_id, {**runtime, "workers": workers_used, "threads": resources.threads})
         total_scored, total_rejected = store.finish_run(run.run_id)
     return Summary(
         run.run_id,
@@ -281,4 +297,6 @@ def screen(cfg: ScreenConfig) -> Summary:
         time.perf_counter() - started,
         stats,
         dict(paths),
+        times.get("first"),
+        times.get("last"),
     )

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from screener.errors import BusyError
 from screener.records import Reject, Sample, Scored
-from screener.runs import Run
+from screener.runs import RUNTIME_KEY, Run
 
 __all__ = ["DEFAULT_DB", "SQL_DIR", "Store", "StoreBusyError"]
 
@@ -201,6 +201,18 @@ class Store:
         if not updated:
             raise KeyError(f"no run {run_id!r} in {self.path}")
         return n_scored, n_rejected
+
+    def record_runtime(self, run_id: str, runtime: dict) -> None:
+        """Keep how this invocation did the work (batch sizes, workers) in the run's settings, under
+        `runtime`, which the run's identity leaves out (runs.RUNTIME_KEY)."""
+        self.con.execute(
+            "UPDATE runs SET settings = json_merge_patch(settings, ?) WHERE run_id = ?",
+            [json.dumps({RUNTIME_KEY: None}), run_id],
+        )  # replace, not merge into, an earlier invocation's record
+        self.con.execute(
+            "UPDATE runs SET settings = json_merge_patch(settings, ?) WHERE run_id = ?",
+            [json.dumps({RUNTIME_KEY: runtime}, sort_keys=True), run_id],
+        )
 
     def counts(self, run_id: str) -> tuple[int, int]:
         """(samples stored, rejects stored) for a run."""

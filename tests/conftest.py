@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,10 @@ SCREENER = str(Path(sys.executable).parent / "screener")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# batch sizes tuned by test screens are remembered here, not in the user's cache
+os.environ.setdefault(
+    "SCREENER_TUNING", os.path.join(tempfile.mkdtemp(prefix="screener-tuning-"), "tuning.json")
+)
 
 # The scorer's exact tests (test_scoring.py) run on this device: `SCREENER_TEST_DEVICE=cuda` checks the GPU
 # path against the same fp32 references. CI has no GPU, so the default is the CPU.
@@ -157,9 +162,11 @@ def vector_file(tiny_llama, tmp_path_factory) -> Path:
 
 
 def screen_args(data: Path, model: Path, vector: Path, db: Path, *extra: str) -> list[str]:
+    """A `screener screen` command line. The batch size is fixed, so screens that batch the same chunks
+    give bitwise-equal values (tuned sizes change batches, and with them fp32 rounding, run to run)."""
     return [
         SCREENER, "screen", str(data), "--model", str(model), "--vector", f"a={vector}",
-        "--layer", "1,3", "--dtype", "float32", "--db", str(db), *extra,
+        "--layer", "1,3", "--dtype", "float32", "--batch-tokens", "8192", "--db", str(db), *extra,
     ]  # fmt: skip
 
 

@@ -52,7 +52,7 @@ class Doubler:
     def setup(self) -> None:
         pass
 
-    def process(self, batch: list[int]) -> list[int]:
+    def process(self, batch: list[int], report=None) -> list[int]:
         return [2 * x for x in batch]
 
 
@@ -65,7 +65,7 @@ class PidStage:
     def setup(self) -> None:
         Path(self.folder, f"pid-{os.getpid()}").touch()
 
-    def process(self, batch: list[int]) -> list[int]:
+    def process(self, batch: list[int], report=None) -> list[int]:
         Path(self.folder, f"start-{batch[0]}-{os.getpid()}").touch()
         time.sleep(self.seconds)
         Path(self.folder, f"end-{batch[0]}-{os.getpid()}").touch()
@@ -89,7 +89,7 @@ class BadSetup:
     def setup(self) -> None:
         raise FileNotFoundError("no model at /nowhere")
 
-    def process(self, batch):
+    def process(self, batch, report=None):
         return batch
 
 
@@ -97,7 +97,7 @@ class Crasher:
     def setup(self) -> None:
         pass
 
-    def process(self, batch):
+    def process(self, batch, report=None):
         os._exit(3)  # the process dies, as on an OOM kill
 
 

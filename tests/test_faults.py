@@ -44,7 +44,7 @@ def is_actor(p: psutil.Process) -> bool:
 def test_driver_sigkill_then_rerun_gives_the_uninterrupted_result(tiny_llama, vector_file, tmp_path):
     data = write_chat_jsonl(tmp_path / "data.jsonl", N)
     ref_db, db = tmp_path / "reference.duckdb", tmp_path / "screen.duckdb"
-    args = screen_args(data, tiny_llama, vector_file, db, "--chunk-size", "50")
+    args = screen_args(data, tiny_llama, vector_file, db, "--chunk-size", "50", "--actors", "1")
     ref = screen_args(data, tiny_llama, vector_file, ref_db, "--chunk-size", "50", "--actors", "0")
     subprocess.run(ref, check=True, capture_output=True, timeout=300)
 
@@ -85,3 +85,39 @@ def test_driver_sigkill_then_rerun_gives_the_uninterrupted_result(tiny_llama, ve
         runs = con.execute("SELECT n_scored, finished_at IS NOT NULL FROM runs").fetchall()
     assert n == distinct == N
     assert runs == [(N, True)]
+
+
+def test_in_process_screen_killed_then_rerun_gives_the_uninterrupted_result(
+    tiny_llama, vector_file, tmp_path
+):
+    """The default on a small machine: one worker, in the driver's own process, no Ray. A kill -9 leaves
+    whole chunks only, and the rerun resumes to exactly the uninterrupted run's rows."""
+    data = write_chat_jsonl(tmp_path / "data.jsonl", N)
+    ref_db, db = tmp_path / "reference.duckdb", tmp_path / "screen.duckdb"
+    args = screen_args(data, tiny_llama, vector_file, db, "--chunk-size", "50", "--no-progress")
+    subprocess.run(
+        screen_args(data, tiny_llama, vector_file, ref_db, "--chunk-size", "50", "--actors", "0"),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    wal = Path(f"{db}.wal")
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        wait_for(wal.exists, 120, "the run began", first)
+        begun = wal.stat().st_size
+        wait_for(
+            lambda: wal.stat().st_size > begun + 2.5 * CHUNK_WAL_BYTES, 240, "chunks were committed", first
+        )
+        assert not descendants(first.pid), "one local worker runs in the driver's process: no Ray"
+        first.kill()
+        first.wait()
+    with duckdb.connect(str(db), read_only=True) as con:
+        partial = con.execute("SELECT count(*) FROM samples").fetchone()[0]
+    assert 0 < partial < N
+    second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "(resumed)" in second.stdout
+    assert scores(db) == scores(ref_db)
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT sample_id) FROM samples").fetchone() == (N, N)

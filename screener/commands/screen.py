@@ -101,7 +101,8 @@ def run_command(args: argparse.Namespace) -> int:
     summary = screen(config_from_args(args))
     for line in summary.lines():
         print(line)
-    print(json.dumps({"run_id": summary.run_id, "db": args.db}))
+    timeline = {"first_batch_done": summary.first_batch_done, "last_batch_done": summary.last_batch_done}
+    print(json.dumps({"run_id": summary.run_id, "db": args.db, **timeline}))
     return 0
 
 

@@ -134,7 +134,7 @@ class GenerationStage:
     def setup(self) -> None:
         self.model, self.tokenizer = self.ref.load(*_resolved(self.settings.device, self.settings.dtype))
 
-    def process(self, items: list[Answer]) -> list[Answer]:
+    def process(self, items: list[Answer], report=None) -> list[Answer]:
         s = self.settings
         for it in items:
             it.prompt_ids = chat_ids(
@@ -246,7 +246,7 @@ class ActivationStage:
     def setup(self) -> None:
         self.model, _ = self.ref.load(*_resolved(self.settings.device, self.settings.dtype))
 
-    def process(self, batch: ActBatch) -> torch.Tensor:
+    def process(self, batch: ActBatch, report=None) -> torch.Tensor:
         lengths = [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses, strict=True)]
         parts = {}
         for idx in length_batches(lengths, self.settings.batch_tokens, 64):
