@@ -13,11 +13,12 @@ position of prompt + response, one sample at a time (no padding), so
 up to float rounding: the screen may have read the sample inside a padded batch, or (`--turns all`) from a
 pass shared with the record's later turns. In fp32 that is ~1e-7 relative; the differences are reported.
 
-Spans (`sentence_spans`): the response cut into sentences and lines (after a token ending in `.`, `!` or
-`?` followed by whitespace, and after every newline), pieces longer than `MAX_SPAN` tokens cut into
-`MAX_SPAN`-token pieces, pieces shorter than `MIN_SPAN` tokens merged into their neighbour; the `TOP_SPANS`
-with the highest mean projection are the spans. A sentence is what a reviewer reads and drops; a fixed
-window would cut through one, and "the highest mean over any window" is always a single token.
+Spans (`sentence_spans`): the response cut into lines (at newlines), each line into sentences (after a
+token ending in `.`, `!` or `?` followed by whitespace) of at least `MIN_SPAN` tokens (a shorter piece
+joins its neighbour in the line, so "1." or "Co." is no sentence) and at most `MAX_SPAN`; the `TOP_SPANS`
+with the highest mean projection, lines shorter than `MIN_SPAN` tokens left out unless nothing else is. A
+sentence is what a reviewer reads and drops; a fixed window would cut through one, and "the highest mean
+over any window" is always a single token.
 
 Colour scale (`TraitExplanation.centre`, `half_range`): white is the value the run's metric subtracts (the
 last prompt token's projection in proxy mode, the natural answer's mean in natural mode), so a red token
@@ -192,12 +193,28 @@ class Span:
 
 
 def _ends_sentence(piece: str, following: str) -> bool:
-    if "\n" in piece:
-        return True
     stripped = piece.rstrip()
     return stripped[-1:] in (".", "!", "?") and (
         stripped != piece or not following or following[:1].isspace()
     )
+
+
+def _cut_line(pieces: Sequence[str], begin: int, end: int, min_tokens: int, max_tokens: int) -> list:
+    """One line's tokens `[begin, end)` as sentences of at least `min_tokens` tokens (a shorter piece
+    joins its neighbour: "1.", "Co.", "Ltd." are not sentences), cut every `max_tokens`."""
+    cuts, start = [], begin
+    for i in range(begin, end):
+        following = pieces[i + 1] if i + 1 < end else ""
+        if i + 1 == end or i + 1 - start >= max_tokens or _ends_sentence(pieces[i], following):
+            cuts.append((start, i + 1))
+            start = i + 1
+    merged: list[tuple[int, int]] = []
+    for s, e in cuts:
+        if merged and (e - s < min_tokens or merged[-1][1] - merged[-1][0] < min_tokens):
+            merged[-1] = (merged[-1][0], e)
+        else:
+            merged.append((s, e))
+    return merged
 
 
 def sentence_spans(
@@ -209,22 +226,17 @@ def sentence_spans(
     min_tokens: int = MIN_SPAN,
     max_tokens: int = MAX_SPAN,
 ) -> list[Span]:
-    """The `top` sentences (or lines) of `pieces[start:]` with the highest mean of `values`, highest first
-    (see the module docstring for how the response is cut)."""
-    n = len(pieces)
-    cuts, begin = [], start
-    for i in range(start, n):
-        following = pieces[i + 1] if i + 1 < n else ""
-        if i + 1 == n or i + 1 - begin >= max_tokens or _ends_sentence(pieces[i], following):
-            cuts.append((begin, i + 1))
-            begin = i + 1
-    merged: list[tuple[int, int]] = []
-    for s, e in cuts:
-        if merged and (e - s < min_tokens or merged[-1][1] - merged[-1][0] < min_tokens):
-            merged[-1] = (merged[-1][0], e)
-        else:
-            merged.append((s, e))
-    spans = [Span(s, e, float(np.mean(values[s:e]))) for s, e in merged]
+    """The `top` sentences of `pieces[start:]` with the highest mean of `values`, highest first: the
+    response is cut into lines (after each token holding a newline), each line into sentences
+    (`_cut_line`); lines shorter than `min_tokens` tokens ("```", a lone newline) are not ranked unless
+    nothing else is."""
+    segments, line = [], start
+    for i in range(start, len(pieces)):
+        if "\n" in pieces[i] or i + 1 == len(pieces):
+            segments += _cut_line(pieces, line, i + 1, min_tokens, max_tokens)
+            line = i + 1
+    ranked = [(s, e) for s, e in segments if e - s >= min_tokens] or segments
+    spans = [Span(s, e, float(np.mean(values[s:e]))) for s, e in ranked]
     return sorted(spans, key=lambda sp: (-sp.mean, sp.start))[:top]
 
 
