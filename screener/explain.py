@@ -101,7 +101,9 @@ class StoredSample:
     scores: dict[str, dict[str, float | None]]  # trait -> {column of SCORE_COLUMNS: value}
 
 
-def stored_samples(con, run: Run, sample_ids: Sequence[str], layer: int, traits: Sequence[str]) -> list:
+def stored_samples(
+    con, run: Run, sample_ids: Sequence[str], layer: int, traits: Sequence[str]
+) -> list[StoredSample]:
     """The samples with these ids, in order, as `StoredSample`s; a QueryError names an id the run did not
     score (and why, when the screen rejected it)."""
     rows = con.execute(
