@@ -21,6 +21,7 @@ COMMANDS = {
     "top": "screener.commands.results",
     "export": "screener.commands.results",
     "report": "screener.commands.results",
+    "explain": "screener.commands.explain",
     "extract": "screener.commands.extract",
     "traits": "screener.commands.extract",
     "vectors": "screener.commands.extract",

@@ -5,22 +5,32 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 
 from screener.results import Histogram
 
+if TYPE_CHECKING:
+    from screener.explain import Explanation, TraitExplanation
+
 __all__ = [
     "METRIC_LABELS",
     "OUTPUT_FORMATS",
+    "diverging_rgb",
     "excerpt",
+    "format_explanation",
     "format_histogram",
     "format_top",
     "histogram_title",
+    "mark_plain",
     "prompt_excerpt",
     "save_histogram_png",
+    "shade_ansi",
     "terminal_width",
+    "use_color",
     "write_relation",
 ]
 
@@ -174,3 +184,135 @@ def _csv_ready(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
         else:
             cols.append(f"CAST(#{i} AS VARCHAR) AS {alias}")
     return rel.project(", ".join(cols))
+
+
+# ---- explain: per-token shading -------------------------------------------------------------------------
+
+# A diverging scale (ColorBrewer RdBu's middle): blue below the centre, near-white at it, red above; light
+# enough at both ends for dark text.
+LOW_RGB, MID_RGB, HIGH_RGB = (67, 147, 195), (247, 247, 247), (214, 96, 77)
+PLAIN_LEVEL = 0.5  # without colour, tokens at least this far along the scale are marked
+RESET = "\x1b[0m"
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if chr(c) not in "\n\t"}
+
+
+def diverging_rgb(level: float) -> tuple[int, int, int]:
+    """The colour of a level in [-1, 1]: blue at −1, near-white at 0, red at +1."""
+    level = max(-1.0, min(1.0, float(level)))
+    end = HIGH_RGB if level > 0 else LOW_RGB
+    a = abs(level)
+    return tuple(round(m + (e - m) * a) for m, e in zip(MID_RGB, end, strict=True))  # type: ignore[return-value]
+
+
+def use_color(choice: str, stream=None) -> bool:
+    """--color auto|always|never: auto is a terminal that is not `dumb`, unless NO_COLOR is set."""
+    import os
+
+    if choice != "auto":
+        return choice == "always"
+    stream = stream or sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return tty and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def _ansi_bg(rgb: tuple[int, int, int], truecolor: bool) -> str:
+    if truecolor:
+        return "\x1b[48;2;{};{};{}m\x1b[38;2;0;0;0m".format(*rgb)
+    r, g, b = (round(c / 255 * 5) for c in rgb)  # the 6x6x6 cube of 256-colour terminals
+    return f"\x1b[48;5;{16 + 36 * r + 6 * g + b}m\x1b[38;5;16m"
+
+
+def _printable(text: str) -> str:
+    """Text with control characters (an escape sequence in the data would drive the terminal) as \\xNN."""
+    return text.translate(_CONTROL)
+
+
+def shade_ansi(pieces: Sequence[str], levels: Sequence[float], truecolor: bool = True) -> str:
+    """Each token's text on the colour of its level; a newline shows as a shaded ↵ before it."""
+    out = []
+    for piece, level in zip(pieces, levels, strict=True):
+        colour = _ansi_bg(diverging_rgb(level), truecolor)
+        for i, line in enumerate(_printable(piece).split("\n")):
+            if i:
+                out.append(f"{colour}↵{RESET}\n")
+            if line:
+                out.append(f"{colour}{line}{RESET}")
+    return "".join(out)
+
+
+def mark_plain(pieces: Sequence[str], levels: Sequence[float], level: float = PLAIN_LEVEL) -> str:
+    """Without colour: runs of tokens at least `level` above the centre in {+…+}, below it in [-…-]."""
+    out, state = [], 0
+    for piece, x in zip(pieces, levels, strict=True):
+        now = 1 if x >= level else -1 if x <= -level else 0
+        if now != state:
+            out.append({1: "+}", -1: "-]", 0: ""}[state] + {1: "{+", -1: "[-", 0: ""}[now])
+            state = now
+        out.append(_printable(piece))
+    out.append({1: "+}", -1: "-]", 0: ""}[state])
+    return "".join(out)
+
+
+def _legend(t: TraitExplanation, color: bool, truecolor: bool) -> str:
+    lo, hi = t.centre - t.half_range, t.centre + t.half_range
+    what = "the last prompt token" if t.centre_is == "proj_prompt_last" else "the natural answer's mean"
+    if color:
+        cells = "".join(f"{_ansi_bg(diverging_rgb(i / 7 - 1), truecolor)} {RESET}" for i in range(15))
+        return f"scale: ≤ {lo:.4g} {cells} ≥ {hi:.4g}; white = {t.centre:.4g}, {what} ({t.centre_is})"
+    lo_mark, hi_mark = t.centre - PLAIN_LEVEL * t.half_range, t.centre + PLAIN_LEVEL * t.half_range
+    return (
+        f"marks: {{+…+}} ≥ {hi_mark:.4g}, [-…-] ≤ {lo_mark:.4g}, around {t.centre:.4g} = {what} "
+        f"({t.centre_is}); full scale {lo:.4g} … {hi:.4g}"
+    )
+
+
+def _diff(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2e}"
+
+
+def _stored(x: float | None) -> str:
+    return "NULL" if x is None or x != x else f"{x:.6g}"
+
+
+def format_explanation(
+    e: Explanation, trait: str, *, color: bool, truecolor: bool = True, width: int = 100
+) -> str:
+    """One trait's explanation for the terminal: the scores (stored and recomputed, with their
+    differences), the scale, the shaded response, the top spans and, in natural mode, the natural answer."""
+    t = e.traits[trait]
+    k = e.response_start
+    levels = t.normalised(t.projections)
+    where = f"row {e.source_row}" + (f", turn {e.turn}" if "#" in e.sample_id else "")
+    metric = "delta_p" if e.mode == "natural" else "delta_p_proxy"
+    lines = [
+        f"== {trait} · layer {e.layer} · sample {e.sample_id} ({where}) · run {e.run_id}",
+        "stored:     "
+        + "  ".join(f"{c} {_stored(t.stored.get(c))}" for c in ("proj_response", "proj_prompt_last", metric)),
+        f"recomputed: proj_response {t.proj_response:.6g} (diff {_diff(t.diff('proj_response'))})  "
+        f"proj_prompt_last {t.proj_prompt_last:.6g} (diff {_diff(t.diff('proj_prompt_last'))})  "
+        f"[{e.dtype}, one sequence, unpadded]",
+        f"last prompt token {_printable(repr(e.tokens[k - 1]))} = {t.proj_prompt_last:.6g}; "
+        f"mean over the response = {t.proj_response:.6g}",
+        _legend(t, color, truecolor),
+        f"response ({len(e.tokens) - k} tokens{'; truncated to --max-tokens' if e.truncated else ''}):",
+    ]
+    body = shade_ansi(e.tokens[k:], levels[k:], truecolor) if color else mark_plain(e.tokens[k:], levels[k:])
+    lines += [body, "", "top spans (sentences or lines, highest mean projection first):"]
+    for i, s in enumerate(t.spans, 1):
+        text = excerpt(_printable("".join(e.tokens[s.start : s.end])), max(20, width - 32))
+        lines.append(f"  {i}. {s.mean:>9.4g}  tokens {s.start}-{s.end - 1}  {text}")
+    if e.mode == "natural":
+        lines.append("")
+        if e.natural_tokens is None or t.natural_projections is None:
+            lines.append("natural answer: none stored (empty)")
+        else:
+            lines.append(
+                f"natural answer ({len(e.natural_tokens)} tokens re-tokenised, {e.natural_tokens_stored} "
+                f"generated; read teacher-forced): proj_natural {t.proj_natural:.6g} "
+                f"(stored {_stored(t.stored.get('proj_natural'))}, diff {_diff(t.diff('proj_natural'))})"
+            )
+            nat = t.normalised(t.natural_projections)
+            lines.append(
+                shade_ansi(e.natural_tokens, nat, truecolor) if color else mark_plain(e.natural_tokens, nat)
+            )
+    return "\n".join(lines)

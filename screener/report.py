@@ -9,12 +9,25 @@ import json
 import math
 import re
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
-from screener.render import METRIC_LABELS, excerpt, histogram_title, prompt_excerpt
+from screener.render import (
+    HIGH_RGB,
+    LOW_RGB,
+    METRIC_LABELS,
+    MID_RGB,
+    diverging_rgb,
+    excerpt,
+    histogram_title,
+    prompt_excerpt,
+)
 from screener.results import Histogram, ReportData
 from screener.runs import Run
 
-__all__ = ["histogram_svg", "html_report"]
+if TYPE_CHECKING:
+    from screener.explain import Explanation, ReportExplanations, TraitExplanation
+
+__all__ = ["explanation_html", "explanation_page", "histogram_svg", "html_report", "shaded_html"]
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 0;
@@ -215,21 +228,164 @@ def _hist_section(h: Histogram, stats: dict | None) -> str:
     )
 
 
-def html_report(data: ReportData) -> str:
-    """One self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched)."""
+def html_report(data: ReportData, explained: ReportExplanations | None = None) -> str:
+    """One self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched). With `explained`,
+    each trait's top samples are followed by their shaded responses (or why they could not be computed)."""
     run, layer, metric = data.run, data.layer, data.metric
     nav = "".join(f'<a href="#hist-{_slug(t)}">{html.escape(t)}</a>' for t in data.traits)
     sections = [_metadata_section(run, layer, metric), _summary_section(data.summary)]
     for trait, found in data.traits.items():
         sections.append(_hist_section(found.histogram, found.stats))
         sections.append(_top_section(trait, found.top, metric))
+        if explained is not None:
+            sections.append(_explain_section(trait, explained, metric))
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = html.escape(f"persona-screen report: run {run.run_id}")
     return (
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<style>{CSS}</style></head><body><main>"
+        f"<style>{CSS}{EXPLAIN_CSS}</style></head><body><main>"
         f"<h1>{title}</h1><p class='sub'>{html.escape(run.mode)} mode · {html.escape(metric)} at layer "
         f"{layer} · generated {created}</p><nav>{nav}</nav>" + "".join(sections) + "</main></body></html>\n"
     )
+
+
+# ---- explain: shaded tokens (screener explain --format html, and the report's per-token view) ----------
+
+EXPLAIN_CSS = f"""
+h3 {{ font-size: 15px; margin: 10px 0 4px; }}
+.tokens {{ white-space: pre-wrap; word-break: break-word; font: 12.5px/1.8 ui-monospace, SFMono-Regular,
+          Menlo, Consolas, monospace; background: #fff; border: 1px solid #e3e3e3; border-radius: 4px;
+          padding: 6px 8px; margin: 6px 0; max-height: 420px; overflow: auto; }}
+.tokens span {{ border-radius: 2px; }}
+.scale {{ display: inline-block; width: 180px; height: 11px; vertical-align: middle; margin: 0 6px;
+          border: 1px solid #bbb; background: linear-gradient(to right, rgb{LOW_RGB}, rgb{MID_RGB},
+          rgb{HIGH_RGB}); }}
+.explained {{ margin: 14px 0 4px; padding-top: 6px; border-top: 1px solid #eee; }}
+ol.spans {{ margin: 4px 0; padding-left: 22px; font-size: 13px; }} ol.spans li {{ margin: 2px 0; }}
+code {{ font-size: 12px; background: #f3f3f3; padding: 0 3px; border-radius: 2px; }}
+"""
+
+
+def _hex(level: float) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*diverging_rgb(level))
+
+
+def shaded_html(pieces, values, levels, first: int = 0) -> str:
+    """Tokens as spans shaded by their level (−1 blue … +1 red), each titled with its index and value; a
+    newline shows as a shaded ↵ before it."""
+    spans = "".join(
+        f'<span style="background:{_hex(x)}" title="{first + i}: {v:.4g}">'
+        f"{html.escape(piece).replace(chr(10), '↵' + chr(10))}</span>"
+        for i, (piece, v, x) in enumerate(zip(pieces, values, levels, strict=True))
+    )
+    return f'<div class="tokens">{spans}</div>'
+
+
+def _scale_html(t: TraitExplanation) -> str:
+    what = "the last prompt token" if t.centre_is == "proj_prompt_last" else "the natural answer's mean"
+    return (
+        f"<p class='stats'>scale: ≤ {t.centre - t.half_range:.4g}<span class='scale'></span>"
+        f"≥ {t.centre + t.half_range:.4g} · white = {t.centre:.4g}, {what} ({t.centre_is}); "
+        "hover a token for its value</p>"
+    )
+
+
+def _diff(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2e}"
+
+
+def explanation_html(e: Explanation, trait: str, *, prompt: bool = False) -> str:
+    """One trait's explanation: the scores (stored and recomputed, with their differences), the scale,
+    the shaded response (and prompt, folded, with `prompt`), the top spans and the natural answer."""
+    t = e.traits[trait]
+    k = e.response_start
+    levels = t.normalised(t.projections)
+    metric = "delta_p" if e.mode == "natural" else "delta_p_proxy"
+    stored = " · ".join(
+        f"{c} {_num(t.stored.get(c), 6)}" for c in ("proj_response", "proj_prompt_last", metric)
+    )
+    parts = [
+        f"<p class='stats'>stored: {stored}<br>recomputed ({html.escape(e.dtype)}, one unpadded sequence): "
+        f"proj_response {_num(t.proj_response, 6)} (diff {_diff(t.diff('proj_response'))}) · "
+        f"proj_prompt_last {_num(t.proj_prompt_last, 6)} (diff {_diff(t.diff('proj_prompt_last'))}) · "
+        f"last prompt token <code>{html.escape(repr(e.tokens[k - 1]))}</code></p>",
+        _scale_html(t),
+    ]
+    if prompt:
+        parts.append(
+            f"<details><summary>prompt ({k} tokens, shaded the same way)</summary>"
+            f"{shaded_html(e.tokens[:k], t.projections[:k], levels[:k])}</details>"
+        )
+    cut = "; truncated to --max-tokens" if e.truncated else ""
+    parts.append(f"<p class='stats'>response ({len(e.tokens) - k} tokens{cut}):</p>")
+    parts.append(shaded_html(e.tokens[k:], t.projections[k:], levels[k:], k))
+    spans = "".join(
+        f"<li><b>{s.mean:.4g}</b> (tokens {s.start}–{s.end - 1}): "
+        f"{html.escape(excerpt(''.join(e.tokens[s.start : s.end]), 240))}</li>"
+        for s in t.spans
+    )
+    parts.append(
+        "<p class='stats'>top spans (sentences or lines, highest mean first):</p>"
+        f"<ol class='spans'>{spans}</ol>"
+    )
+    if e.mode == "natural":
+        if e.natural_tokens is None or t.natural_projections is None:
+            parts.append("<p class='stats'>natural answer: none (empty)</p>")
+        else:
+            parts.append(
+                f"<p class='stats natural'>natural answer ({len(e.natural_tokens)} tokens re-tokenised, "
+                f"{e.natural_tokens_stored} generated; read teacher-forced): proj_natural "
+                f"{_num(t.proj_natural, 6)} (stored {_num(t.stored.get('proj_natural'), 6)}, diff "
+                f"{_diff(t.diff('proj_natural'))})</p>"
+            )
+            parts.append(
+                shaded_html(e.natural_tokens, t.natural_projections, t.normalised(t.natural_projections))
+            )
+    return "".join(parts)
+
+
+def explanation_page(e: Explanation) -> str:
+    """`screener explain --format html`: one self-contained page, a section per trait."""
+    title = html.escape(f"persona-screen explain: sample {e.sample_id}")
+    sections = "".join(
+        f'<section id="trait-{_slug(trait)}"><h2>{html.escape(trait)}</h2>'
+        f"{explanation_html(e, trait, prompt=True)}</section>"
+        for trait in e.traits
+    )
+    sub = html.escape(
+        f"run {e.run_id} · row {e.source_row}, turn {e.turn} · layer {e.layer} · {e.mode} mode · "
+        "each token shaded by h·v̂ relative to the value the run's metric subtracts"
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        f'<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<style>{CSS}{EXPLAIN_CSS}</style></head><body><main>"
+        f"<h1>{title}</h1><p class='sub'>{sub}</p>{sections}</main></body></html>\n"
+    )
+
+
+def _explain_section(trait: str, explained: ReportExplanations, metric: str) -> str:
+    head = f'<section id="explain-{_slug(trait)}"><h2>Per-token view: {html.escape(trait)}</h2>'
+    if explained.error:
+        return (
+            f"{head}<p class='stats'>Not computed: {html.escape(explained.error)}. "
+            "(<code>screener report --no-explain</code> leaves this section out.)</p></section>"
+        )
+    items = explained.by_trait.get(trait, [])
+    if not items:
+        return f"{head}<p class='stats'>No top samples to show.</p></section>"
+    intro = (
+        f"<p class='stats'>The top {len(items)} samples' responses, each token shaded by its projection "
+        f"h·v̂ at layer {items[0].layer}: red above the value {html.escape(metric)} subtracts, blue below. "
+        "Computed with the run's model when this report was built; <code>screener explain SAMPLE_ID</code> "
+        "shows one sample in full.</p>"
+    )
+    blocks = "".join(
+        f"<div class='explained'><h3>#{rank} {html.escape(e.sample_id)} · {html.escape(metric)} "
+        f"{_num(e.traits[trait].stored.get(metric))}</h3>{explanation_html(e, trait)}</div>"
+        for rank, e in enumerate(items, 1)
+    )
+    return f"{head}{intro}{blocks}</section>"

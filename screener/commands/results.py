@@ -250,12 +250,32 @@ def _add_top(sub: argparse._SubParsersAction) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     _check_bins(args.bins)
+    if args.explain_k < 0:
+        raise QueryError("--explain-k must be at least 0")
+    explain = not args.no_explain and args.explain_k > 0
     with open_db(args.db) as store:
         run, layer, metric = _choose(store.con, args)
         data = report_data(store.con, run, layer, metric, bins=args.bins, k=args.k)
-    Path(args.out).write_text(html_report(data), encoding="utf-8")
+        if explain:
+            top = _report_top(store.con, run, layer, data, args.explain_k)
+    explained = None
+    if explain:  # the database is closed: the model loads and the dataset is read
+        from screener.explain import explain_report
+
+        explained = explain_report(run, layer, top, k=args.explain_k, input_uri=args.input)
+    Path(args.out).write_text(html_report(data, explained), encoding="utf-8")
     print(f"wrote {args.out} (run {run.run_id}, {len(run.traits)} traits, layer {layer}, {metric})")
     return 0
+
+
+def _report_top(con: duckdb.DuckDBPyConnection, run: Run, layer: int, data, k: int) -> dict:
+    """{trait: the first k of its top samples, as explain.StoredSample}."""
+    from screener.explain import stored_samples
+
+    return {
+        trait: stored_samples(con, run, [r["sample_id"] for r in found.top[:k]], layer, run.traits)
+        for trait, found in data.traits.items()
+    }
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -265,6 +285,21 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     _add_metric_and_layer_args(p)
     p.add_argument("--bins", type=int, default=30, help="histogram bins (default 30)")
     p.add_argument("-k", type=int, default=10, help="top samples per trait (default 10)")
+    p.add_argument(
+        "--explain-k",
+        type=int,
+        default=3,
+        metavar="K",
+        help="show the shaded response (per-token projections, computed now with the run's model) of the "
+        "top K samples per trait (default 3; 0 = none)",
+    )
+    p.add_argument(
+        "--no-explain",
+        action="store_true",
+        help="leave the per-token view out (no model is loaded); when the run's model or vectors are gone "
+        "or changed, the report says so in that section",
+    )
+    p.add_argument("--input", metavar="URI", help="where the screened data is now, for the per-token view")
     p.set_defaults(func=cmd_report)
 
 

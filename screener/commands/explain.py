@@ -1,0 +1,98 @@
+"""`screener explain SAMPLE_ID`: why a sample scored as it did, token by token (text, JSON or HTML)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from screener.errors import QueryError
+from screener.results import open_db, pick_run
+from screener.store import DEFAULT_DB
+
+__all__ = ["add_commands"]
+
+FORMATS = ("text", "json", "html")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from screener.explain import explain_samples, stored_samples
+    from screener.render import format_explanation, terminal_width, use_color
+    from screener.report import explanation_page
+
+    if args.format == "html" and not args.out:
+        raise QueryError("--format html needs --out FILE")
+    with open_db(args.db) as store:
+        run = pick_run(store.con, args.run)
+        layer = run.layer(args.layer)
+        traits = [t.strip() for item in args.trait or [] for t in item.split(",") if t.strip()]
+        traits = [run.check_trait(t) for t in traits] or list(run.traits)
+        stored = stored_samples(store.con, run, [args.sample_id], layer, traits)
+    # The database is closed: loading the model and reading the dataset take a while.
+    (explained,) = explain_samples(
+        run, stored, traits, layer, input_uri=args.input, model=args.model, device=args.device
+    )
+    if args.format == "json":
+        text = "".join(json.dumps(explained.to_json(t), ensure_ascii=False) + "\n" for t in traits)
+    elif args.format == "html":
+        text = explanation_page(explained)
+    else:
+        color = args.color == "always" if args.out else use_color(args.color)
+        text = "\n\n".join(
+            format_explanation(explained, t, color=color, width=terminal_width()) for t in traits
+        )
+        text += "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out} (sample {args.sample_id}, run {run.run_id}, layer {layer})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="why a sample scored high: its per-token projections (text, JSON or HTML)",
+        description=(
+            "Re-read one scored sample from the run's dataset, re-score it with the run's own model, "
+            "vectors, dtype and max tokens, and show h_L · v̂ at every token: the response shaded from "
+            "blue (below the value the run's metric subtracts: the last prompt token, or the natural "
+            "answer in natural mode) through white to red (above it), the stored and recomputed scores "
+            "with their differences, and the sentences with the highest mean projection. Refuses when "
+            "the model's weights or the vector files changed since the screen (sha256)."
+        ),
+    )
+    p.add_argument("sample_id", help="a sample id as `screener top` shows it (id, or id#turn)")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"the screen's DuckDB file (default {DEFAULT_DB})")
+    p.add_argument("--run", metavar="RUN_ID", help="run id or unique prefix (default: the latest run)")
+    p.add_argument(
+        "--trait",
+        action="append",
+        metavar="TRAIT",
+        help="trait to explain (repeatable or comma-separated; default: every trait of the run)",
+    )
+    p.add_argument("--layer", type=int, help="one of the run's layers (default: its first)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        help="text (shaded on a terminal), json (one object per trait, a line each), or html (--out)",
+    )
+    p.add_argument("--out", metavar="FILE", help="write to this file instead of stdout (required for html)")
+    p.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="text: colour the tokens (auto: on a terminal, unless NO_COLOR); without it, {+…+} and "
+        "[-…-] mark tokens well above and below",
+    )
+    p.add_argument("--input", metavar="URI", help="where the screened data is now (default: the run's)")
+    p.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="where the run's model is now (default: as the run recorded it); its weights must be the same",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(func=cmd_explain)
