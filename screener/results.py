@@ -83,6 +83,7 @@ def open_db(path: str | Path) -> Store:
             "it does. Rerun this command when the screen has finished."
         ) from e
     try:
+        _check_tables(store.con, path)
         views = (SQL_DIR / "views.sql").read_text()
         store.con.execute(views.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW"))
         # read_only stops writes to the database only: `COPY ... TO 'file'` would still overwrite any
@@ -93,6 +94,23 @@ def open_db(path: str | Path) -> Store:
         store.close()
         raise
     return store
+
+
+RESULT_TABLES = ("runs", "samples", "scores", "rejects")
+
+
+def _check_tables(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """A DuckDB file without a screen's tables: most likely a .duckdb copied without the .wal beside it
+    (results not yet checkpointed into the file live there), or another program's database."""
+    found = {
+        r[0]
+        for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
+    }
+    if missing := [t for t in RESULT_TABLES if t not in found]:
+        raise QueryError(
+            f"{path}: not a screen's results database (no table {', '.join(missing)}); if it was copied from "
+            f"where a screen ran, copy {path.name}.wal from beside it too, or rerun that screen to finish it"
+        )
 
 
 @contextmanager

@@ -317,3 +317,15 @@ def test_a_database_of_an_earlier_version_is_read_as_it_is(tmp_path: Path) -> No
 )
 def test_query_params_are_outside_strings_names_and_comments(sql: str, params: set[str]) -> None:
     assert query_params(sql) == params
+
+
+def test_a_database_file_without_the_results_is_one_line(tmp_path: Path) -> None:
+    """A .duckdb copied without its .wal (results not checkpointed) has no tables: it was a traceback."""
+    duckdb.connect(str(tmp_path / "copy.duckdb")).close()
+    with pytest.raises(QueryError) as e:
+        open_db(tmp_path / "copy.duckdb")
+    assert str(e.value) == (
+        f"{tmp_path / 'copy.duckdb'}: not a screen's results database (no table runs, samples, scores, "
+        "rejects); if it was copied from where a screen ran, copy copy.duckdb.wal from beside it too, or "
+        "rerun that screen to finish it"
+    )
