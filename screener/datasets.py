@@ -711,6 +711,7 @@ def _stream_json(f: IO[bytes], path: str, stats: ReadStats, *, array: bool) -> I
     if not stream.complete:
         at = stream.byte_at(stream.done)
         stats.truncated_file, stats.truncated_at_byte, stats.recovered_records = path, at, stream.n_values
+        stats.truncated.append((path, at, stream.n_values))
         warnings.warn(
             f"{path}: JSON is truncated; recovered {stream.n_values} complete records, "
             f"ignored everything after byte {at:,}",

@@ -181,3 +181,24 @@ def earlier_database(path: Path, run: Run) -> list[Run]:
             )
         con.execute("INSERT INTO rejects VALUES (?, 3, 'r', 'a.jsonl', 'why')", [run.run_id])
     return [run, other]
+
+
+class FullDisk:
+    """A DuckDB connection whose CHECKPOINT fails as on a full disk (what DuckDB raises there); every
+    other call goes through. `Store.con = FullDisk(store.con)`."""
+
+    def __init__(self, con: object) -> None:
+        self._con = con
+
+    def execute(self, sql: str, *args: object):
+        import duckdb
+
+        if sql == "CHECKPOINT":
+            raise duckdb.FatalException(
+                'FATAL Error: Failed to create checkpoint because of error: Could not write file "x": '
+                "No space left on device"
+            )
+        return self._con.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._con, name)

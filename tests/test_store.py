@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import earlier_database
+from helpers import FullDisk, earlier_database
 
 from screener.records import Reject, Sample, Scored
 from screener.runs import Run
@@ -381,26 +381,6 @@ def test_finish_run_checkpoints_so_the_database_file_alone_holds_the_run(tmp_pat
             50,
             "finished",
         )
-
-
-class FullDisk:
-    """A connection whose CHECKPOINT fails as on a full disk; everything else goes through."""
-
-    def __init__(self, con: object) -> None:
-        self._con = con
-
-    def execute(self, sql: str, *args: object):
-        import duckdb
-
-        if sql == "CHECKPOINT":
-            raise duckdb.FatalException(
-                'FATAL Error: Failed to create checkpoint because of error: Could not write file "x": '
-                "No space left on device"
-            )
-        return self._con.execute(sql, *args)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._con, name)
 
 
 def test_a_checkpoint_that_fails_is_a_storage_error_and_the_run_is_not_finished(tmp_path: Path) -> None:
