@@ -550,6 +550,15 @@ def test_a_failed_screen_is_recorded_and_a_rerun_finishes_it(
     again = screen(config(data, db, tiny_llama, vector_files, chunk_size=4))
     assert again.resumed and (again.scored, again.total_scored) == (8, 12)
     assert table(db, "SELECT status, error FROM runs") == [("finished", None)]
+    # Ctrl-C: recorded as interrupted; the command says to rerun it (exit code 130)
+    monkeypatch.setattr(
+        screen_module.ScreenStage, "process", lambda self, chunk: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        screen(config(data, db, tiny_llama, vector_files, chunk_size=4, max_tokens=64))
+    assert table(db, "SELECT status, error FROM runs WHERE status <> 'finished'") == [
+        ("failed", "interrupted")
+    ]
 
 
 def test_a_disk_full_at_the_final_checkpoint_fails_loudly(

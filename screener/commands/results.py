@@ -402,8 +402,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         description=(
             "Re-read the run's input records and write them unchanged, minus the flagged ones. Every "
             "filter selects SAMPLES TO DROP; a record is dropped when any of its scored samples is "
-            "selected. Records the screen did not score (rejected, or past --limit) are kept unless "
-            "--drop-unscored; unparseable input lines are in neither output. Without a filter, a jsonl "
+            "selected. Records the screen did not score (rejected, past --limit, or tool calls only) are "
+            "kept unless --drop-unscored; unparseable input lines and unreadable files are in neither "
+            "output. Nothing is written over the screened input or the database, nor over an existing "
+            "output without --force. Without a filter, a jsonl "
             "export reproduces the input records exactly; parquet and hf are columnar, so where records "
             "have differing keys, each gains the keys it lacks, with null values. A manifest "
             "(OUT.manifest.json, or OUT/manifest.json for hf) records the run, the filter and the counts."
