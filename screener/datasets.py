@@ -631,10 +631,12 @@ def _not_utf8(cells: list[str]) -> int | None:
 
 class _Lines:
     """A binary file's lines, decoded for the csv module (bytes that are not UTF-8 kept as surrogates, so a
-    bad row is rejected alone), with the line number and byte offset of each line of the current row."""
+    bad row is rejected alone), with the line number and byte offset of each line of the current row.
+    Lines end at LF, CRLF or a lone CR, as with open(newline="")."""
 
     def __init__(self, f: IO[bytes]):
         self.f, self.offset, self.line, self.eof = f, 0, 0, False
+        self.pieces: list[tuple[bytes, int]] = []  # lines split off a raw line at a lone \r, and offsets
         self.record: list[tuple[int, int]] = []  # (line number, byte offset) of the current row's lines
         self.first = b""  # the current row's first line, for a stable id of a row that does not parse
 
@@ -642,17 +644,22 @@ class _Lines:
         return self
 
     def __next__(self) -> str:
-        data = self.f.readline()
-        if not data:
-            self.eof = True
-            raise StopIteration
-        if self.offset == 0:
-            data = data.removeprefix(codecs.BOM_UTF8)
+        if not self.pieces:
+            data, start = self.f.readline(), self.offset
+            if not data:
+                self.eof = True
+                raise StopIteration
+            self.offset = self.f.tell()
+            if start == 0 and data.startswith(codecs.BOM_UTF8):
+                data, start = data[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+            for piece in _LONE_CR.split(data) if b"\r" in data else [data]:
+                self.pieces.append((piece, start))
+                start += len(piece)
+        data, start = self.pieces.pop(0)
         if not self.record:
             self.first = data
         self.line += 1
-        self.record.append((self.line, self.offset))
-        self.offset = self.f.tell()
+        self.record.append((self.line, start))
         return data.decode("utf-8", "surrogateescape")
 
     def start_record(self) -> None:
@@ -661,7 +668,10 @@ class _Lines:
     def restart_at_second_line(self) -> None:
         self.line, self.offset = self.record[1][0] - 1, self.record[1][1]
         self.f.seek(self.offset)
-        self.eof = False
+        self.pieces, self.eof = [], False
+
+
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)(?=.)", re.S)
 
 
 def _read_json(f: IO[bytes], path: str, stats: ReadStats) -> Iterator[Row]:

@@ -703,3 +703,13 @@ def test_content_part_and_tool_call_rejects(message, reason):
         {"messages": [U, message]}, "openai", source_row=0, source_file="f", turns="last"
     )
     assert isinstance(out, Reject) and out.kind == "bad" and out.reason == reason
+
+
+def test_csv_line_endings(tmp_path):
+    """LF, CRLF and old Mac CR line endings, with a quoted cell holding a line break of each kind."""
+    rows = [["id", "prompt", "response"], ["1", "p1", "r1"], ["2", "two\nlines", "r2"], ["3", "p3", "r3"]]
+    for ending in ("\n", "\r\n", "\r"):
+        text = ending.join(",".join(f'"{c}"' if "\n" in c else c for c in row) for row in rows) + ending
+        (path := tmp_path / "d.csv").write_bytes(text.replace("two\nlines", f"two{ending}lines").encode())
+        got = [(s.sample_id, s.prompt[0]["content"]) for s in samples(path)]
+        assert got == [("1", "p1"), ("2", f"two{ending}lines"), ("3", "p3")], repr(ending)

@@ -407,11 +407,10 @@ def test_a_real_full_disk_at_the_final_checkpoint(tmp_path: Path) -> None:
 
     disk = tmp_path / "disk"
     disk.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]).returncode
-    ):
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode:
         pytest.skip("needs root to mount a small tmpfs")
+    store = None
     try:
         store = Store(disk / "s.duckdb")
         store.begin_run(RUN)
@@ -426,7 +425,9 @@ def test_a_real_full_disk_at_the_final_checkpoint(tmp_path: Path) -> None:
         with Store(disk / "s.duckdb") as again:  # the WAL replays: nothing committed was lost
             assert again.counts(RUN.run_id) == (300, 0) and status(again)[0] == "running"
     finally:
-        subprocess.run(["umount", str(disk)], check=True)
+        if store is not None:
+            store.close()
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 def test_database_files_that_cannot_be_used_are_one_line_each(tmp_path: Path) -> None:
