@@ -62,8 +62,9 @@ def run(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
 
     try:
         return int(func(args) or 0)
-    except ScreenerError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ScreenerError as e:  # one line, whatever the message (DuckDB's span several)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # `screener top | head`: the reader left; not an error
         # later writes (and the interpreter's final flush) must not raise again

@@ -2,10 +2,17 @@
 
 A URI names local files (.jsonl, .json, .parquet, .csv; .jsonl/.json/.csv may be gzipped), a directory or
 glob of them, or a Hugging Face hub dataset (`org/name`, `hf://datasets/org/name[/path]`). Every container
-yields raw dict records in order, numbered over the whole dataset. The row format (OpenAI `messages`,
-ShareGPT `conversations`, LMSYS `conversation`, `prompt` + `response`) is detected from the first record;
-each record then becomes one Sample per scored assistant turn, or a Reject whose reason names the field.
-Nothing larger than one record (one parquet batch) is held in memory, not even for a huge JSON array.
+yields raw dict records in order, numbered over the whole dataset. Each file's row format (OpenAI
+`messages`, ShareGPT `conversations`, LMSYS `conversation`, `prompt` + `response`) is detected from its first
+record; each record then becomes one Sample per scored assistant turn, or a Reject whose reason names the
+field. Nothing larger than one record (one parquet batch) is held in memory, not even for a huge JSON array.
+
+Nothing is lost quietly: a record that does not parse is a Reject with its row number; a file whose content
+cannot be read (corrupt compression, not parquet, a JSON array broken mid-way) is one file-level Reject
+after the rows read before the failure, and the other files are read. Such a failure is a function of the
+file's bytes, so it happens at the same row on every read and the rows after it keep their numbers (resume
+and export rely on that). A file that cannot be opened at all (permissions, I/O errors) stops the read
+instead: skipping it would renumber the rows of the files after it once it can be read.
 """
 
 from __future__ import annotations
@@ -16,17 +23,18 @@ import glob
 import gzip
 import hashlib
 import importlib.util
-import io
 import json
 import os
 import re
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import IO
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from screener.errors import UserError
@@ -34,6 +42,8 @@ from screener.records import Message, Reject, Sample
 
 __all__ = [
     "DatasetFormatError",
+    "DatasetNotFoundError",
+    "DatasetReadError",
     "ReadStats",
     "canonical_uri",
     "data_suffix",
@@ -41,6 +51,7 @@ __all__ = [
     "is_glob",
     "is_hub_name",
     "iter_records",
+    "local_files",
     "packaged_sharegpt",
     "read_samples",
     "record_to_samples",
@@ -57,28 +68,48 @@ SUPPORTED = (
     "openai (messages), sharegpt (conversations), lmsys (conversation), "
     "prompt_response (prompt + response or answer)"
 )
-# The role names seen in the wild (lower-cased) → the three roles a chat template knows.
-ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user"} | dict.fromkeys(
-    ("assistant", "gpt", "chatgpt", "bard", "bing"), "assistant"
+# The role names seen in the wild (lower-cased) → the roles a chat template knows. "tool" is a tool's
+# result (OpenAI `tool`, legacy `function`, Llama 3 `ipython`, ShareGPT-style `observation`).
+ROLES = (
+    {"system": "system", "developer": "system", "user": "user", "human": "user"}
+    | dict.fromkeys(("assistant", "gpt", "chatgpt", "bard", "bing"), "assistant")
+    | dict.fromkeys(("tool", "function", "ipython", "observation"), "tool")
 )
+# OpenAI content parts whose "text" is text (chat completions, and the Responses API's two kinds); other
+# parts (image_url, input_audio, file...) are left out of the text the model sees.
+TEXT_PARTS = ("text", "input_text", "output_text")
+TOOL_KEYS = ("tool_call_id", "name")  # kept on a tool message, for templates that render them
 
 
 class DatasetFormatError(UserError, ValueError):
     """The dataset cannot be used as is; the message names the file (and row when relevant)."""
 
 
+class DatasetNotFoundError(UserError, FileNotFoundError):
+    """The dataset URI names no file, folder, glob match or hub dataset."""
+
+
+class DatasetReadError(UserError):
+    """A file of the dataset cannot be opened or read at all (permissions, I/O error)."""
+
+
 @dataclass
 class ReadStats:
     """What a read did, filled in while streaming; the caller prints it in its summary."""
 
-    records: int = 0
+    records: int = 0  # rows read (records, and lines that did not parse), over every file
     samples: int = 0
-    rejects: int = 0
-    files: list[str] = field(default_factory=list)
+    rejects: int = 0  # records and turns that cannot be scored (Reject kind "bad")
+    skipped: int = 0  # assistant turns with nothing to score: tool calls only (kind "skipped")
+    files: list[str] = field(default_factory=list)  # in the order read
+    per_file: dict[str, int] = field(default_factory=dict)  # rows read from each file
+    formats: dict[str, str] = field(default_factory=dict)  # each file's row format (from its first record)
+    unreadable: dict[str, str] = field(default_factory=dict)  # file → why it could not be read (to its end)
+    truncated: list[tuple[str, int, int]] = field(default_factory=list)  # (file, byte, records recovered)
+    # the last truncated JSON file: where its last complete record ends, and how many were recovered
     truncated_file: str | None = None
-    truncated_at_byte: int | None = None  # where the last complete record of the truncated file ends
+    truncated_at_byte: int | None = None
     recovered_records: int | None = None
-    format: str | None = None
     # how far through the input the read is, for a progress estimate when the sample count is not known
     bytes_total: int = 0  # of the local files, known when the read starts (0 for hub datasets)
     bytes_done: int = 0  # of the files finished
@@ -91,6 +122,19 @@ class ReadStats:
         current = self.position() if self.position is not None else 0
         return min(1.0, (self.bytes_done + current) / self.bytes_total)
 
+    @property
+    def format(self) -> str | None:
+        """The row format read: one name, or "mixed (a, b)" when the files differ."""
+        found = list(dict.fromkeys(self.formats.values()))
+        if len(found) <= 1:
+            return found[0] if found else None
+        return f"mixed ({', '.join(found)})"
+
+    @property
+    def empty_files(self) -> list[str]:
+        """Files read to their end that held no rows at all."""
+        return [f for f in self.files if not self.per_file.get(f) and f not in self.unreadable]
+
 
 @dataclass(slots=True)
 class _BadRecord:
@@ -100,7 +144,14 @@ class _BadRecord:
     sample_id: str
 
 
-Row = dict | _BadRecord
+@dataclass(slots=True)
+class _BadFile:
+    """A file that could not be read (to its end); it becomes one file-level Reject."""
+
+    reason: str
+
+
+Row = dict | _BadRecord | _BadFile
 
 
 # ---- public API ---------------------------------------------------------------------------------------
@@ -112,7 +163,9 @@ def iter_records(
     """(source_row, source_file, raw record) for every record, in order, streamed.
 
     Records are exactly as parsed, so writing them back reproduces the input. Unparseable lines are
-    skipped here but keep their row number, so rows line up with `read_samples`.
+    skipped here but keep their row number, so rows line up with `read_samples`; unreadable files (and,
+    in a dataset of several files, files of no known row format) are skipped and listed in
+    `stats.unreadable`. `stats.formats` has each file's row format by the time its first record comes.
     """
     rows = _iter_rows(_sources(uri, split), stats if stats is not None else ReadStats())
     return ((row, source, record) for row, source, record in rows if isinstance(record, dict))
@@ -138,24 +191,29 @@ def read_samples(
 
 
 def _samples(rows: Iterator, turns: str, limit: int | None, stats: ReadStats) -> Iterator[Sample | Reject]:
-    fmt, n_samples = None, 0
+    n_samples = 0
     if limit is not None and limit <= 0:
         return
     for row, source, record in rows:
-        if isinstance(record, _BadRecord):
-            items: list[Sample | Reject] = [Reject(row, record.sample_id, record.reason, source)]
+        if isinstance(record, _BadFile):
+            items: list[Sample | Reject] = [Reject(-1, source, record.reason, source, kind="file")]
+        elif isinstance(record, _BadRecord):
+            items = [Reject(row, record.sample_id, record.reason, source)]
         else:
-            if fmt is None:
-                try:
-                    fmt = stats.format = detect_format(record)
-                except DatasetFormatError as e:
-                    raise DatasetFormatError(f"{source}, row {row}: {e}") from None
-            items = record_to_samples(record, fmt, source_row=row, source_file=source, turns=turns)
+            try:
+                items = record_to_samples(
+                    record, stats.formats[source], source_row=row, source_file=source, turns=turns
+                )
+            except RecursionError:  # parsed, but too deep to hash or normalise
+                reason = "record nested too deeply to process"
+                items = [Reject(row, _hash(f"{source}\x1f{row}".encode()), reason, source)]
         for item in items:
             if isinstance(item, Sample):
                 stats.samples += 1
                 n_samples += 1
-            else:
+            elif item.kind == "skipped":
+                stats.skipped += 1
+            elif item.kind == "bad":
                 stats.rejects += 1
             yield item
             if n_samples == limit:
@@ -175,7 +233,10 @@ def detect_format(record: dict) -> str:
 def record_to_samples(
     record: dict, fmt: str, *, source_row: int, source_file: str, turns: str
 ) -> list[Sample | Reject]:
-    """One Sample per scored assistant turn (the last one, or all), or Rejects that name the field."""
+    """One Sample per scored assistant turn (the last one, or all), or Rejects that name the field.
+
+    An assistant turn with tool calls and no text has nothing to score: it is a Reject of kind
+    "skipped", and the record's other turns are scored as usual."""
     record_id = _record_id(record)
     if fmt == "prompt_response":
         parsed = _parse_prompt_response(record)
@@ -196,9 +257,12 @@ def record_to_samples(
     for turn, k in scored if turns == "all" else scored[-1:]:
         sample_id = f"{record_id}#{turn}" if several else record_id
         prompt, response = messages[:k], messages[k]["content"]
-        if not response.strip():
+        if not response.strip() and messages[k].get("tool_calls"):
+            reason = f"{paths[k].rpartition('.')[0]}: tool calls only, no text to score"
+            out.append(Reject(source_row, sample_id, reason, source_file, kind="skipped"))
+        elif not response.strip():
             out.append(Reject(source_row, sample_id, f"{paths[k]}: empty response", source_file))
-        elif all(m["role"] == "assistant" for m in prompt):
+        elif not any(m["role"] in ("user", "system") for m in prompt):
             reason = f"{paths[k]}: empty prompt (no user or system message before this turn)"
             out.append(Reject(source_row, sample_id, reason, source_file))
         else:
@@ -212,7 +276,11 @@ def record_to_samples(
 def _parse_chat(
     record: dict, list_key: str, role_key: str, content_key: str
 ) -> tuple[list[Message], list[str]] | str:
-    """Normalised messages and each one's content field path, or the reason the record is unusable."""
+    """Normalised messages and each one's content field path, or the reason the record is unusable.
+
+    Content may be a string or a list of OpenAI content parts (their text parts are joined with "\n",
+    other parts left out). An assistant message may carry `tool_calls` (then its content may be null), a
+    tool message `tool_call_id` and `name`: they are kept for the chat template to render."""
     if list_key not in record:
         return f"{list_key}: missing (columns found: {list(record)})"
     if not isinstance(record[list_key], list):
@@ -230,15 +298,50 @@ def _parse_chat(
             return f"{where}.{role_key}: not a string"
         if role.lower() not in ROLES:
             return f"{where}.{role_key}: unknown role {role!r}"
-        if content is None:
+        role = ROLES[role.lower()]
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            return f"{where}.tool_calls: not a list"
+        if content is None and calls:
+            content = ""  # a turn that only calls tools
+        elif content is None:
             return f"{where}: missing {content_key}"
-        if not isinstance(content, str):
+        elif isinstance(content, list):
+            content = _content_parts(content, f"{where}.{content_key}")
+            if content is None:
+                return f"{where}.{content_key}: not a string or a list of content parts"
+            if isinstance(content, _Invalid):
+                return content.reason
+        elif not isinstance(content, str):
             return f"{where}.{content_key}: not a string"
-        messages.append({"role": ROLES[role.lower()], "content": content})
+        normalised: Message = {"role": role, "content": content}
+        if calls:
+            normalised["tool_calls"] = calls
+        if role == "tool":
+            normalised |= {k: message[k] for k in TOOL_KEYS if isinstance(message.get(k), str)}
+        messages.append(normalised)
         paths.append(f"{where}.{content_key}")
     if not any(m["role"] == "assistant" for m in messages):
         return f"{list_key}: no assistant turn"
     return messages, paths
+
+
+@dataclass(slots=True)
+class _Invalid:
+    reason: str
+
+
+def _content_parts(parts: list, path: str) -> str | _Invalid | None:
+    """The text of OpenAI content parts, joined with "\n"; None when `parts` are not content parts."""
+    if not all(isinstance(part, dict) and isinstance(part.get("type"), str) for part in parts):
+        return None
+    texts = []
+    for j, part in enumerate(parts):
+        if part["type"] in TEXT_PARTS:
+            if not isinstance(part.get("text"), str):
+                return _Invalid(f"{path}[{j}].text: not a string")
+            texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _parse_prompt_response(record: dict) -> tuple[list[Message], list[str]] | str:
@@ -282,19 +385,87 @@ def _hash(data: bytes) -> str:
 # ---- containers: URI → (source, reader) → numbered rows ---------------------------------------------
 
 
-def _iter_rows(sources: list[tuple[str, Callable]], stats: ReadStats) -> Iterator[tuple[int, str, Row]]:
-    """Number the rows of every source in order; this is the one path shared by files and hub datasets."""
+@dataclass(frozen=True, slots=True)
+class _Source:
+    name: str  # the file's path, or the hub URI
+    read: Callable[[ReadStats], Iterator[Row]]
+    local: bool = True  # a local file: a failure of its content makes it a file-level reject
+
+
+def _iter_rows(sources: list[_Source], stats: ReadStats) -> Iterator[tuple[int, str, Row]]:
+    """Number the rows of every source in order; this is the one path shared by files and hub datasets.
+
+    Each file's row format is detected from its first record. A file whose content fails yields the rows
+    read before the failure, then a _BadFile (row -1); so does, in a dataset of several files, a file of
+    no known row format (a dataset of one such file stops with the columns it has). A file that cannot
+    be opened or read at all stops the read (see the module docstring)."""
     row = 0
-    stats.bytes_total = sum(os.path.getsize(source) for source, _ in sources if os.path.isfile(source))
-    for source, read in sources:
-        stats.files.append(source)
-        for record in read(stats):
-            stats.records += 1
-            yield row, source, record
-            row += 1
-        stats.position = None
-        if os.path.isfile(source):
-            stats.bytes_done += os.path.getsize(source)
+    stats.bytes_total = sum(os.path.getsize(s.name) for s in sources if s.local and os.path.isfile(s.name))
+    for source in sources:
+        name = source.name
+        stats.files.append(name)
+        stats.per_file[name] = 0
+        try:
+            for record in source.read(stats):
+                if isinstance(record, dict) and name not in stats.formats:
+                    try:
+                        stats.formats[name] = detect_format(record)
+                    except DatasetFormatError as e:
+                        if len(sources) == 1 or not source.local:
+                            raise _NoFormat(f"{name}, row {row}: {e}") from None
+                        raise _UnknownFormat(f"{e} (its first record, row {row})") from None
+                stats.records += 1
+                stats.per_file[name] += 1
+                yield row, name, record
+                row += 1
+        except Exception as e:
+            if isinstance(e, _NoFormat) or not source.local:
+                raise
+            if isinstance(e, OSError) and e.errno is not None:
+                raise DatasetReadError(
+                    f"{name}: cannot read the file ({e.strerror}); a file that cannot be opened stops the "
+                    "screen, as skipping it would renumber the rows of the files after it"
+                ) from None
+            if not isinstance(e, _CONTENT_ERRORS):
+                raise
+            reason = _file_reason(e, name, stats.per_file[name])
+            stats.unreadable[name] = reason
+            yield -1, name, _BadFile(reason)
+        finally:
+            stats.position = None
+            if source.local and os.path.isfile(name):
+                stats.bytes_done += os.path.getsize(name)
+
+
+class _UnknownFormat(DatasetFormatError):
+    """A file of a dataset of several whose first record has no known row format: a file-level reject."""
+
+
+class _NoFormat(DatasetFormatError):
+    """The one source of a dataset has no known row format: the read stops."""
+
+
+# What a file's bytes can make a reader raise. OSErrors count only without an errno: gzip's BadGzipFile
+# and Arrow's IO errors have none, while a missing file, a permission or a disk error has one.
+_CONTENT_ERRORS = (ValueError, EOFError, zlib.error, csv.Error, RecursionError, pa.ArrowException, OSError)
+
+
+def _file_reason(e: Exception, path: str, n_read: int) -> str:
+    """A one-line reason for a file-level reject: what failed, and what was read before it."""
+    message = str(e).removeprefix(f"{path}: ").strip().splitlines()
+    what = message[0] if message else type(e).__name__
+    if isinstance(e, _UnknownFormat):
+        return f"unreadable file: {what}"
+    if isinstance(e, gzip.BadGzipFile | zlib.error | EOFError):
+        what = f"corrupt compressed data: {what}"
+    elif isinstance(e, pa.ArrowException) or (isinstance(e, OSError) and data_suffix(path) == ".parquet"):
+        what = f"not a readable parquet file: {what}"
+    elif isinstance(e, RecursionError):
+        what = "nested too deeply to parse"
+    elif not isinstance(e, DatasetFormatError):
+        what = f"{type(e).__name__}: {what}"
+    read = f"{n_read} row{'s' * (n_read != 1)} read before it" if n_read else "nothing read"
+    return f"unreadable file: {what} ({read})"
 
 
 def is_glob(uri: str) -> bool:
@@ -314,14 +485,21 @@ def canonical_uri(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def _sources(uri: str, split: str | None) -> list[tuple[str, Callable[[ReadStats], Iterator[Row]]]]:
+def _sources(uri: str, split: str | None) -> list[_Source]:
     """The sources behind a URI, each a name (file path or hub URI) and a reader to call lazily."""
     if uri.startswith("hf://datasets/"):
         parts = uri.removeprefix("hf://datasets/").strip("/").split("/")
         if len(parts) < 2:
-            raise ValueError(f"{uri}: expected hf://datasets/org/name[/path]")
+            raise DatasetFormatError(f"{uri}: expected hf://datasets/org/name[/path]")
         repo, data_files = "/".join(parts[:2]), "/".join(parts[2:]) or None
-        return [(uri, partial(_read_hub, repo, data_files, split))]
+        return [_Source(uri, partial(_read_hub, repo, data_files, split), local=False)]
+    if is_hub_name(uri) and not Path(uri).exists():
+        return [_Source(uri, partial(_read_hub, uri, None, split), local=False)]
+    return [_Source(p, partial(_read_file, p)) for p in local_files(uri)]
+
+
+def local_files(uri: str) -> list[str]:
+    """The data files behind a local URI (a file, a folder or a glob), sorted; raises if there are none."""
     path = Path(uri)
     if path.is_dir():
         # Hidden entries (.git, .cache) are never data.
@@ -336,14 +514,12 @@ def _sources(uri: str, split: str | None) -> list[tuple[str, Callable[[ReadStats
         paths = [uri]
     elif is_glob(uri):
         paths = sorted(glob.glob(uri, recursive=True))
-    elif is_hub_name(uri):
-        return [(uri, partial(_read_hub, uri, None, split))]
     else:
-        raise FileNotFoundError(f"{uri}: no such file or directory, and not a hub dataset name (org/name)")
+        raise DatasetNotFoundError(f"{uri}: no such file or directory, and not a hub dataset name (org/name)")
     files = [p for p in paths if data_suffix(p) and Path(p).is_file()]
     if not files:
         raise DatasetFormatError(f"{uri}: no data files ({', '.join(SUFFIXES)}, and .gz) found")
-    return [(p, partial(_read_file, p)) for p in files]
+    return files
 
 
 def packaged_sharegpt() -> Path:
@@ -401,26 +577,122 @@ def _read_jsonl(f: IO[bytes]) -> Iterator[Row]:
         except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
             yield _BadRecord(f"invalid JSON: {e}", _hash(line.strip()))
             continue
+        except RecursionError:  # json's C parser recurses once per level
+            yield _BadRecord(_TOO_DEEP, _hash(line.strip()))
+            continue
         if not isinstance(record, dict):
             yield _not_an_object(record)
         else:
             yield record
 
 
+_TOO_DEEP = "invalid JSON: nested too deeply to parse"
+
+
 def _read_csv(f: IO[bytes]) -> Iterator[Row]:
+    """CSV rows as dicts of strings, by the header. A row that does not parse is a _BadRecord naming what
+    is wrong: too few or too many cells, a cell that is not UTF-8, a stray quote. A quote that is never
+    closed would swallow the rest of the file into one cell: that row is rejected and reading starts
+    again on the line after its first one, so the rows after it are read as rows."""
     # The csv module keeps every cell a string (pyarrow would turn an id "007" into 7); a chat response
     # easily passes its default 128 KiB field limit.
     csv.field_size_limit(2**31 - 1)
-    reader = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
-    header = next(reader, [])
-    for cells in reader:
+    lines = _Lines(f)
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, [])
+    except csv.Error as e:
+        raise DatasetFormatError(f"the CSV header (line 1) does not parse: {e}") from None
+    if _not_utf8(header) is not None:
+        raise DatasetFormatError("the CSV header (line 1) is not UTF-8")
+    while True:
+        lines.start_record()
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            first, last = lines.record[0][0], lines.line
+            key = _hash(lines.first)
+            if lines.eof and "unexpected end of data" in str(e):
+                span = f"csv line {first}: a quote opened in this row is never closed"
+                if last > first:  # read the lines it swallowed again, as rows
+                    yield _BadRecord(f"{span} (it ran to the end of the file, line {last})", key)
+                    lines.restart_at_second_line()
+                    reader = csv.reader(lines, strict=True)
+                else:
+                    yield _BadRecord(span, key)
+                continue
+            yield _BadRecord(f"csv line {first}: {e}", key)
+            continue
         if not cells:
             continue
+        key = _hash("\x1f".join(cells).encode("utf-8", "surrogateescape"))
         if len(cells) != len(header):
             reason = f"csv: {len(cells)} cells, the header has {len(header)}"
-            yield _BadRecord(reason, _hash("\x1f".join(cells).encode("utf-8")))
+            first, last = lines.record[0][0], lines.line
+            if last > first:
+                reason += f" (this row spans lines {first}-{last}: a quote may be unbalanced)"
+            yield _BadRecord(reason, key)
+        elif (bad := _not_utf8(cells)) is not None:
+            yield _BadRecord(f"{header[bad]}: not UTF-8", key)
         else:
             yield dict(zip(header, cells, strict=True))
+
+
+def _not_utf8(cells: list[str]) -> int | None:
+    """The index of the first cell holding bytes that were not UTF-8 (decoded as surrogates), if any."""
+    for i, cell in enumerate(cells):
+        try:
+            cell.encode("utf-8")
+        except UnicodeEncodeError:
+            return i
+    return None
+
+
+class _Lines:
+    """A binary file's lines, decoded for the csv module (bytes that are not UTF-8 kept as surrogates, so a
+    bad row is rejected alone), with the line number and byte offset of each line of the current row.
+    Lines end at LF, CRLF or a lone CR, as with open(newline="")."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.offset, self.line, self.eof = f, 0, 0, False
+        self.pieces: list[tuple[bytes, int]] = []  # lines split off a raw line at a lone \r, and offsets
+        self.record: list[tuple[int, int]] = []  # (line number, byte offset) of the current row's lines
+        self.first = b""  # the current row's first line, for a stable id of a row that does not parse
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if not self.pieces:
+            data, start = self.f.readline(), self.offset
+            if not data:
+                self.eof = True
+                raise StopIteration
+            self.offset = self.f.tell()
+            if start == 0 and data.startswith(codecs.BOM_UTF8):
+                data, start = data[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+            for piece in _LONE_CR.split(data) if b"\r" in data else [data]:
+                self.pieces.append((piece, start))
+                start += len(piece)
+        data, start = self.pieces.pop(0)
+        if not self.record:
+            self.first = data
+        self.line += 1
+        self.record.append((self.line, start))
+        return data.decode("utf-8", "surrogateescape")
+
+    def start_record(self) -> None:
+        self.record, self.first = [], b""
+
+    def restart_at_second_line(self) -> None:
+        self.line, self.offset = self.record[1][0] - 1, self.record[1][1]
+        self.f.seek(self.offset)
+        self.pieces, self.eof = [], False
+
+
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)(?=.)", re.S)
 
 
 def _read_json(f: IO[bytes], path: str, stats: ReadStats) -> Iterator[Row]:
@@ -436,7 +708,7 @@ def _read_json(f: IO[bytes], path: str, stats: ReadStats) -> Iterator[Row]:
         f.seek(0)
         try:
             is_lines = isinstance(json.loads(line), dict)
-        except ValueError:
+        except (ValueError, RecursionError):
             is_lines = False
         yield from _read_jsonl(f) if is_lines else _stream_json(f, path, stats, array=False)
     elif first == b"[":
@@ -470,6 +742,7 @@ def _stream_json(f: IO[bytes], path: str, stats: ReadStats, *, array: bool) -> I
     if not stream.complete:
         at = stream.byte_at(stream.done)
         stats.truncated_file, stats.truncated_at_byte, stats.recovered_records = path, at, stream.n_values
+        stats.truncated.append((path, at, stream.n_values))
         warnings.warn(
             f"{path}: JSON is truncated; recovered {stream.n_values} complete records, "
             f"ignored everything after byte {at:,}",
@@ -532,6 +805,18 @@ class _JsonStream:
             else:
                 try:
                     value, end = decode(self.buf, self.pos)
+                except RecursionError:  # too deep for json's recursive parser: skip the value, whole
+                    end = _value_end(self.buf, self.pos)
+                    if end is None:  # it goes on past the buffer
+                        self.read_size = max(CHUNK_BYTES, len(self.buf))
+                        if not self._fill():
+                            return
+                        continue
+                    key = _hash(self.buf[self.pos : end].encode("utf-8", "surrogatepass"))
+                    self.pos = self.done = end
+                    self.n_values, self.read_size = self.n_values + 1, CHUNK_BYTES
+                    yield _BadRecord(_TOO_DEEP, key)
+                    continue
                 except json.JSONDecodeError as e:
                     if not _looks_cut(e):
                         at = self.byte_at(e.pos)
@@ -548,3 +833,27 @@ class _JsonStream:
                 self.pos = self.done = end
                 self.n_values, self.read_size = self.n_values + 1, CHUNK_BYTES
                 yield value if isinstance(value, dict) else _not_an_object(value)
+
+
+def _value_end(buf: str, pos: int) -> int | None:
+    """The end of the JSON array or object starting at buf[pos], found without recursion (brackets
+    counted outside strings); None if the buffer ends first."""
+    depth, i, n = 0, pos, len(buf)
+    in_string = False
+    while i < n:
+        c = buf[i]
+        if in_string:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None

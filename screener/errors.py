@@ -1,18 +1,25 @@
 """Every error `screener` reports as one line instead of a traceback, and its exit code.
 
-One hierarchy, one handler (`cli.main`), one table (README, "Exit codes"):
+One hierarchy, one handler (`cli.main`, which prints the message on one line), one table (README,
+"Exit codes"):
 
     0    success
-    1    QueryError    the results cannot answer the request: no such run, trait or layer; SQL that fails
-                       or is refused (read-only); a filter that does not parse; the screened input moved or
-                       changed since the screen; an output that is already there
-    2    UserError     an input or setting cannot be used: a dataset, model, vector, sidecar or trait file,
-                       or an option value (the message names the file, row and field)
+    1    QueryError    the results cannot answer the request: no such run, trait or layer, or no finished
+                       run; SQL that fails or is refused (read-only); a filter that does not parse; the
+                       screened input moved or changed since the screen; a file that holds no screen's
+                       results; an output that is already there (without --force), or that would replace
+                       the screened input, the database or its WAL
+    2    UserError     an input or setting cannot be used: a dataset that is missing or holds no records, a
+                       data file that cannot be opened, a model, vector, sidecar or trait file, a database
+                       file that is not DuckDB or is damaged, or an option value (the message names the file,
+                       row and field)
     3    BusyError     the database is held by another process (DuckDB allows one writer per file)
-    4    StorageError  results could not be written (disk full, read-only place); what was committed stays,
-                       and rerunning the same command resumes
+    4    StorageError  results could not be written (disk full, read-only place, a folder that cannot be
+                       created, a final checkpoint that fails); what was committed stays, and rerunning the
+                       same command resumes
     5    WorkerError   a model worker failed: it could not load, or kept dying
-    130                interrupted (Ctrl-C); rerunning the same command resumes
+    130                interrupted (Ctrl-C): the run is recorded as failed ("interrupted"); rerunning the
+                       same command resumes
 """
 
 from __future__ import annotations

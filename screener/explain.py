@@ -44,7 +44,7 @@ import numpy as np
 
 from screener.datasets import detect_format, iter_records, record_to_samples
 from screener.errors import QueryError, ScreenerError, UserError
-from screener.export import _check_input as check_input
+from screener.export import check_input
 from screener.records import Reject, Sample
 from screener.runs import Run
 

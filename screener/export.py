@@ -4,17 +4,19 @@
 record is dropped when any of its scored samples is selected). `export_records` then reads the run's
 dataset once with `iter_records` and writes the records back unchanged, so a jsonl export without a
 filter reproduces the input records exactly. Records the screen did not score (rejected, or past
-`--limit`) are kept unless `drop_unscored`; unparseable input lines are written to neither side (the
-manifest counts them as `unreadable_rows`). `invert` writes the dropped records instead. Parquet and hf
-are columnar, with one schema for all records: where records have differing keys, each record gains the
-keys it lacks, with null values. A manifest beside the output says what was done.
+`--limit`, or with tool-call turns only) are kept unless `drop_unscored`; unparseable input lines and
+unreadable files are written to neither side (the manifest counts them: `unreadable_rows`,
+`unreadable_files`). `invert` writes the dropped records instead. Parquet and hf are columnar, with one
+schema for all records: where records have differing keys, each record gains the keys it lacks, with null
+values. A manifest beside the output says what was done. Outputs go through `screener.outputs`: never
+over the screened input or the database, never over an existing output without `force`, and written
+under a temporary name, renamed when complete.
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import os
 import pickle
 import tempfile
 from collections import Counter
@@ -25,14 +27,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from screener.datasets import (
+    ReadStats,
     data_suffix,
-    detect_format,
     is_glob,
     is_hub_name,
     iter_records,
     record_to_samples,
 )
 from screener.errors import QueryError
+from screener.outputs import Protected, output_file, output_folder
 from screener.results import DropFilter, Selection
 from screener.runs import Run
 
@@ -55,6 +58,7 @@ class ExportCounts:
     written: int = 0
     dropped_unscored: int = 0
     unreadable_rows: int = 0  # rows iter_records skipped (invalid JSON): on neither side
+    unreadable_files: int = 0  # files that could not be read to their end: what follows is on neither side
     dropped_by_trait: dict[str, int] = field(default_factory=dict)  # a record may count for several
 
 
@@ -71,6 +75,7 @@ class ExportResult:
     counts: ExportCounts
     per_trait: dict[str, dict[str, int]]
     created_at: str
+    unreadable: dict[str, str] = field(default_factory=dict)  # file → why it could not be read
 
     def manifest(self, run: Run, flt: DropFilter) -> dict:
         return {
@@ -85,6 +90,7 @@ class ExportResult:
             "filter": self.filter,
             **asdict(self.counts),
             "per_trait": self.per_trait,
+            "unreadable": self.unreadable,
             "created_at": self.created_at,
         }
 
@@ -103,32 +109,51 @@ def export_records(
     *,
     input_uri: str | None = None,
     hf_cache_dir: str | None = None,
+    force: bool = False,
+    protected: Protected | None = None,
 ) -> ExportResult:
     """Read the run's records once and write the ones the filter keeps (those it drops, with invert) to
-    `out`, then the manifest beside it. Needs no database: `selection` was read from it before."""
+    `out`, then the manifest beside it. Needs no database: `selection` was read from it before.
+
+    Nothing is written over the run's input (or `protected`: the database, other runs' inputs), nor over
+    an existing output without `force`; both are checked before the input is read."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}")
     uri = input_uri or run.dataset_uri
-    _check_input(uri)
-    records = iter_records(uri, split=run.settings.get("split"))  # a hub dataset's split, as screened
-    with WRITERS[fmt](Path(out), hf_cache_dir) as write:
-        counts = _write_chosen(records, selection, flt, run.settings.get("turns") or "last", write)
-    result = ExportResult(
-        run_id=run.run_id,
-        input=uri,
-        output=str(out),
-        format=fmt,
-        filter={"description": flt.describe(), **asdict(flt)},
-        counts=counts,
-        per_trait=_per_trait(run, selection, counts),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    manifest = json.dumps(result.manifest(run, flt), indent=2, ensure_ascii=False)
-    manifest_path(out, fmt).write_text(manifest + "\n")
+    check_input(uri)
+    protected = (protected or Protected()).with_inputs([run.dataset_uri, uri])
+    out = Path(out)
+    if fmt == "hf":
+        protected.check(out, force=force, folder=True)
+    else:
+        protected.check(out, force=force)
+        protected.check(manifest_path(out, fmt), force=force)
+    stats = ReadStats()
+    records = iter_records(uri, split=run.settings.get("split"), stats=stats)  # a hub split, as screened
+    result: ExportResult | None = None
+
+    def manifest() -> str:
+        assert result is not None
+        return json.dumps(result.manifest(run, flt), indent=2, ensure_ascii=False) + "\n"
+
+    writer = WRITERS[fmt](out, manifest, protected, force, hf_cache_dir)
+    with writer as write:
+        counts = _write_chosen(records, selection, flt, run.settings.get("turns") or "last", write, stats)
+        result = ExportResult(
+            run_id=run.run_id,
+            input=uri,
+            output=str(out),
+            format=fmt,
+            filter={"description": flt.describe(), **asdict(flt)},
+            counts=counts,
+            per_trait=_per_trait(run, selection, counts),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            unreadable=dict(stats.unreadable),
+        )
     return result
 
 
-def _check_input(uri: str) -> None:
+def check_input(uri: str) -> None:
     """Fail in one line, naming the file, when the dataset is not where the run (or --input) says."""
     if uri.startswith("hf://") or Path(uri).exists():
         return
@@ -147,20 +172,24 @@ def _check_input(uri: str) -> None:
 
 
 def _write_chosen(
-    records: Iterator[tuple[int, str, dict]], selection: Selection, flt: DropFilter, turns: str, write: Write
+    records: Iterator[tuple[int, str, dict]],
+    selection: Selection,
+    flt: DropFilter,
+    turns: str,
+    write: Write,
+    stats: ReadStats,
 ) -> ExportCounts:
     """Decide for every record whether it is dropped, `write` the side the filter asks for, and count
-    both sides."""
+    both sides. `stats` is the reader's: each file's row format, and the files it could not read."""
     n: Counter[str] = Counter()
     dropped_by_trait: Counter[str] = Counter()
-    expected_row, fmt = 0, None
+    expected_row = 0
     for row, source, record in records:
         n["unreadable_rows"] += row - expected_row
         expected_row = row + 1
         unscored = row not in selection.scored
-        if not unscored:
-            fmt = fmt or detect_format(record)
-            _check_same_samples(row, source, record, fmt, selection.scored[row], turns)
+        if not unscored:  # each file has its own row format, as the screen read it
+            _check_same_samples(row, source, record, stats.formats[source], selection.scored[row], turns)
         drop = row in selection.dropped or (flt.drop_unscored and unscored)
         n["records_read"] += 1
         if drop:
@@ -177,6 +206,7 @@ def _write_chosen(
             f"the screen scored row {max(selection.scored)}, but the input has {expected_row} rows: "
             "the input changed since the screen; pass the screened data with --input"
         )
+    n["unreadable_files"] = len(stats.unreadable)
     return ExportCounts(**n, dropped_by_trait=dict(dropped_by_trait))
 
 
@@ -205,19 +235,15 @@ def _per_trait(run: Run, selection: Selection, counts: ExportCounts) -> dict[str
 
 
 # ---- writers: context managers that take records one at a time and leave no half-written output ---------
+# Each takes (out, manifest, protected, force, cache_dir): `manifest()` gives the manifest's text once the
+# block is done; it is written beside the output (inside it for hf).
+
+Manifest = Callable[[], str]
 
 
-@contextmanager
-def _atomic_file(out: Path) -> Iterator[Path]:
-    """A temp path beside `out`, moved into place when the block succeeds and removed if it fails."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+def _write_manifest(out: Path, fmt: str, manifest: Manifest, protected: Protected, force: bool) -> None:
+    with output_file(manifest_path(out, fmt), protected, force=force) as tmp:
+        tmp.write_text(manifest(), encoding="utf-8")
 
 
 @contextmanager
@@ -247,48 +273,60 @@ def _unspool(path: str | Path) -> Iterator[list[dict]]:
 
 
 @contextmanager
-def _jsonl_writer(out: Path, _cache_dir: str | None) -> Iterator[Write]:
-    with _atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+def _jsonl_writer(
+    out: Path, manifest: Manifest, protected: Protected, force: bool, _cache_dir: str | None
+) -> Iterator[Write]:
+    with output_file(out, protected, force=force) as tmp, open(tmp, "w", encoding="utf-8") as f:
         yield lambda record: f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    _write_manifest(out, "jsonl", manifest, protected, force)
 
 
 @contextmanager
-def _parquet_writer(out: Path, _cache_dir: str | None) -> Iterator[Write]:
+def _parquet_writer(
+    out: Path, manifest: Manifest, protected: Protected, force: bool, _cache_dir: str | None
+) -> Iterator[Write]:
     """One schema for all records: a field that is null in the first batch would otherwise be typed null
     and fail later. The records are spooled as they come, their schemas unified, then written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with (
+        output_file(out, protected, force=force) as part,
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp,
+    ):
         spool = Path(tmp) / "records.pickle"
         with _spool(spool) as write:
             yield write
         # by all the keys of a batch (Table.from_pylist would take the first record's keys only)
         schemas = [pa.schema(list(pa.array(batch).type)) for batch in _unspool(spool)]
         schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
-        with _atomic_file(out) as part, pq.ParquetWriter(part, schema) as writer:
+        with pq.ParquetWriter(part, schema) as writer:
             for batch in _unspool(spool):
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+    _write_manifest(out, "parquet", manifest, protected, force)
 
 
 @contextmanager
-def _hf_writer(out: Path, cache_dir: str | None) -> Iterator[Write]:
+def _hf_writer(
+    out: Path, manifest: Manifest, protected: Protected, force: bool, cache_dir: str | None
+) -> Iterator[Write]:
     """A `datasets` folder (save_to_disk), built from the spooled records once they are all chosen."""
     import datasets
 
     datasets.disable_progress_bars()  # the command prints its own summary
-    if out.exists() and any(out.iterdir()):
-        raise QueryError(f"{out} exists and is not empty; choose a new directory for --format hf")
     # A fresh cache dir: datasets' fingerprint cannot see the input file change, so never reuse a cache.
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+    with (
+        output_folder(out, protected, force=force) as folder,
+        tempfile.TemporaryDirectory(dir=cache_dir) as tmp,
+    ):
         spool = Path(tmp) / "records.pickle"
         with _spool(spool) as write:
             yield write
         ds = datasets.Dataset.from_generator(
             _spooled_records, gen_kwargs={"spool": str(spool)}, cache_dir=tmp, keep_in_memory=False
         )
-        ds.save_to_disk(str(out))
+        ds.save_to_disk(str(folder))
+        (folder / "manifest.json").write_text(manifest(), encoding="utf-8")
 
 
 def _spooled_records(spool: str) -> Iterator[dict]:

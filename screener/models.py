@@ -269,10 +269,31 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The prompt's token ids: the chat template of `messages` with `add_generation_prompt=True`."""
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt's token ids: the chat template of `messages` with `add_generation_prompt=True`.
+
+    Assistant `tool_calls` go to the template as they are when it renders them; a template that does
+    not (it never mentions `tool_calls`) would drop them silently, so they are appended to the message's
+    text as JSON instead. Tool messages (role "tool") go to the template either way: a template that
+    cannot take them raises, and the sample is rejected with the template's message."""
+    if not _renders_tool_calls(tokenizer):
+        messages = [_calls_as_text(m) if m.get("tool_calls") else m for m in messages]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _renders_tool_calls(tokenizer) -> bool:
+    template = tokenizer.chat_template
+    return "tool_calls" in (" ".join(template.values()) if isinstance(template, dict) else template or "")
+
+
+def _calls_as_text(message: dict) -> dict:
+    calls = [
+        json.dumps(c.get("function", c) if isinstance(c, dict) else c, ensure_ascii=False)
+        for c in message["tool_calls"]
+    ]
+    content = "\n".join([message["content"], *calls] if message["content"] else calls)
+    return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": content}
 
 
 def pad(

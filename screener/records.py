@@ -9,12 +9,21 @@ norm. Vector files are indexed the same way: row L of a `[num_layers+1, hidden]`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+# {"role": "system"|"user"|"assistant"|"tool", "content": str}; an assistant message may carry
+# "tool_calls" (OpenAI's list of calls), a tool message "tool_call_id" and "name", as chat templates take them
+Message = dict[str, Any]
 MODES = ("proxy", "natural")  # ΔP against the last prompt token, or against the model's own answer
 TURNS = ("last", "all")  # which assistant turns of a record are scored
+# Why a record, turn or file has no scores (the `kind` column of `rejects`):
+#   bad      a record or turn that cannot be scored (the reason names the field)
+#   skipped  an assistant turn with nothing to score: tool calls only, no text
+#   file     a file that could not be read (source_row -1, sample_id the file); the rows before the
+#            failure, if any, were read as usual
+REJECT_KINDS = ("bad", "skipped", "file")
 
 
 @dataclass(slots=True)
@@ -31,12 +40,13 @@ class Sample:
 
 @dataclass(slots=True)
 class Reject:
-    """A record or turn that could not be scored, and why (the reason names the field)."""
+    """A record, turn or file that could not be scored, and why (the reason names the field)."""
 
     source_row: int
     sample_id: str
     reason: str
     source_file: str = ""
+    kind: str = "bad"  # one of REJECT_KINDS
 
 
 @dataclass(slots=True)

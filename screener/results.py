@@ -47,6 +47,7 @@ __all__ = [
     "sql_errors",
     "summary",
     "top_samples",
+    "unfinished_since",
 ]
 
 QUERIES_DIR = SQL_DIR / "queries"
@@ -82,6 +83,7 @@ def open_db(path: str | Path) -> Store:
             "it does. Rerun this command when the screen has finished."
         ) from e
     try:
+        _check_tables(store.con, path)
         views = (SQL_DIR / "views.sql").read_text()
         store.con.execute(views.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW"))
         # read_only stops writes to the database only: `COPY ... TO 'file'` would still overwrite any
@@ -92,6 +94,23 @@ def open_db(path: str | Path) -> Store:
         store.close()
         raise
     return store
+
+
+RESULT_TABLES = ("runs", "samples", "scores", "rejects")
+
+
+def _check_tables(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """A DuckDB file without a screen's tables: most likely a .duckdb copied without the .wal beside it
+    (results not yet checkpointed into the file live there), or another program's database."""
+    found = {
+        r[0]
+        for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
+    }
+    if missing := [t for t in RESULT_TABLES if t not in found]:
+        raise QueryError(
+            f"{path}: not a screen's results database (no table {', '.join(missing)}); if it was copied from "
+            f"where a screen ran, copy {path.name}.wal from beside it too, or rerun that screen to finish it"
+        )
 
 
 @contextmanager
@@ -114,8 +133,19 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 
 def query_params(sql: str) -> set[str]:
-    """The names of the `$params` the SQL uses (comments left out)."""
-    return set(re.findall(r"\$([A-Za-z_]\w*)", re.sub(r"--[^\n]*", "", sql)))
+    """The names of the `$params` the SQL uses: `$name` outside string literals, quoted identifiers and
+    comments (DuckDB's own tokenizer finds those), so `SELECT 'cost $x'` has none."""
+    try:
+        tokens = duckdb.tokenize(sql)
+    except duckdb.Error:  # let DuckDB report the SQL's own error when it runs
+        tokens = []
+    code = list(sql)
+    ends = [pos for pos, _ in tokens[1:]] + [len(sql)]
+    for (pos, kind), end in zip(tokens, ends, strict=True):
+        quoted_name = kind == duckdb.token_type.identifier and sql[pos] == '"'
+        if kind in (duckdb.token_type.string_const, duckdb.token_type.comment) or quoted_name:
+            code[pos:end] = " " * (end - pos)
+    return set(re.findall(r"\$([A-Za-z_]\w*)", "".join(code)))
 
 
 def run_sql(
@@ -154,34 +184,75 @@ def _rows(rel: duckdb.DuckDBPyRelation) -> list[dict]:
 
 
 def pick_run(con: duckdb.DuckDBPyConnection, run_id: str | None = None) -> Run:
-    """The given run (a unique prefix of its id will do), else the latest started run."""
-    ids = [
-        r[0]
-        for r in con.execute(
-            "SELECT run_id FROM runs WHERE starts_with(run_id, coalesce($run_id, ''))"
-            " ORDER BY started_at DESC, run_id",
-            {"run_id": run_id},
-        ).fetchall()
-    ]
-    if not ids:
+    """The given run, whatever its status (a unique prefix of its id will do), else the latest finished
+    run: a run that failed, or is still running or was stopped, is read only when asked for by id."""
+    status = _status_column(con)
+    rows = con.execute(
+        f"SELECT run_id, {status} FROM runs WHERE starts_with(run_id, coalesce($run_id, ''))"
+        " ORDER BY started_at DESC, run_id",
+        {"run_id": run_id},
+    ).fetchall()
+    if not rows:
         raise QueryError(f"no run {run_id!r} in this database" if run_id else "no runs in this database")
-    if run_id and len(ids) > 1 and ids[0] != run_id:
-        raise QueryError(f"run id prefix {run_id!r} is ambiguous: {ids}")
-    return load_run(con, ids[0])
+    ids = [r[0] for r in rows]
+    if run_id:
+        if len(ids) > 1 and ids[0] != run_id:
+            raise QueryError(f"run id prefix {run_id!r} is ambiguous: {ids}")
+        return load_run(con, ids[0])
+    finished = [r[0] for r in rows if r[1] == "finished"]
+    if not finished:
+        latest = load_run(con, ids[0])
+        raise QueryError(
+            f"no finished run in this database; the latest is {latest.describe()}: pass --run "
+            f"{latest.run_id} to read what it stored"
+        )
+    return load_run(con, finished[0])
+
+
+def unfinished_since(con: duckdb.DuckDBPyConnection, run: Run) -> list[str]:
+    """Runs started after `run` that did not finish (failed, running or stopped), newest first: what a
+    reader defaulting to the latest finished run passed over."""
+    rows = con.execute(
+        f"SELECT run_id FROM runs WHERE started_at > $started AND {_status_column(con)} <> 'finished'"
+        " ORDER BY started_at DESC, run_id",
+        {"started": run.started_at},
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    return {r[0] for r in con.execute("SELECT name FROM pragma_table_info(?)", [table]).fetchall()}
+
+
+def _status_column(con: duckdb.DuckDBPyConnection) -> str:
+    """SQL for a run's status: the column, or, in a database written before it existed (read-only, so
+    not brought up to date), what finished_at says."""
+    if "status" in _columns(con, "runs"):
+        return "coalesce(status, CASE WHEN finished_at IS NULL THEN 'running' ELSE 'finished' END)"
+    return "CASE WHEN finished_at IS NULL THEN 'running' ELSE 'finished' END"
 
 
 def load_run(con: duckdb.DuckDBPyConnection, run_id: str) -> Run:
     """The run as stored, with the samples and rejects stored for it so far (a running screen's too)."""
+    has_kind = "kind" in _columns(con, "rejects")
+    error = "error" if "error" in _columns(con, "runs") else "NULL"
+
+    def rejects(kind: str) -> str:
+        if not has_kind:  # an earlier version's database: every reject is a bad record
+            return "(SELECT count(*) FROM rejects j WHERE j.run_id = r.run_id)" if kind == "bad" else "0"
+        return f"(SELECT count(*) FROM rejects j WHERE j.run_id = r.run_id AND j.kind = '{kind}')"
+
     rows = con.execute(
-        """SELECT model, model_sha256, dataset_uri, mode, layers, traits, settings, started_at, finished_at,
+        f"""SELECT model, model_sha256, dataset_uri, mode, layers, traits, settings, started_at, finished_at,
+                  {_status_column(con)}, {error},
                   (SELECT count(*) FROM samples s WHERE s.run_id = r.run_id),
-                  (SELECT count(*) FROM rejects j WHERE j.run_id = r.run_id)
+                  {rejects("bad")}, {rejects("file")}, {rejects("skipped")}
            FROM runs r WHERE run_id = $run_id""",
         {"run_id": run_id},
     ).fetchall()  # all: a result left unread keeps the connection busy
     if not rows:
         raise QueryError(f"no run {run_id!r} in this database")
-    model, sha, dataset, mode, layers, traits, settings, started, finished, n_scored, n_rejected = rows[0]
+    (model, sha, dataset, mode, layers, traits, settings, started, finished, status, err, *counts) = rows[0]
     run = Run(
         model,
         sha,
@@ -190,12 +261,14 @@ def load_run(con: duckdb.DuckDBPyConnection, run_id: str) -> Run:
         tuple(layers),
         tuple(traits),
         json.loads(settings) if isinstance(settings, str) else (settings or {}),
-        # the table records no failure: an unfinished run is running, or was stopped
-        status="finished" if finished else "running",
+        status=status,
+        error=err,
         started_at=started,
         finished_at=finished,
-        n_scored=n_scored,
-        n_rejected=n_rejected,
+        n_scored=counts[0],
+        n_rejected=counts[1],
+        n_unreadable_files=counts[2],
+        n_skipped=counts[3],
     )
     if run.run_id != run_id:  # every query below selects by run.run_id: it must be the stored one
         raise QueryError(f"run {run_id}: its stored configuration hashes to {run.run_id}, not to its id")

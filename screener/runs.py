@@ -39,6 +39,8 @@ class Run:
     finished_at: datetime | None = field(default=None, compare=False)
     n_scored: int = field(default=0, compare=False)
     n_rejected: int = field(default=0, compare=False)
+    n_unreadable_files: int = field(default=0, compare=False)
+    n_skipped: int = field(default=0, compare=False)  # assistant turns with tool calls only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -66,6 +68,22 @@ class Run:
     def metric(self) -> str:
         """The run's headline score: ΔP when it generated natural responses, else its proxy."""
         return "delta_p" if self.mode == "natural" else "delta_p_proxy"
+
+    def describe(self) -> str:
+        """One line for the read commands: which run they read, and its state."""
+        when = f"{self.finished_at:%Y-%m-%d %H:%M} UTC" if self.finished_at else None
+        counts = f"{self.n_scored:,} scored, {self.n_rejected:,} rejected"
+        if self.n_skipped:
+            counts += f", {self.n_skipped:,} tool-call turns skipped"
+        if self.n_unreadable_files:
+            counts += f", {self.n_unreadable_files:,} unreadable file{'s' * (self.n_unreadable_files != 1)}"
+        if self.status == "finished":
+            state = f"finished {when}" if when else "finished"
+        elif self.status == "failed":
+            state = f"FAILED: {self.error}" if self.error else "FAILED"
+        else:
+            state = "NOT FINISHED (still running, or stopped)"
+        return f"run {self.run_id} ({state}; {counts})"
 
     def layer(self, layer: int | None) -> int:
         """The given layer, checked against the run, else the run's first layer."""

@@ -4,26 +4,34 @@
 vectors, score settings, the run's identity), which the workers receive as is. Resume is by key: a run is
 identified by everything that determines its values (runs.Run), each chunk of samples is committed with
 its scores in one transaction, and a rerun skips what is stored.
+
+Before any model work: the dataset is found and its first record read (a dataset with no records stops
+here), and the vectors and their sidecars are checked. A run is recorded as running, then finished (after
+a checkpoint: the .duckdb file alone holds it) or failed with its error (any exception, Ctrl-C included:
+"interrupted"); either way a rerun of the same command resumes it.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from screener.datasets import ReadStats, canonical_uri, read_samples
+from screener.datasets import ReadStats, canonical_uri, local_files, read_samples
 from screener.distributed import model_workers, run_stage
-from screener.errors import UserError
+from screener.errors import ScreenerError, UserError
 from screener.models import DEFAULT_MODEL, ModelRef, pick_device, pick_dtype, resolve_model
 from screener.progress import Progress
 from screener.records import MODES, TURNS, Reject, Sample, Scored
 from screener.runs import Run
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings
-from screener.store import DEFAULT_DB, Store
+from screener.store import DEFAULT_DB, Store, one_line
 from screener.vectors import Vector, builtin_traits, check_vector, resolve_vectors, unit_vectors
 
 DEFAULT_TRAITS = ("evil", "sycophantic", "hallucinating")
@@ -79,37 +87,64 @@ class Summary:
     run_id: str
     resumed: bool
     scored: int  # this invocation
-    rejected: int  # this invocation
+    rejected: int  # this invocation (rejects of kind "bad")
     total_scored: int  # in the run, all invocations
     total_rejected: int
     seconds: float
     read: ReadStats
     # multi-turn conversations by how their turns were read (scoring.ONE_PASS, WINDOWS, PER_TURN)
     paths: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0  # this invocation: assistant turns with tool calls only
+    total_skipped: int = 0
+    total_unreadable_files: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # this invocation's reject reasons, with counts
     # when (epoch seconds) the first model batch and the last chunk were done: the fixed costs around them
     first_batch_done: float | None = None
     last_batch_done: float | None = None
 
     def lines(self) -> list[str]:
         rate = self.scored / self.seconds if self.seconds else 0.0
+        skipped = f", skipped {self.skipped} tool-call turns" if self.skipped else ""
+        totals = f"run totals: {self.total_scored} scored, {self.total_rejected} rejected"
+        if self.total_skipped:
+            totals += f", {self.total_skipped} tool-call turns skipped"
+        if self.total_unreadable_files:
+            totals += f", {_plural(self.total_unreadable_files, 'unreadable file')}"
         out = [
             f"run {self.run_id}{' (resumed)' if self.resumed else ''}: scored {self.scored} samples, "
-            f"rejected {self.rejected} in {self.seconds:.1f} s ({rate:.2f} samples/s)",
-            f"run totals: {self.total_scored} scored, {self.total_rejected} rejected",
+            f"rejected {self.rejected}{skipped} in {self.seconds:.1f} s ({rate:.2f} samples/s)",
+            totals,
         ]
+        r = self.read
+        per_file = ", ".join(f"{Path(f).name} {r.per_file.get(f, 0):,}" for f in r.files[:10])
+        if len(r.files) == 1:
+            out.append(f"read {_plural(r.records, 'row')} from {r.files[0]} ({r.format or 'no records'})")
+        elif r.files:
+            more = ", ..." if len(r.files) > 10 else ""
+            out.append(f"read {_plural(r.records, 'row')} from {len(r.files)} files ({per_file}{more})")
+        if self.reasons:
+            top = sorted(self.reasons.items(), key=lambda kv: -kv[1])[:3]
+            out.append("rejected: " + "; ".join(f"{n} × {reason}" for reason, n in top) + " (table rejects)")
         if self.paths:
             out.append(
                 "multi-turn conversations: "
                 + ", ".join(f"{n} {path}" for path, n in sorted(self.paths.items()))
                 + " (see README: Every assistant turn)"
             )
-        r = self.read
-        if r.truncated_file:
+        for path, at_byte, recovered in r.truncated:
             out.append(
-                f"warning: {r.truncated_file} is a truncated JSON array: recovered {r.recovered_records} "
-                f"complete records, parsing stopped at byte {r.truncated_at_byte}"
+                f"warning: {path} is a truncated JSON array: recovered {recovered} "
+                f"complete records, parsing stopped at byte {at_byte}"
             )
+        for path, reason in r.unreadable.items():
+            out.append(f"warning: {path}: {reason}")
+        if empty := r.empty_files:
+            out.append(f"warning: {_plural(len(empty), 'empty file')}: {', '.join(empty[:10])}")
         return out
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n:,} {what}{'s' * (n != 1)}"
 
 
 @dataclass(slots=True)
@@ -141,9 +176,14 @@ class ScreenStage:
 # -- planning ---------------------------------------------------------------------------------------
 
 
-def default_layers(vectors: list[Vector], num_layers: int) -> list[int]:
-    """Each vector's chosen layer (from its sidecar); else two thirds of the way up, as in the paper."""
-    chosen = {v.default_layer for v in vectors if v.default_layer is not None}
+def default_layers(vectors: list[Vector], num_layers: int, model_name: str = "the model") -> list[int]:
+    """Each vector's chosen layer (from its sidecar, checked against the model); else two thirds of the
+    way up, as in the paper."""
+    chosen = set()
+    for v in vectors:
+        if (layer := v.default_layer) is not None:
+            v.check_layer(layer, num_layers, model_name)
+            chosen.add(layer)
     return sorted(chosen) or [round(num_layers * 2 / 3)]
 
 
@@ -158,7 +198,10 @@ def _vectors(cfg: ScreenConfig, model: ModelRef) -> list[Vector]:
 
 
 def _layers(cfg: ScreenConfig, vectors: list[Vector], model: ModelRef) -> tuple[int, ...]:
-    layers = sorted(set(cfg.layers)) or default_layers(vectors, model.num_layers)
+    """--layer when given (a bad sidecar layer is then never read), else the vectors' chosen layers."""
+    if not cfg.layers:
+        return tuple(default_layers(vectors, model.num_layers, model.name))
+    layers = sorted(set(cfg.layers))
     if bad := [layer for layer in layers if not 0 <= layer <= model.num_layers]:
         raise UserError(f"--layer {bad}: {model.name} has hidden_states layers 0..{model.num_layers}")
     return tuple(layers)
@@ -245,10 +288,15 @@ def pending_chunks(items: Iterator[Sample | Reject], store: Store, run_id: str, 
 def screen(cfg: ScreenConfig) -> Summary:
     """Screen `cfg.dataset` into `cfg.db`; resumes the run when it exists."""
     started = time.perf_counter()
+    stats = ReadStats()
+    # The dataset first: a missing path fails here, before the model is looked at.
+    items = read_samples(cfg.dataset, turns=cfg.turns, split=cfg.split, limit=cfg.limit, stats=stats)
+    _check_db_is_not_input(cfg.db, cfg.dataset)
     plan = prepare(cfg)
     run = plan.run
-    stats = ReadStats()
-    counts = {"scored": 0, "rejected": 0}
+    items = _first_checked(items, stats, cfg)
+    counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
     paths: Counter[str] = Counter()
     with Store(cfg.db) as store:
         resumed = store.begin_run(run)
@@ -260,17 +308,16 @@ def screen(cfg: ScreenConfig) -> Summary:
             by_record = {(r.source_file, r.source_row): r.extra["path"] for r in done if "path" in r.extra}
             paths.update(by_record.values())
             counts["scored"] += len(done)
-            counts["rejected"] += len(bad)
+            counts.update(r.kind for r in bad)
+            reasons.update(r.reason for r in bad if r.kind == "bad")
 
         def work() -> Iterator[Chunk]:
-            items = read_samples(cfg.dataset, turns=cfg.turns, split=cfg.split, limit=cfg.limit, stats=stats)
             for chunk in pending_chunks(items, store, run.run_id, plan.chunk_size):
                 if chunk.samples:
                     yield chunk
                 else:  # nothing left to score (a resume): commit its rejects, send nothing to a worker
                     commit(chunk, [])
 
-        workers = model_workers(str(plan.device), cfg.actors, address=cfg.address)
         progress = Progress(total=cfg.limit, enabled=cfg.progress, fraction=stats.fraction)
         runtime: dict = {}  # the last chunk's: by then the batch sizes are settled
         times: dict[str, float] = {}
@@ -279,24 +326,78 @@ def screen(cfg: ScreenConfig) -> Summary:
             times.setdefault("first", time.time())
             progress.update(n)
 
-        with workers as resources, progress:
-            stage = ScreenStage(plan)
-            for chunk, (results, chunk_runtime) in run_stage(stage, work(), resources, report):
-                commit(chunk, results)
-                runtime, times["last"] = chunk_runtime, time.time()
-        workers_used = resources.actors or "in-process"
-        store.record_runtime(run.run_id, {**runtime, "workers": workers_used, "threads": resources.threads})
-        total_scored, total_rejected = store.finish_run(run.run_id)
+        try:
+            workers = model_workers(str(plan.device), cfg.actors, address=cfg.address)
+            with workers as resources, progress:
+                stage = ScreenStage(plan)
+                for chunk, (results, chunk_runtime) in run_stage(stage, work(), resources, report):
+                    commit(chunk, results)
+                    runtime, times["last"] = chunk_runtime, time.time()
+            if stats.records == 0:  # every file was empty or could not be read
+                raise UserError(f"{cfg.dataset}: no records could be read ({_no_records(stats)})")
+            runtime |= {"workers": resources.actors or "in-process", "threads": resources.threads}
+            store.record_runtime(run.run_id, runtime)
+            total_scored, total_rejected = store.finish_run(run.run_id)
+        except BaseException as e:
+            store.fail_run(run.run_id, _error_text(e))
+            raise
+        kinds = store.reject_counts(run.run_id)
     return Summary(
         run.run_id,
         resumed,
         counts["scored"],
-        counts["rejected"],
+        counts["bad"],
         total_scored,
         total_rejected,
         time.perf_counter() - started,
         stats,
         dict(paths),
-        times.get("first"),
-        times.get("last"),
+        skipped=counts["skipped"],
+        total_skipped=kinds["skipped"],
+        total_unreadable_files=kinds["file"],
+        reasons=dict(reasons),
+        first_batch_done=times.get("first"),
+        last_batch_done=times.get("last"),
     )
+
+
+def _first_checked(items: Iterator[Sample | Reject], stats: ReadStats, cfg: ScreenConfig) -> Iterator:
+    """The items, once the first has been read: a dataset with no records at all stops here, before the
+    run is recorded (a file of no known row format too)."""
+    first = next(items, None)
+    if first is None and stats.records == 0 and cfg.limit != 0:
+        raise UserError(f"{cfg.dataset}: no records to screen ({_no_records(stats)})")
+    return itertools.chain([] if first is None else [first], items)
+
+
+def _no_records(stats: ReadStats) -> str:
+    if len(stats.files) == 1 and not stats.unreadable:
+        return "the file is empty"
+    parts = [
+        f"{n} {what}"
+        for n, what in ((len(stats.empty_files), "empty"), (len(stats.unreadable), "unreadable"))
+        if n
+    ]
+    detail = "; ".join(f"{f}: {why}" for f, why in list(stats.unreadable.items())[:3])
+    return f"{_plural(len(stats.files), 'file')}: {', '.join(parts)}" + (f"; {detail}" if detail else "")
+
+
+def _check_db_is_not_input(db: str, dataset: str) -> None:
+    """The results database must not be one of the files it screens."""
+    try:
+        inputs = local_files(dataset)
+    except ScreenerError:  # a hub dataset
+        return
+    if any(os.path.realpath(db) == os.path.realpath(f) for f in inputs):
+        raise UserError(
+            f"--db {db} is a file of the dataset being screened; choose another path for the results"
+        )
+
+
+def _error_text(e: BaseException) -> str:
+    """What a failed run records as its error: one line."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, ScreenerError):
+        return one_line(e)
+    return f"{type(e).__name__}: {one_line(e)}"

@@ -1,15 +1,20 @@
-"""DuckDB results store: schema, bulk idempotent writes, resume and duplicate detection.
+"""DuckDB results store: schema, bulk idempotent writes, resume and duplicate detection, run status.
 
 Every `write` is one transaction over primary-keyed tables, so a killed screen leaves whole batches
 only (DuckDB's WAL replays committed transactions), and rerunning the same config (same `run_id`)
-skips what is stored and never duplicates a row.
+skips what is stored and never duplicates a row. A run is 'running' from `begin_run`, then 'failed'
+(`fail_run`, with its error) or 'finished' (`finish_run`, which first checkpoints: the .duckdb file
+alone then holds every result, and a checkpoint that fails is a StorageError, not a quiet success).
+
+Errors name the file: a database that cannot be created or written is a StorageError (exit code 4), a
+file that is not a DuckDB database (or a damaged one) a DatabaseFileError (exit code 2).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,11 +23,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from screener.errors import BusyError
-from screener.records import Reject, Sample, Scored
+from screener.errors import BusyError, StorageError, UserError
+from screener.records import REJECT_KINDS, Reject, Sample, Scored
 from screener.runs import RUNTIME_KEY, Run
 
-__all__ = ["DEFAULT_DB", "SQL_DIR", "Store", "StoreBusyError"]
+__all__ = ["DEFAULT_DB", "SQL_DIR", "DatabaseFileError", "Store", "StoreBusyError", "one_line"]
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"  # a link to the repo's top-level sql/
 DEFAULT_DB = "screen.duckdb"  # the file a screen writes and the read commands read, unless given --db
@@ -32,17 +37,34 @@ class StoreBusyError(BusyError):
     """The database file is locked by another process (DuckDB allows one writer per file)."""
 
 
+class DatabaseFileError(UserError):
+    """The file is not a DuckDB database, or a damaged one."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (DuckDB's span several), or its type when it has none."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
 class Store:
-    """A screen's results database. Read-write opening creates it and applies sql/schema.sql (and
-    sql/views.sql when present; both are idempotent). `con` is public for queries."""
+    """A screen's results database. Read-write opening creates it (and its folder) and applies
+    sql/schema.sql (and sql/views.sql when present; both are idempotent, and bring a database written
+    by an earlier version up to date). `con` is public for queries."""
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        existed = self.path.exists()
+        if not read_only and not existed:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"{self.path}: cannot create its folder ({e.strerror or e})") from None
         try:
             self.con: duckdb.DuckDBPyConnection = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.IOException as e:
             if "lock" not in str(e).lower():
-                raise
+                raise self._open_error(e, existed) from None
             if read_only:  # only a writer keeps readers out
                 raise StoreBusyError(
                     f"{self.path} is being written by a running screen (DuckDB allows one writer); "
@@ -53,15 +75,46 @@ class Store:
                 f"{self.path} is in use by another process: a running screen, or a query/report holding it "
                 f"open (a process writing a DuckDB file needs it to itself); wait for it to finish: {e}"
             ) from e
+        except duckdb.Error as e:  # a damaged file may fail with another class of error
+            raise self._open_error(e, existed) from None
         if read_only:
             return
         try:
             self.con.execute((SQL_DIR / "schema.sql").read_text())
             if (views := SQL_DIR / "views.sql").exists():
                 self.con.execute(views.read_text())
-        except BaseException:
+        except BaseException as e:
             self.con.close()
+            if isinstance(e, duckdb.Error):
+                raise self._open_error(e, existed) from None
             raise
+
+    def _open_error(self, e: duckdb.Error, existed: bool) -> Exception:
+        """What is wrong with the file, from DuckDB's error: one line that names it."""
+        message = one_line(e).removeprefix("IO Error: ")
+        if not existed or _out_of_space(e) or "read-only file system" in message.lower():
+            return StorageError(f"{self.path}: cannot create or write the database here: {message}")
+        return self._damaged(e)
+
+    def _damaged(self, e: duckdb.Error) -> DatabaseFileError:
+        message = one_line(e).removeprefix("IO Error: ")
+        return DatabaseFileError(
+            f"{self.path}: not a DuckDB database, or a damaged one ({message}); pass another --db"
+        )
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """DuckDB's errors of the file itself as one line naming it: a damaged file (DatabaseFileError)
+        or one that cannot be written (StorageError). Other errors are bugs, and stay as they are."""
+        try:
+            yield
+        except (duckdb.IOException, duckdb.FatalException, duckdb.TransactionException) as e:
+            if any(sign in str(e).lower() for sign in DAMAGE_SIGNS):
+                raise self._damaged(e) from None
+            raise StorageError(
+                f"{self.path}: {what}: {one_line(e)}; what was committed stays, and rerunning the same "
+                "command resumes the run"
+            ) from None
 
     def close(self) -> None:
         self.con.close()
@@ -74,13 +127,15 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self.con.begin()
-        try:
-            yield
-        except BaseException:
-            self.con.rollback()
-            raise
-        self.con.commit()
+        with self._errors("could not write the results"):
+            self.con.begin()
+            try:
+                yield
+            except BaseException:
+                with suppress(duckdb.Error):  # a failed rollback would hide the error that matters
+                    self.con.rollback()
+                raise
+            self.con.commit()
 
     def begin_run(self, run: Run) -> bool:
         """Record the run if new; True if it already existed (a resume, which reopens it)."""
@@ -88,11 +143,14 @@ class Store:
         with self._transaction():
             existed = self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]
             if existed:
-                self.con.execute("UPDATE runs SET finished_at = NULL WHERE run_id = ?", [run_id])
+                self.con.execute(
+                    "UPDATE runs SET finished_at = NULL, status = 'running', error = NULL WHERE run_id = ?",
+                    [run_id],
+                )
             else:
                 self.con.execute(
                     "INSERT INTO runs (run_id, model, model_sha256, dataset_uri, mode, layers, traits,"
-                    " settings, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " settings, started_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
                     [
                         run_id,
                         run.model,
@@ -117,6 +175,12 @@ class Store:
         """
         if not items:
             return [], []
+        with self._errors("could not read the stored samples"):
+            return self._split_stored(run_id, items)
+
+    def _split_stored(
+        self, run_id: str, items: Sequence[Sample] | Sequence[Scored]
+    ) -> tuple[list, list[Reject]]:
         chunk = pa.table(
             {
                 "pos": pa.array(range(len(items)), pa.int64()),
@@ -136,7 +200,8 @@ class Store:
                 {"run_id": run_id},
             ).fetchall()
         finally:
-            self.con.unregister("_chunk")
+            with suppress(duckdb.Error):  # after a failed statement it fails too, hiding the cause
+                self.con.unregister("_chunk")
         todo, rejects = [], []
         for item, (owner_row, stored, first_in_chunk) in zip(items, seen, strict=True):
             if owner_row != item.source_row:
@@ -189,18 +254,51 @@ class Store:
                 {"run_id": run_id},
             )
         finally:
-            self.con.unregister("_rows")
+            with suppress(duckdb.Error):  # after a failed statement it fails too, hiding the cause
+                self.con.unregister("_rows")
 
     def finish_run(self, run_id: str) -> tuple[int, int]:
-        """Mark the run finished and record its counts; returns (n_scored, n_rejected)."""
-        n_scored, n_rejected = self.counts(run_id)
-        updated = self.con.execute(
-            "UPDATE runs SET finished_at = ?, n_scored = ?, n_rejected = ? WHERE run_id = ? RETURNING run_id",
-            [_utcnow(), n_scored, n_rejected, run_id],
-        ).fetchall()
+        """Checkpoint, then mark the run finished with its counts; returns (n_scored, n_rejected).
+
+        The checkpoint writes everything committed into the database file (until then part of it may be
+        in the .wal file beside it only), so a finished run's results are in the .duckdb file alone. It
+        runs before the run is marked finished: a checkpoint that fails (a full disk) is a StorageError
+        and leaves the run unfinished."""
+        self.checkpoint()
+        counts = self.reject_counts(run_id)
+        n_scored = self.counts(run_id)[0]
+        with self._transaction():
+            updated = self.con.execute(
+                "UPDATE runs SET finished_at = ?, status = 'finished', error = NULL, n_scored = ?,"
+                " n_rejected = ?, n_unreadable_files = ?, n_skipped = ? WHERE run_id = ? RETURNING run_id",
+                [_utcnow(), n_scored, counts["bad"], counts["file"], counts["skipped"], run_id],
+            ).fetchall()
         if not updated:
             raise KeyError(f"no run {run_id!r} in {self.path}")
-        return n_scored, n_rejected
+        self.checkpoint()
+        return n_scored, counts["bad"]
+
+    def checkpoint(self) -> None:
+        """Write what is committed from the WAL into the database file; a StorageError if that fails."""
+        try:
+            self.con.execute("CHECKPOINT")
+        except duckdb.Error as e:
+            if any(sign in str(e).lower() for sign in DAMAGE_SIGNS):
+                raise self._damaged(e) from None
+            raise StorageError(
+                f"{self.path}: could not write the results into the database file ({one_line(e)}); they "
+                f"are committed in {self.path}.wal beside it: keep both files together, free some space "
+                "and rerun the same command to finish the run"
+            ) from None
+
+    def fail_run(self, run_id: str, error: str) -> None:
+        """Mark the run failed with its error, if the database can still be written (best effort: the
+        failure may be the database's own)."""
+        with suppress(duckdb.Error):
+            self.con.execute(
+                "UPDATE runs SET status = 'failed', error = ? WHERE run_id = ? AND status = 'running'",
+                [error, run_id],
+            )
 
     def record_runtime(self, run_id: str, runtime: dict) -> None:
         """Keep how this invocation did the work (batch sizes, workers) in the run's settings, under
@@ -215,12 +313,32 @@ class Store:
         )
 
     def counts(self, run_id: str) -> tuple[int, int]:
-        """(samples stored, rejects stored) for a run."""
+        """(samples stored, rejects of kind 'bad' stored) for a run."""
+        with self._errors("could not count the stored results"):
+            return self._counts(run_id)
+
+    def _counts(self, run_id: str) -> tuple[int, int]:
         return self.con.execute(
             "SELECT (SELECT count(*) FROM samples WHERE run_id = $r),"
-            " (SELECT count(*) FROM rejects WHERE run_id = $r)",
+            " (SELECT count(*) FROM rejects WHERE run_id = $r AND kind = 'bad')",
             {"r": run_id},
         ).fetchone()
+
+    def reject_counts(self, run_id: str) -> dict[str, int]:
+        """{kind: rejects stored} for a run, every kind of records.REJECT_KINDS."""
+        with self._errors("could not count the stored results"):
+            rows = self.con.execute(
+                "SELECT kind, count(*) FROM rejects WHERE run_id = $r GROUP BY kind", {"r": run_id}
+            ).fetchall()
+        return dict.fromkeys(REJECT_KINDS, 0) | dict(rows)
+
+
+# what DuckDB says when a file's content is not what it expects (not when it cannot write)
+DAMAGE_SIGNS = ("could not read enough bytes", "not a valid duckdb", "checksum", "corrupt", "invalid block")
+
+
+def _out_of_space(e: BaseException) -> bool:
+    return "no space left" in str(e).lower()
 
 
 def _utcnow() -> datetime:

@@ -36,8 +36,25 @@ class Vector:
 
     @property
     def default_layer(self) -> int | None:
+        """The sidecar's `chosen_layer`, if any; a VectorError naming the sidecar if it is not a layer
+        number (read only when no --layer is given, so --layer overrides a bad one)."""
         layer = self.sidecar.get("chosen_layer")
-        return int(layer) if layer is not None else None
+        if layer is None:
+            return None
+        if isinstance(layer, bool) or not isinstance(layer, int | float) or layer != int(layer) or layer < 0:
+            raise VectorError(
+                f"{sidecar_path(self.path)}: chosen_layer {layer!r} is not a layer number; fix the sidecar "
+                "or pass --layer"
+            )
+        return int(layer)
+
+    def check_layer(self, layer: int, num_layers: int, model_name: str = "the model") -> None:
+        """Refuse a sidecar's chosen layer the model does not have, naming the sidecar."""
+        if not 0 <= layer <= num_layers:
+            raise VectorError(
+                f"{sidecar_path(self.path)}: chosen_layer {layer} is out of range: {model_name} has "
+                f"hidden_states layers 0..{num_layers}; fix the sidecar or pass --layer"
+            )
 
 
 def unit_vectors(
@@ -64,24 +81,63 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+# torch.save writes a zip archive; before torch 1.6 (or with _use_new_zipfile_serialization=False), a pickle
+TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
 def load_vector(path: str | Path, name: str | None = None) -> Vector:
+    """A vector file and its sidecar, checked: every problem is one VectorError naming the file. Loading
+    goes through torch's weights-only unpickler, which runs no code from the file."""
     path = Path(path)
     if not path.is_file():
         raise VectorError(f"vector file not found: {path}")
     data = path.read_bytes()
+    if not data.startswith(TORCH_SAVE_MAGIC):
+        raise VectorError(f"{path}: not a torch.save file ({_what_it_is(data)})")
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise VectorError(f"{path}: not a torch.save'd tensor ({e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VectorError(f"{path}: cannot be loaded as a tensor ({first})") from None
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise VectorError(f"{path}: expected a [num_layers+1, hidden] tensor, got {shape}")
+    if not tensor.is_floating_point():
+        raise VectorError(f"{path}: expected a float tensor, got {str(tensor.dtype).removeprefix('torch.')}")
     if not torch.isfinite(tensor).all():
         raise VectorError(f"{path}: holds NaN or inf values")
-    side = sidecar_path(path)
-    sidecar = json.loads(side.read_text()) if side.is_file() else {}
-    trait = name or sidecar.get("trait") or path.stem.split("_")[0]
+    if not torch.isfinite(tensor.float()).all():
+        raise VectorError(f"{path}: holds values beyond float32's range (|x| > 3.4e38)")
+    sidecar = _read_sidecar(path)
+    trait = name or str(sidecar.get("trait") or "") or path.stem.split("_")[0]
     return Vector(trait, str(path), hashlib.sha256(data).hexdigest(), tensor.float(), sidecar)
+
+
+def _what_it_is(data: bytes) -> str:
+    if not data:
+        return "the file is empty"
+    head = data[:40]
+    text = head.decode("utf-8", "replace")
+    if all(c.isprintable() or c.isspace() for c in text) and "\ufffd" not in text:
+        return f"it begins with the text {text!r}"
+    return f"it begins with the bytes {head[:8].hex(' ')}"
+
+
+def _read_sidecar(path: Path) -> dict:
+    """The JSON sidecar beside a vector file (empty if there is none); a VectorError naming it if it is
+    not a JSON object."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return {}
+    try:
+        sidecar = json.loads(side.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise VectorError(
+            f"{side}: the vector's sidecar is not valid JSON ({e}); fix it or remove it"
+        ) from None
+    if not isinstance(sidecar, dict):
+        raise VectorError(f"{side}: the vector's sidecar is not a JSON object; fix it or remove it")
+    return sidecar
 
 
 def check_vector(vec: Vector, num_layers: int, hidden_size: int, model_name: str = "the model") -> None:

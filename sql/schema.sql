@@ -13,7 +13,11 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at    TIMESTAMP NOT NULL,    -- UTC
     finished_at   TIMESTAMP,             -- UTC; NULL while running, after a crash, or once resumed
     n_scored      BIGINT NOT NULL DEFAULT 0,
-    n_rejected    BIGINT NOT NULL DEFAULT 0
+    n_rejected    BIGINT NOT NULL DEFAULT 0,  -- rejects of kind 'bad'
+    status        VARCHAR DEFAULT 'running',  -- running (or stopped without a word: killed), failed, finished
+    error         VARCHAR,               -- why it failed (status 'failed')
+    n_unreadable_files BIGINT DEFAULT 0, -- rejects of kind 'file'
+    n_skipped     BIGINT DEFAULT 0       -- rejects of kind 'skipped'
 );
 
 CREATE TABLE IF NOT EXISTS samples (
@@ -51,5 +55,16 @@ CREATE TABLE IF NOT EXISTS rejects (
     sample_id    VARCHAR NOT NULL,
     source_file  VARCHAR NOT NULL,
     reason       VARCHAR NOT NULL,       -- names the field, e.g. "conversations[3].value: not a string"
+    -- bad: a record or turn that cannot be scored; skipped: an assistant turn with tool calls only;
+    -- file: a file that could not be read (to its end): source_row -1, sample_id the file
+    kind         VARCHAR DEFAULT 'bad',
     PRIMARY KEY (run_id, source_row, sample_id)
 );
+
+-- Databases written by earlier versions gain the columns above (idempotent; on read-write open).
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS status VARCHAR;
+UPDATE runs SET status = CASE WHEN finished_at IS NULL THEN 'running' ELSE 'finished' END WHERE status IS NULL;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS error VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS n_unreadable_files BIGINT DEFAULT 0;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS n_skipped BIGINT DEFAULT 0;
+ALTER TABLE rejects ADD COLUMN IF NOT EXISTS kind VARCHAR DEFAULT 'bad';

@@ -139,3 +139,66 @@ def cli(*argv: object) -> int:
     from screener.cli import main
 
     return main([str(a) for a in argv])
+
+
+# sql/schema.sql as it was before runs had a status and rejects a kind
+EARLIER_SCHEMA = """
+CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, model_sha256 VARCHAR NOT NULL,
+    dataset_uri VARCHAR NOT NULL, mode VARCHAR NOT NULL, layers INTEGER[] NOT NULL, traits VARCHAR[] NOT NULL,
+    settings JSON NOT NULL, started_at TIMESTAMP NOT NULL, finished_at TIMESTAMP,
+    n_scored BIGINT NOT NULL DEFAULT 0, n_rejected BIGINT NOT NULL DEFAULT 0);
+CREATE TABLE samples (run_id VARCHAR NOT NULL, sample_id VARCHAR NOT NULL, source_row BIGINT NOT NULL,
+    source_file VARCHAR NOT NULL, turn INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    response_tokens INTEGER NOT NULL, truncated BOOLEAN NOT NULL, prompt JSON NOT NULL,
+    response VARCHAR NOT NULL, natural_response VARCHAR, natural_tokens INTEGER,
+    PRIMARY KEY (run_id, sample_id));
+CREATE TABLE scores (run_id VARCHAR NOT NULL, sample_id VARCHAR NOT NULL, trait VARCHAR NOT NULL,
+    layer INTEGER NOT NULL, proj_response DOUBLE NOT NULL, proj_prompt_last DOUBLE NOT NULL,
+    proj_natural DOUBLE, delta_p DOUBLE, delta_p_proxy DOUBLE NOT NULL,
+    PRIMARY KEY (run_id, sample_id, trait, layer));
+CREATE TABLE rejects (run_id VARCHAR NOT NULL, source_row BIGINT NOT NULL, sample_id VARCHAR NOT NULL,
+    source_file VARCHAR NOT NULL, reason VARCHAR NOT NULL, PRIMARY KEY (run_id, source_row, sample_id));
+"""
+
+
+def earlier_database(path: Path, run: Run) -> list[Run]:
+    """A database as an earlier version wrote it (no run status, no reject kinds): `run` finished (one
+    reject), then a later run in proxy mode that never finished."""
+    import dataclasses
+
+    import duckdb
+
+    other = dataclasses.replace(run, mode="proxy" if run.mode == "natural" else "natural")
+    with duckdb.connect(str(path)) as con:
+        con.execute(EARLIER_SCHEMA)
+        for r, started, finished in ((run, "2026-01-01", "2026-01-02"), (other, "2026-01-03", None)):
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 1)",
+                [
+                    *(r.run_id, r.model, r.model_sha256, r.dataset_uri, r.mode, list(r.layers)),
+                    *(list(r.traits), json.dumps(r.settings), started, finished),
+                ],
+            )
+        con.execute("INSERT INTO rejects VALUES (?, 3, 'r', 'a.jsonl', 'why')", [run.run_id])
+    return [run, other]
+
+
+class FullDisk:
+    """A DuckDB connection whose CHECKPOINT fails as on a full disk (what DuckDB raises there); every
+    other call goes through. `Store.con = FullDisk(store.con)`."""
+
+    def __init__(self, con: object) -> None:
+        self._con = con
+
+    def execute(self, sql: str, *args: object):
+        import duckdb
+
+        if sql == "CHECKPOINT":
+            raise duckdb.FatalException(
+                'FATAL Error: Failed to create checkpoint because of error: Could not write file "x": '
+                "No space left on device"
+            )
+        return self._con.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._con, name)

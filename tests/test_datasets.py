@@ -206,8 +206,8 @@ U, A = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
         ("sharegpt", {"conversations": [{"value": "x"}]}, "conversations[0]: missing from"),
         (
             "lmsys",
-            {"conversation": [U, {"role": "tool", "content": "x"}]},
-            "conversation[1].role: unknown role 'tool'",
+            {"conversation": [U, {"role": "narrator", "content": "x"}]},
+            "conversation[1].role: unknown role 'narrator'",
         ),
         ("prompt_response", {"prompt": "p", "response": ""}, "response: empty response"),
         ("prompt_response", {"prompt": " ", "response": "r"}, "prompt: empty prompt"),
@@ -405,9 +405,16 @@ def test_array_cut_between_records_and_corrupt_array(tmp_path):
     with pytest.warns(UserWarning):
         assert len(list(iter_records(str(path), stats=stats))) == 3
     assert stats.recovered_records == 3
-    (bad := tmp_path / "bad.json").write_text('[{"a": 1}, {"a": 2 "b": 3}, {"a": 4}]')
-    with pytest.raises(DatasetFormatError, match=r"bad.json: invalid JSON in record 1"):
-        list(iter_records(str(bad)))
+    # A syntax error inside an array: the records before it are read, the file is a file-level reject.
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        '[{"prompt": "p", "response": "r"}, {"prompt": 2 "b": 3}, {"prompt": "q", "response": "s"}]'
+    )
+    stats = ReadStats()
+    assert [row for row, _, _ in iter_records(str(bad), stats=stats)] == [0]
+    assert stats.unreadable[str(bad)] == (
+        "unreadable file: invalid JSON in record 1 at byte 48: Expecting ',' delimiter (1 row read before it)"
+    )
 
 
 # ---- streaming and limit ------------------------------------------------------------------------------
@@ -453,3 +460,256 @@ def test_real_truncated_sharegpt_file():
     assert stats.recovered_records == stats.records == 17_671 and stats.format == "sharegpt"
     assert stats.samples + stats.rejects == n and stats.truncated_at_byte < path.stat().st_size
     print(f"recovered {stats.recovered_records:,} records in {seconds:.2f} s; {stats}")
+
+
+# ---- hostile input: a bad record is a reject, an unreadable file a file-level reject (issue 17) ---------
+
+DEEP = "[" * 10_000 + "]" * 10_000  # json's recursive parser gives up long before this depth
+
+
+def deep_record() -> str:
+    return '{"id": "deep", "messages": ' + DEEP + "}"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json-array", "json-lines"])
+def test_deeply_nested_json_is_one_reject_and_the_read_goes_on(tmp_path, kind):
+    lines = [json.dumps(chat(0)), deep_record(), json.dumps(chat(2))]
+    if kind == "json-array":
+        (path := tmp_path / "d.json").write_text("[" + ",\n".join(lines) + "]")
+    else:
+        (path := tmp_path / f"d.{'jsonl' if kind == 'jsonl' else 'json'}").write_text("\n".join(lines) + "\n")
+    stats = ReadStats()
+    out = list(read_samples(str(path), stats=stats))
+    assert [(type(o).__name__, o.source_row) for o in out] == [("Sample", 0), ("Reject", 1), ("Sample", 2)]
+    assert out[1].reason == "invalid JSON: nested too deeply to parse" and out[1].kind == "bad"
+    assert out[1].sample_id == [o.sample_id for o in read_samples(str(path))][1]  # stable id
+    assert (stats.records, stats.rejects, stats.unreadable) == (3, 1, {})
+
+
+def test_csv_bytes_that_are_not_utf8_reject_their_row_only(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"id,prompt,response\n1,p1,r1\n2,caf\xe9,r2\n3,p3,r3\n")
+    out = list(read_samples(str(path)))
+    assert [(type(o).__name__, o.source_row) for o in out] == [("Sample", 0), ("Reject", 1), ("Sample", 2)]
+    assert out[1].reason == "prompt: not UTF-8"
+
+
+def write_pairs_csv(path: Path, n: int) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "prompt", "response"])
+        w.writerows([f"{i:02d}", f"question {i}", f"answer {i}"] for i in range(n))
+    return path
+
+
+def test_an_unclosed_csv_quote_rejects_its_row_and_the_rows_after_it_are_read(tmp_path):
+    """A quote never closed at row 3 of 20 swallowed the 17 rows after it into one cell, silently."""
+    path = write_pairs_csv(tmp_path / "d.csv", 20)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace("question 2", '"question 2')  # row 2 (0-based), line 4 of the file
+    path.write_text("".join(lines))
+    stats = ReadStats()
+    out = list(read_samples(str(path), stats=stats))
+    assert [o.sample_id for o in out if isinstance(o, Sample)] == [f"{i:02d}" for i in range(20) if i != 2]
+    (bad,) = [o for o in out if isinstance(o, Reject)]
+    assert bad.source_row == 2
+    assert (
+        bad.reason
+        == "csv line 4: a quote opened in this row is never closed (it ran to the end of the file, line 21)"
+    )
+    assert [o.source_row for o in out] == list(range(20))  # rows keep their numbers after the bad one
+    assert stats.per_file == {str(path): 20} and stats.records == 20
+    # a quote that swallows some lines and then closes: the row names the lines it spans
+    lines[3], lines[6] = (
+        lines[3].replace('"question 2', "question 2"),
+        lines[6].replace("question 5", '"question 5'),
+    )
+    lines[9] = lines[9].replace("answer 8", 'answer 8"')
+    path.write_text("".join(lines))
+    reasons = [o.reason for o in read_samples(str(path)) if isinstance(o, Reject)]
+    assert reasons == [
+        "csv: 2 cells, the header has 3 (this row spans lines 7-10: a quote may be unbalanced)"
+    ]
+
+
+def test_gzipped_csv_with_an_unclosed_quote(tmp_path):
+    path = write_pairs_csv(tmp_path / "d.csv", 5)
+    text = path.read_text().replace("question 1", '"question 1')
+    with gzip.open(zipped := tmp_path / "d.csv.gz", "wt") as f:
+        f.write(text)
+    out = list(read_samples(str(zipped)))
+    assert [type(o).__name__ for o in out] == ["Sample", "Reject", "Sample", "Sample", "Sample"]
+
+
+def corrupt_gzip(path: Path, records: list[dict]) -> Path:
+    """A gzip of the records cut short: the first records decompress, then the stream ends early."""
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    path.write_bytes(data[: len(data) * 2 // 3])
+    return path
+
+
+def test_an_unreadable_file_in_a_folder_is_one_file_reject_and_the_others_are_read(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [chat(0), chat(1)])
+    (tmp_path / "b.jsonl.gz").write_bytes(b"this is not gzip at all\n")
+    corrupt_gzip(tmp_path / "c.jsonl.gz", [chat(i) for i in range(100, 400)])
+    (tmp_path / "d.parquet").write_bytes(b"")  # empty
+    (tmp_path / "e.parquet").write_bytes(b"PAR1 garbage")
+    write_jsonl(tmp_path / "f.jsonl", [chat(9)])
+    stats = ReadStats()
+    out = list(read_samples(str(tmp_path), stats=stats))
+    files = [o for o in out if isinstance(o, Reject)]
+    assert [(Path(r.source_file).name, r.source_row, r.kind) for r in files] == [
+        ("b.jsonl.gz", -1, "file"),
+        ("c.jsonl.gz", -1, "file"),
+        ("d.parquet", -1, "file"),
+        ("e.parquet", -1, "file"),
+    ]
+    assert all(r.sample_id == r.source_file for r in files)  # one row per file in `rejects`
+    reasons = [r.reason for r in files]
+    assert reasons[0].startswith("unreadable file: corrupt compressed data: Not a gzipped file")
+    assert reasons[0].endswith("(nothing read)")
+    n_c = stats.per_file[str(tmp_path / "c.jsonl.gz")]
+    assert 0 < n_c < 300 and reasons[1].endswith(f"({n_c} rows read before it)")
+    assert reasons[2].startswith("unreadable file: not a readable parquet file: ")
+    assert reasons[3].startswith("unreadable file: not a readable parquet file: ")
+    got = [(s.sample_id, s.source_row) for s in out if isinstance(s, Sample)]
+    assert got[:2] == [("r0", 0), ("r1", 1)] and got[-1] == ("r9", 2 + n_c)
+    assert len(got) == 3 + n_c and set(stats.unreadable) == {r.source_file for r in files}
+    # the same rows on every read: a rerun of the screen resumes past the bad files
+    assert [(o.sample_id, o.source_row) for o in read_samples(str(tmp_path))] == [
+        (o.sample_id, o.source_row) for o in out
+    ]
+    # export's reader skips them too, and keeps the same row numbers
+    assert [row for row, _, _ in iter_records(str(tmp_path))] == [row for _, row in got]
+
+
+def test_a_file_that_cannot_be_opened_stops_the_read(tmp_path, monkeypatch):
+    import errno
+
+    write_jsonl(tmp_path / "a.jsonl", [chat(0)])
+    write_jsonl(tmp_path / "b.jsonl", [chat(1)])
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).endswith("b.jsonl"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(sd.DatasetReadError, match=r"b\.jsonl: cannot read the file \(Permission denied\)"):
+        list(read_samples(str(tmp_path)))
+
+
+def test_each_file_of_a_folder_has_its_own_row_format(tmp_path):
+    """A folder of mixed formats took the first file's format for all: every other row was rejected."""
+    write_jsonl(tmp_path / "a.jsonl", [chat(0)])
+    write_jsonl(tmp_path / "b.jsonl", [SHAREGPT])
+    write_pairs_csv(tmp_path / "c.csv", 2)
+    write_jsonl(tmp_path / "d.jsonl", [{"text": "not a chat"}, chat(1)])  # no known format
+    stats = ReadStats()
+    out = list(read_samples(str(tmp_path), stats=stats))
+    assert [(type(o).__name__, o.sample_id) for o in out] == [
+        ("Sample", "r0"),
+        ("Sample", "s1"),
+        ("Sample", "00"),
+        ("Sample", "01"),
+        ("Reject", str(tmp_path / "d.jsonl")),
+    ]
+    assert out[-1].kind == "file" and out[-1].reason.startswith(
+        "unreadable file: unknown row format; columns"
+    )
+    assert stats.format == "mixed (openai, sharegpt, prompt_response)"
+    assert [row for row, _, _ in iter_records(str(tmp_path))] == [0, 1, 2, 3]
+
+
+def test_empty_files_are_listed(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [chat(0)])
+    (tmp_path / "b.jsonl").write_text("")
+    (tmp_path / "c.json").write_text("\n")
+    (tmp_path / "d.csv").write_text("")
+    stats = ReadStats()
+    assert len(samples(tmp_path, stats=stats)) == 1
+    assert [Path(f).name for f in stats.empty_files] == ["b.jsonl", "c.json", "d.csv"]
+
+
+def test_a_missing_dataset_is_a_user_error():
+    from screener.errors import UserError
+
+    with pytest.raises(UserError, match="no such file or directory"):
+        read_samples("/nonexistent/data.jsonl")
+
+
+# ---- modern chat data: content parts, tool messages, tool calls (issue 17) ------------------------------
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+TOOLS = {
+    "id": "t1",
+    "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "You can call tools."}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is the weather"},
+                {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                {"type": "text", "text": "in Oslo?"},
+            ],
+        },
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "weather", "content": "rain, 4 °C"},
+        {"role": "assistant", "content": [{"type": "text", "text": "It rains in Oslo."}]},
+    ],
+}
+
+
+def test_content_parts_tool_messages_and_tool_calls():
+    out = record_to_samples(TOOLS, "openai", source_row=0, source_file="f", turns="all")
+    skipped, scored = out
+    assert isinstance(skipped, Reject) and skipped.kind == "skipped" and skipped.sample_id == "t1#0"
+    assert skipped.reason == "messages[2]: tool calls only, no text to score"
+    assert isinstance(scored, Sample) and (scored.sample_id, scored.turn) == ("t1#1", 1)
+    assert scored.response == "It rains in Oslo."
+    assert scored.prompt == [
+        {"role": "system", "content": "You can call tools."},
+        {"role": "user", "content": "What is the weather\nin Oslo?"},  # text parts joined, the image left out
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": "rain, 4 °C", "tool_call_id": "call_1", "name": "weather"},
+    ]
+    # --turns last: the last assistant turn; a record that ends in a tool call has nothing to score
+    (last,) = record_to_samples(TOOLS, "openai", source_row=0, source_file="f", turns="last")
+    assert isinstance(last, Sample) and last.sample_id == "t1"
+    ends_in_call = {**TOOLS, "messages": TOOLS["messages"][:3]}
+    (only,) = record_to_samples(ends_in_call, "openai", source_row=0, source_file="f", turns="last")
+    assert only.kind == "skipped"
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ({"role": "assistant", "content": None, "tool_calls": []}, "messages[1]: missing content"),
+        ({"role": "assistant", "content": "a", "tool_calls": "x"}, "messages[1].tool_calls: not a list"),
+        (
+            {"role": "assistant", "content": [{"type": "text", "text": 3}]},
+            "messages[1].content[0].text: not a string",
+        ),
+        (
+            {"role": "assistant", "content": ["a"]},
+            "messages[1].content: not a string or a list of content parts",
+        ),
+        ({"role": "assistant", "content": [{"type": "image_url"}]}, "messages[1].content: empty response"),
+    ],
+)
+def test_content_part_and_tool_call_rejects(message, reason):
+    (out,) = record_to_samples(
+        {"messages": [U, message]}, "openai", source_row=0, source_file="f", turns="last"
+    )
+    assert isinstance(out, Reject) and out.kind == "bad" and out.reason == reason
+
+
+def test_csv_line_endings(tmp_path):
+    """LF, CRLF and old Mac CR line endings, with a quoted cell holding a line break of each kind."""
+    rows = [["id", "prompt", "response"], ["1", "p1", "r1"], ["2", "two\nlines", "r2"], ["3", "p3", "r3"]]
+    for ending in ("\n", "\r\n", "\r"):
+        text = ending.join(",".join(f'"{c}"' if "\n" in c else c for c in row) for row in rows) + ending
+        (path := tmp_path / "d.csv").write_bytes(text.replace("two\nlines", f"two{ending}lines").encode())
+        got = [(s.sample_id, s.prompt[0]["content"]) for s in samples(path)]
+        assert got == [("1", "p1"), ("2", f"two{ending}lines"), ("3", "p3")], repr(ending)

@@ -256,7 +256,7 @@ def test_report_shows_the_top_samples_shaded(proxy, tmp_path: Path, capsys) -> N
     if shutil.which("chromium"):
         dom, console = run_chromium(out.as_uri(), tmp_path, "--dump-dom")
         assert console == [] and dom.count('<div class="explained">') == 2 * len(TRAITS)
-    assert cli("report", "--db", proxy, "--out", out, "--no-explain") == 0
+    assert cli("report", "--db", proxy, "--out", out, "--no-explain", "--force") == 0
     assert "explain-" not in out.read_text()
 
 
@@ -290,7 +290,7 @@ def test_a_moved_or_changed_input(tiny_llama, tmp_path: Path, capsys) -> None:
     out = tmp_path / "r.html"
     assert cli("report", "--db", db, "--out", out) == 0  # the report says why, and is written
     assert "Not computed: the screened dataset is not here" in out.read_text()
-    assert cli("report", "--db", db, "--out", out, "--input", moved) == 0
+    assert cli("report", "--db", db, "--out", out, "--input", moved, "--force") == 0
     assert "Not computed" not in out.read_text()
 
 

@@ -112,7 +112,7 @@ def test_glob_input_round_trip(tmp_path: Path) -> None:
     assert cli("export", out, "--db", screen.db) == 0
     assert read_jsonl(out) == records
     args = ["--db", screen.db, "--drop-top", "20%", "--trait", "evil"]
-    assert cli("export", out, *args) == 0
+    assert cli("export", out, *args, "--force") == 0
     assert cli("export", dropped, *args, "--invert") == 0
     values = screen.values("delta_p", "evil", 10)
     top = {s for s, _ in sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[: math.ceil(len(values) / 5)]}
@@ -139,7 +139,7 @@ def test_turns_all_keeps_or_drops_whole_records(tmp_path: Path) -> None:
     assert cli("export", out, "--db", screen.db) == 0
     assert out.read_bytes() == (tmp_path / "in.jsonl").read_bytes()
     args = ["--db", screen.db, "--drop-top", "5", "--trait", "evil", "--layer", 20]
-    assert cli("export", out, *args) == 0
+    assert cli("export", out, *args, "--force") == 0
     assert cli("export", dropped, *args, "--invert") == 0
     values = screen.values("delta_p", "evil", 20)
     top = {s for s, _ in sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[:5]}
@@ -227,12 +227,12 @@ def test_threshold_and_where(screen: FakeScreen, tmp_path: Path) -> None:
         for layer in (10, 20)
     }
     out = tmp_path / "w.jsonl"
-    assert cli("export", out, "--db", screen.db, "--where", where) == 0
+    assert cli("export", out, "--db", screen.db, "--where", where, "--force") == 0
     assert split_rows(out) == set(range(N)) - rows_of(screen, by_layer[10] | by_layer[20])
     assert manifest(out)["filter"]["where"] == where and manifest(out)["layer"] is None
-    assert cli("export", out, "--db", screen.db, "--drop-where", where, "--layer", 20) == 0
+    assert cli("export", out, "--db", screen.db, "--drop-where", where, "--layer", 20, "--force") == 0
     assert split_rows(out) == set(range(N)) - rows_of(screen, by_layer[20])
-    assert cli("export", out, "--db", screen.db, "--where", "layer = 20 AND " + where) == 0
+    assert cli("export", out, "--db", screen.db, "--where", "layer = 20 AND " + where, "--force") == 0
     assert split_rows(out) == set(range(N)) - rows_of(screen, by_layer[20])
     assert cli("export", out, "--db", screen.db, "--where", "no_such_column > 1") == 1
 
@@ -246,7 +246,7 @@ def test_where_cannot_leave_the_run_and_layer(screen: FakeScreen, tmp_path: Path
     # OR inside the predicate stays inside the scope (this run, layer 20)
     assert cli("export", out, *base, "--where", "false OR trait = 'evil' AND delta_p_proxy > 0.5") == 0
     assert split_rows(out) == set(range(N)) - rows_of(screen, over)
-    assert cli("export", out, *base, "--where", "true", "--invert") == 0
+    assert cli("export", out, *base, "--where", "true", "--invert", "--force") == 0
     assert split_rows(out) == set(range(N)) - REJECTED_ROWS and other.run_id not in out.read_text()
     breakouts = (
         "false) OR (true",
@@ -288,7 +288,7 @@ def test_unscored_records(screen: FakeScreen, tmp_path: Path) -> None:
     assert cli("export", out, "--db", screen.db, "--drop-unscored") == 0
     assert split_rows(out) == set(range(N)) - REJECTED_ROWS
     assert manifest(out)["dropped_unscored"] == len(REJECTED_ROWS)
-    assert cli("export", out, "--db", screen.db, "--drop-unscored", "--invert") == 0
+    assert cli("export", out, "--db", screen.db, "--drop-unscored", "--invert", "--force") == 0
     assert split_rows(out) == REJECTED_ROWS
 
 
@@ -401,3 +401,108 @@ def test_every_command_on_a_real_screen(tiny_llama: Path, tmp_path: Path, capsys
     assert read_jsonl(tmp_path / "all.jsonl") == records
     assert main(["export", str(tmp_path / "k.jsonl"), "--db", str(db), "--drop-top", "20%"]) == 0
     assert 0 < manifest(tmp_path / "k.jsonl")["dropped"] <= 4
+
+
+# ---- never over the input or the database; existing outputs; hostile inputs (issue 17) -------------------
+
+
+def test_export_never_writes_over_its_input_or_the_database(
+    screen: FakeScreen, tmp_path: Path, capsys
+) -> None:
+    """`screener export data.jsonl --drop-top 20%` replaced the screened input by its filtered copy."""
+    data = Path(screen.run.dataset_uri)
+    data_bytes, db_bytes = data.read_bytes(), screen.db.read_bytes()
+    for out, what in ((data, f"the screened input {data}"), (screen.db, "the results database")):
+        for force in ([], ["--force"]):
+            assert cli("export", out, "--db", screen.db, "--drop-top", "20%", *force) == 1
+            assert capsys.readouterr().err == (
+                f"error: {out} is {what}: refusing to write over it; choose another output path\n"
+            )
+    copy = write_jsonl(tmp_path / "copy.jsonl", openai_records(N))  # --input is protected too
+    assert cli("export", copy, "--db", screen.db, "--input", copy) == 1
+    assert "is the screened input" in capsys.readouterr().err
+    assert data.read_bytes() == data_bytes and screen.db.read_bytes() == db_bytes
+
+
+def test_export_never_writes_inside_a_screened_folder_or_glob(tmp_path: Path, capsys) -> None:
+    (folder := tmp_path / "data").mkdir()
+    write_jsonl(folder / "part-0.jsonl", openai_records(N))
+    for uri, out in (
+        (folder, folder / "clean.jsonl"),
+        (tmp_path / "data" / "part-*.jsonl", folder / "part-9.jsonl"),
+    ):
+        screen = make_screen(tmp_path / "s.duckdb", uri, seed=7)
+        assert cli("export", out, "--db", screen.db, "--run", screen.run_id) == 1
+        assert "a rerun of the screen or export would read it as input" in capsys.readouterr().err
+        assert not out.exists()
+    assert cli("export", tmp_path / "data-clean" / "clean.jsonl", "--db", tmp_path / "s.duckdb") == 0
+
+
+def test_an_existing_output_is_replaced_only_with_force(screen: FakeScreen, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "new" / "folder" / "out.jsonl"  # a missing folder is created
+    assert cli("export", out, "--db", screen.db) == 0
+    kept, m = out.read_bytes(), manifest(out)
+    assert cli("export", out, "--db", screen.db, "--drop-top", "5") == 1
+    assert capsys.readouterr().err == f"error: {out} exists; pass --force to replace it\n"
+    out.unlink()  # a manifest left alone counts as an output too
+    assert cli("export", out, "--db", screen.db, "--drop-top", "5") == 1
+    assert capsys.readouterr().err == f"error: {out}.manifest.json exists; pass --force to replace it\n"
+    assert not out.exists() and manifest(out) == m
+    assert cli("export", out, "--db", screen.db, "--drop-top", "5", "--force") == 0
+    assert len(read_jsonl(out)) < len(kept.splitlines()) and manifest(out)["dropped"] > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "out.jsonl",
+        "out.jsonl.manifest.json",
+    ]  # no temps
+
+
+def test_hf_export_replaces_a_previous_export_only(screen: FakeScreen, tmp_path: Path, capsys) -> None:
+    import datasets
+
+    out = tmp_path / "hf"
+    assert cli("export", out, "--format", "hf", "--db", screen.db) == 0
+    assert cli("export", out, "--format", "hf", "--db", screen.db, "--threshold", 1) == 1
+    assert capsys.readouterr().err == f"error: {out} exists and is not empty; pass --force to replace it\n"
+    assert cli("export", out, "--format", "hf", "--db", screen.db, "--threshold", 1, "--force") == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(datasets.load_from_disk(str(out))) == m["kept"] < N
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []  # no temps
+    (other := tmp_path / "notes").mkdir()
+    (other / "todo.txt").write_text("mine")
+    assert cli("export", other, "--format", "hf", "--db", screen.db, "--force") == 1
+    assert "is a folder that is not a dataset export; refusing to replace it" in capsys.readouterr().err
+    assert (other / "todo.txt").read_text() == "mine"
+
+
+def test_export_of_hostile_input_lines_up_with_the_screen(tmp_path: Path, capsys) -> None:
+    """Mixed formats, a tool-call-only record, a bad line and an unreadable file: export reads the files as
+    the screen did, keeps the tool-call record, and counts what is in neither output."""
+    (folder := tmp_path / "data").mkdir()
+    tools = {
+        "id": "t1",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "w"}}],
+            },
+        ],
+    }
+    write_jsonl(folder / "a.jsonl", [*openai_records(6), tools])
+    write_jsonl(folder / "b.jsonl", sharegpt_records(6))
+    (folder / "c.jsonl").write_text('{"id": "x"\n' + json.dumps(openai_records(6)[0]) + "\n")
+    (folder / "d.jsonl.gz").write_bytes(b"not gzip")
+    screen = make_screen(tmp_path / "s.duckdb", folder, mode="proxy")
+    kinds = Counter(r.kind for r in screen.rejects)
+    assert kinds == {"bad": 2 + 2 + 1, "skipped": 1, "file": 1}  # rows 3 and 5 of a and b, c's bad line
+    out = tmp_path / "out.jsonl"
+    assert cli("export", out, "--db", screen.db) == 0
+    expected = [*openai_records(6), tools, *sharegpt_records(6), openai_records(6)[0]]
+    assert read_jsonl(out) == expected  # the tool-call record kept, the bad line and the bad file in neither
+    m = manifest(out)
+    assert (m["records_read"], m["unreadable_rows"], m["unreadable_files"]) == (14, 1, 1)
+    assert list(m["unreadable"]) == [str(folder / "d.jsonl.gz")]
+    assert "in neither output: 1 input rows that do not parse, 1 unreadable files" in capsys.readouterr().out
+    assert cli("export", tmp_path / "scored.jsonl", "--db", screen.db, "--drop-unscored") == 0
+    assert "t1" not in {r["id"] for r in read_jsonl(tmp_path / "scored.jsonl")}

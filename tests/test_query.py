@@ -198,3 +198,52 @@ def test_read_only_refusal_is_by_statement_type(screens, tmp_path: Path, capsys)
     assert natural.db.read_bytes() == db_bytes and not (tmp_path / "dump").exists()
     for sql in ("SELECT count(*) FROM runs", "DESCRIBE scores", "EXPLAIN SELECT * FROM scores"):
         assert cli("query", sql, "--db", natural.db) == 0, sql
+
+
+# ---- parameters in literals, outputs (issue 17) ---------------------------------------------------------
+
+
+def test_a_dollar_inside_a_string_is_not_a_parameter(screens, capsys) -> None:
+    natural, _ = screens
+    assert cli("query", "SELECT 'cost $x' AS s -- not $y either", "--db", natural.db, "--format", "json") == 0
+    assert json.loads(capsys.readouterr().out) == [{"s": "cost $x"}]
+
+
+def test_query_out_creates_its_folder_and_never_replaces_without_force(
+    screens, tmp_path: Path, capsys
+) -> None:
+    natural, proxy = screens
+    out = tmp_path / "new" / "folder" / "runs.csv"
+    assert cli("query", "summary", "--db", natural.db, "--format", "csv", "--out", out) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"reading run {proxy.run_id} (finished ") and err.count("\n") == 1
+    first = out.read_bytes()
+    assert first.startswith(b"run_id,") and list(out.parent.iterdir()) == [out]  # no temp file left
+    assert cli("query", "SELECT 1 AS x", "--db", natural.db, "--format", "csv", "--out", out) == 1
+    assert capsys.readouterr().err == f"error: {out} exists; pass --force to replace it\n"
+    assert out.read_bytes() == first
+    assert cli("query", "SELECT 1 AS x", "--db", natural.db, "--format", "csv", "--out", out, "--force") == 0
+    assert out.read_text() == "x\n1\n" and list(out.parent.iterdir()) == [out]
+
+
+def test_query_out_never_writes_over_the_database_or_an_input(screens, tmp_path: Path, capsys) -> None:
+    """`query runs --format parquet --out s.duckdb` destroyed the database, from a read-only command."""
+    natural, _ = screens
+    db_bytes, data = natural.db.read_bytes(), Path(natural.run.dataset_uri)
+    data_bytes = data.read_bytes()
+    link = tmp_path / "link.duckdb"
+    link.symlink_to(natural.db)
+    for out, what in (
+        (natural.db, "the results database"),
+        (f"{natural.db}.wal", "the results database's WAL"),
+        (link, "the results database"),
+        (data, f"the screened input {data}"),
+    ):
+        for force in ([], ["--force"]):
+            argv = ["query", "runs", "--db", natural.db, "--format", "parquet", "--out", out, *force]
+            assert cli(*argv) == 1
+            assert capsys.readouterr().err == (
+                f"error: {out} is {what}: refusing to write over it; choose another output path\n"
+            )
+    assert natural.db.read_bytes() == db_bytes and data.read_bytes() == data_bytes
+    assert not Path(f"{natural.db}.wal").exists()

@@ -157,3 +157,77 @@ def test_report_renders_in_chromium(screens, tmp_path: Path) -> None:
     bad.write_text("<!DOCTYPE html><p>x</p><script>console.error('boom'); notDefined();</script>")
     _, console = run_chromium(bad.as_uri(), tmp_path, "--dump-dom")
     assert any("boom" in line for line in console) and any("notDefined" in line for line in console)
+
+
+# ---- outputs and the run read (issue 17) ---------------------------------------------------------------
+
+
+def test_report_and_hist_never_write_over_the_database(screens, tmp_path: Path, capsys) -> None:
+    """`screener report --out s.duckdb --db s.duckdb` destroyed the results database."""
+    natural, _ = screens
+    db_bytes = natural.db.read_bytes()
+    for argv in (["report", "--out", natural.db], ["hist", "--trait", "evil", "--png", natural.db]):
+        for force in ([], ["--force"]):
+            assert cli(*argv, *force, "--db", natural.db) == 1
+            err = capsys.readouterr().err
+            assert err.endswith(
+                f"error: {natural.db} is the results database: refusing to write over it; "
+                "choose another output path\n"
+            )
+    assert natural.db.read_bytes() == db_bytes
+
+
+def test_report_and_hist_create_their_folder_and_replace_only_with_force(
+    screens, tmp_path: Path, capsys
+) -> None:
+    natural, proxy = screens
+    report, png = tmp_path / "new" / "r.html", tmp_path / "other" / "sub" / "h.png"
+    assert cli("report", "--db", natural.db, "--out", report) == 0
+    assert cli("hist", "--db", natural.db, "--trait", "evil", "--png", png) == 0
+    assert report.read_text().startswith("<!DOCTYPE html>") and png.read_bytes().startswith(PNG_MAGIC)
+    err = capsys.readouterr().err
+    assert err.count(f"reading run {proxy.run_id} (finished ") == 2  # each says which run it read
+    for argv, out in (
+        (["report", "--out", report], report),
+        (["hist", "--trait", "evil", "--png", png], png),
+    ):
+        before = out.read_bytes()
+        assert cli(*argv, "--db", natural.db) == 1
+        assert capsys.readouterr().err.endswith(f"error: {out} exists; pass --force to replace it\n")
+        assert out.read_bytes() == before
+        assert cli(*argv, "--db", natural.db, "--force", "--run", natural.run_id) == 0
+        assert out.read_bytes() != before and len(list(out.parent.iterdir())) == 1  # no temp file left
+
+
+def test_top_after_a_failed_screen_reads_the_finished_run_or_says_there_is_none(
+    tmp_path: Path, capsys
+) -> None:
+    """After a failed screen, `top` printed "top 0" with exit code 0."""
+    from helpers import make_screen, openai_records, write_jsonl
+
+    from screener.store import Store
+
+    data = write_jsonl(tmp_path / "in.jsonl", openai_records(8))
+    first = make_screen(tmp_path / "s.duckdb", data, mode="proxy", finish=False)
+    with Store(tmp_path / "s.duckdb") as store:
+        store.fail_run(first.run_id, "VectorError: zero")
+    assert cli("top", "--db", tmp_path / "s.duckdb") == 1
+    assert capsys.readouterr().err == (
+        f"error: no finished run in this database; the latest is run {first.run_id} (FAILED: VectorError: "
+        f"zero; 6 scored, 2 rejected): pass --run {first.run_id} to read what it stored\n"
+    )
+    assert cli("top", "--db", tmp_path / "s.duckdb", "--run", first.run_id, "-k", 1) == 0
+    captured = capsys.readouterr()
+    assert f"top 1 by delta_p_proxy · layer 10 · run {first.run_id}" in captured.out
+    assert captured.err.startswith(f"reading run {first.run_id} (FAILED: VectorError: zero;")
+    done = make_screen(tmp_path / "s.duckdb", data, mode="natural")  # a later run that finished
+    assert cli("top", "--db", tmp_path / "s.duckdb", "-k", 1) == 0
+    assert f"run {done.run_id}" in capsys.readouterr().out
+    later = make_screen(tmp_path / "s.duckdb", data, mode="natural", turns="all", finish=False)
+    assert cli("top", "--db", tmp_path / "s.duckdb", "-k", 1) == 0
+    captured = capsys.readouterr()
+    assert f"run {done.run_id}" in captured.out and later.run_id not in captured.out
+    assert (
+        captured.err.splitlines()[1]
+        == f"note: 1 later run did not finish ({later.run_id}); read one with --run ID"
+    )

@@ -23,13 +23,16 @@ from screener.results import (
     open_db,
     percentiles,
     pick_run,
+    query_params,
     report_data,
     run_params,
     run_sql,
     select_drops,
     summary,
     top_samples,
+    unfinished_since,
 )
+from screener.runs import Run
 from screener.store import SQL_DIR, Store
 
 VIEWS = ("scored", "scored_records", "top_delta_p", "trait_percentiles", "dataset_summary", "run_overview")
@@ -278,3 +281,85 @@ def test_record_level_view_and_top_show_the_turns(tmp_path: Path) -> None:
     multi = [t for t in top if t["record_turns"] > 1]
     assert multi and all("#" in t["sample_id"] for t in multi)
     assert all(t["record_turns"] == 1 for t in top if "#" not in t["sample_id"])
+
+
+# ---- which run a reader reads: the latest finished one (issue 17) -------------------------------------
+
+
+def test_readers_default_to_the_latest_finished_run(tmp_path: Path) -> None:
+    """After a screen that failed, `top` read the failed run ("top 0") and export used it."""
+    data = write_jsonl(tmp_path / "in.jsonl", openai_records(8))
+    done = make_screen(tmp_path / "s.duckdb", data, mode="natural")
+    failed = make_screen(tmp_path / "s.duckdb", data, mode="proxy", finish=False)
+    with Store(tmp_path / "s.duckdb") as store:
+        store.fail_run(failed.run_id, "the model worker died")
+    with open_db(tmp_path / "s.duckdb") as store:
+        run = pick_run(store.con)
+        assert run.run_id == done.run_id and run.status == "finished"
+        assert unfinished_since(store.con, run) == [failed.run_id]
+        chosen = pick_run(store.con, failed.run_id[:6])  # any status when asked for by id
+        assert (chosen.status, chosen.error, chosen.n_scored) == ("failed", "the model worker died", 6)
+    assert chosen.describe() == f"run {failed.run_id} (FAILED: the model worker died; 6 scored, 2 rejected)"
+    assert (
+        run.describe().startswith(f"run {done.run_id} (finished 20")
+        and "6 scored, 2 rejected)" in run.describe()
+    )
+
+
+def test_a_database_with_no_finished_run_says_which_run_did_not_finish(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", openai_records(8))
+    failed = make_screen(tmp_path / "s.duckdb", data, finish=False)
+    with Store(tmp_path / "s.duckdb") as store:
+        store.fail_run(failed.run_id, "a persona vector is zero at layer 2")
+    with open_db(tmp_path / "s.duckdb") as store, pytest.raises(QueryError) as e:
+        pick_run(store.con)
+    assert str(e.value) == (
+        f"no finished run in this database; the latest is run {failed.run_id} (FAILED: a persona vector is "
+        f"zero at layer 2; 6 scored, 2 rejected): pass --run {failed.run_id} to read what it stored"
+    )
+
+
+def test_a_database_of_an_earlier_version_is_read_as_it_is(tmp_path: Path) -> None:
+    """Read-only readers do not bring a database up to date: its status comes from finished_at."""
+    from helpers import earlier_database
+
+    run = Run("tiny", "00" * 32, "in.jsonl", "natural", LAYERS, TRAITS, {"split": None})
+    finished, unfinished = earlier_database(tmp_path / "old.duckdb", run)
+    before = (tmp_path / "old.duckdb").read_bytes()
+    with open_db(tmp_path / "old.duckdb") as store:
+        latest = pick_run(store.con)
+        assert (latest.run_id, latest.status, latest.n_rejected, latest.n_skipped) == (
+            finished.run_id,
+            "finished",
+            1,
+            0,
+        )
+        assert unfinished_since(store.con, latest) == [unfinished.run_id]
+        assert pick_run(store.con, unfinished.run_id).status == "running"
+    assert (tmp_path / "old.duckdb").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        ("SELECT 'cost $x'", set()),
+        ("SELECT $$dollar $x$$, E'esc $y'", set()),
+        ('SELECT "$col" FROM t', set()),
+        ("SELECT $a -- and $b\n, /* $c */ $d", {"a", "d"}),
+        ("SELECT * FROM scored WHERE run_id = $run_id AND trait = '$trait' AND k < $k", {"run_id", "k"}),
+    ],
+)
+def test_query_params_are_outside_strings_names_and_comments(sql: str, params: set[str]) -> None:
+    assert query_params(sql) == params
+
+
+def test_a_database_file_without_the_results_is_one_line(tmp_path: Path) -> None:
+    """A .duckdb copied without its .wal (results not checkpointed) has no tables: it was a traceback."""
+    duckdb.connect(str(tmp_path / "copy.duckdb")).close()
+    with pytest.raises(QueryError) as e:
+        open_db(tmp_path / "copy.duckdb")
+    assert str(e.value) == (
+        f"{tmp_path / 'copy.duckdb'}: not a screen's results database (no table runs, samples, scores, "
+        "rejects); if it was copied from where a screen ran, copy copy.duckdb.wal from beside it too, or "
+        "rerun that screen to finish it"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import duckdb
@@ -327,3 +328,340 @@ def test_cli_screen_prints_a_summary_and_errors_cleanly(tmp_path, tiny_llama, ve
     assert "scored 12 samples, rejected 0" in out and "samples/s" in out
     assert main([*args[:-2], "--db", str(db), "--layer", "9"]) == 2
     assert "layers 0..4" in capsys.readouterr().err
+
+
+# ---- hostile input, failed runs, full disks, vectors and paths (issue 17) ------------------------------
+
+
+def cli_args(data: Path, db: Path, model: Path, vectors: list[str], *extra: object) -> list[str]:
+    args = [str(data), "--model", str(model), "--actors", "0", "--dtype", "float32", "--db", str(db)]
+    for v in vectors:
+        args += ["--vector", v]
+    return ["screen", *args, "--no-progress", *(str(x) for x in extra)]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_records_and_unreadable_files_are_rejects_and_a_rerun_gets_past_them(
+    tmp_path, tiny_llama, vector_files, capsys
+):
+    """A 10,000-deep JSON line, a CSV cell that is not UTF-8, a corrupt .gz and a garbage .parquet each
+    stopped the screen with a traceback; with --chunk-size 2 every rerun died on the same line."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = openai_rows()
+    lines = [json.dumps(r) for r in rows[:4]]
+    lines.insert(2, '{"id": "deep", "messages": ' + "[" * 10_000 + "]" * 10_000 + "}")
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "b.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 corrupt gzip")
+    (folder / "c.parquet").write_bytes(b"PAR1 not really parquet")
+    (folder / "d.csv").write_bytes(b"id,prompt,response\nk1,hello,fine\nk2,caf\xe9,fine\nk3,bye,ok\n")
+    db = tmp_path / "s.duckdb"
+    argv = cli_args(folder, db, tiny_llama, vector_files, "--layer", 2, "--chunk-size", 2)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert (
+        "scored 6 samples, rejected 2 in" in out
+        and "run totals: 6 scored, 2 rejected, 2 unreadable files" in out
+    )
+    assert "read 8 rows from 4 files (a.jsonl 5, b.jsonl.gz 0, c.parquet 0, d.csv 3)" in out
+    assert f"warning: {folder / 'b.jsonl.gz'}: unreadable file: corrupt compressed data: " in out
+    assert f"warning: {folder / 'c.parquet'}: unreadable file: not a readable parquet file: " in out
+    rejects = table(
+        db, "SELECT source_row, sample_id, kind, reason FROM rejects ORDER BY source_row, sample_id"
+    )
+    assert [r[:3] for r in rejects] == [
+        (-1, str(folder / "b.jsonl.gz"), "file"),
+        (-1, str(folder / "c.parquet"), "file"),
+        (2, rejects[2][1], "bad"),
+        (6, rejects[3][1], "bad"),
+    ]
+    assert (
+        rejects[2][3] == "invalid JSON: nested too deeply to parse" and rejects[3][3] == "prompt: not UTF-8"
+    )
+    assert table(db, "SELECT status, n_scored, n_rejected, n_unreadable_files FROM runs") == [
+        ("finished", 6, 2, 2)
+    ]
+    assert main(argv) == 0  # the rerun resumes past every bad record and file
+    out = capsys.readouterr().out
+    assert "(resumed): scored 0 samples, rejected 2 in" in out  # read again, stored once
+    assert table(db, "SELECT count(*) FROM rejects") == [(4,)] and table(
+        db, "SELECT count(*) FROM samples"
+    ) == [(6,)]
+
+
+def test_a_csv_quote_never_closed_loses_no_rows(tmp_path, tiny_llama, vector_files, capsys):
+    """An unclosed quote at row 3 of 20 gave "scored 2, rejected 1", and 17 rows vanished unsaid."""
+    path = tmp_path / "d.csv"
+    rows = [{"id": f"{i:02d}", "prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(20)]
+    _write_csv(path, rows)
+    path.write_text(path.read_text().replace("Question 2?", '"Question 2?'))
+    assert main(cli_args(path, tmp_path / "s.duckdb", tiny_llama, vector_files, "--layer", 2)) == 0
+    out = capsys.readouterr().out
+    assert "scored 19 samples, rejected 1 in" in out and f"read 20 rows from {path} (prompt_response)" in out
+    assert "rejected: 1 × csv line 4: a quote opened in this row is never closed" in out
+
+
+def test_a_folder_of_mixed_formats(tmp_path, tiny_llama, vector_files):
+    """A folder took the first file's row format for all: every ShareGPT and CSV row was rejected."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = openai_rows()
+    write_jsonl(folder / "a.jsonl", rows[:4])
+    write_jsonl(
+        folder / "b.jsonl",
+        [
+            {
+                "id": r["id"],
+                "conversations": [{"from": "human", "value": m[0]}, {"from": "gpt", "value": m[1]}],
+            }
+            for r in rows[4:8]
+            for m in [[x["content"] for x in r["messages"]]]
+        ],
+    )
+    _write_csv(
+        folder / "c.csv",
+        [
+            {"id": r["id"], "prompt": r["messages"][0]["content"], "response": r["messages"][1]["content"]}
+            for r in rows[8:]
+        ],
+    )
+    summary = screen(config(folder, tmp_path / "m.duckdb", tiny_llama, vector_files))
+    assert (summary.scored, summary.rejected) == (12, 0)
+    assert summary.read.format == "mixed (openai, sharegpt, prompt_response)"
+    np.testing.assert_equal(
+        scores_by_content(tmp_path / "m.duckdb").keys(),
+        scores_by_content(_screen_jsonl(tmp_path, tiny_llama, vector_files)).keys(),
+    )
+
+
+def _screen_jsonl(tmp_path: Path, model: Path, vectors: list[str]) -> Path:
+    db = tmp_path / "one.duckdb"
+    screen(config(write_jsonl(tmp_path / "one.jsonl", openai_rows()), db, model, vectors))
+    return db
+
+
+TOOL_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "weather", "arguments": '{"city": "Oslo"}'},
+}
+
+
+def test_function_calling_data_is_screened(tmp_path, tiny_llama, vector_files, capsys):
+    """Content parts, tool messages and tool-call turns rejected every function-calling record whole."""
+    record = {
+        "id": "f1",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
+            {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+            {"role": "assistant", "content": [{"type": "text", "text": "It rains."}]},
+        ],
+    }
+    only_call = {"id": "f2", "messages": record["messages"][:2]}
+    data = write_jsonl(tmp_path / "d.jsonl", [record, only_call])
+    db = tmp_path / "f.duckdb"
+    assert main(cli_args(data, db, tiny_llama, vector_files, "--layer", 2)) == 0
+    out = capsys.readouterr().out
+    assert "scored 1 samples, rejected 0, skipped 2 tool-call turns in" in out
+    assert table(db, "SELECT sample_id, response FROM samples") == [("f1#1", "It rains.")]
+    prompt = json.loads(table(db, "SELECT prompt FROM samples")[0][0])
+    assert [m["role"] for m in prompt] == ["user", "assistant", "tool"] and prompt[1]["tool_calls"] == [
+        TOOL_CALL
+    ]
+    skipped = table(db, "SELECT sample_id, kind, reason FROM rejects ORDER BY sample_id")
+    assert skipped == [
+        ("f1#0", "skipped", "messages[1]: tool calls only, no text to score"),
+        ("f2", "skipped", "messages[1]: tool calls only, no text to score"),
+    ]
+    assert table(db, "SELECT n_scored, n_rejected, n_skipped FROM runs") == [(1, 0, 2)]
+
+
+def test_tool_calls_reach_the_chat_template(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from screener.models import chat_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        {"role": "tool", "content": "rain", "tool_call_id": "call_1"},
+    ]
+    # the tiny ChatML template never renders tool_calls: they are added to the turn's text
+    text = tok.decode(chat_ids(tok, messages))
+    assert (
+        '{"name": "weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}' in text
+        and "<|im_start|>tool\nrain" in text
+    )
+    # a template that renders them gets them as they are
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }}({{ c.function.arguments }}){% endfor %}"
+        "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    )
+    assert 'CALL weather({"city": "Oslo"})' in tok.decode(chat_ids(tok, messages))
+
+
+def test_empty_input_is_an_error_and_records_no_run(tmp_path, tiny_llama, vector_files, capsys):
+    """Empty input files: exit 0, "scored 0", no warning."""
+    (empty := tmp_path / "empty.jsonl").write_text("")
+    db = tmp_path / "e.duckdb"
+    assert main(cli_args(empty, db, tiny_llama, vector_files, "--layer", 2)) == 2
+    assert one_error_line(capsys) == f"error: {empty}: no records to screen (the file is empty)"
+    assert not db.exists()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("")
+    write_jsonl(folder / "b.jsonl", openai_rows()[:2])
+    assert main(cli_args(folder, db, tiny_llama, vector_files, "--layer", 2)) == 0
+    assert f"warning: 1 empty file: {folder / 'a.jsonl'}" in capsys.readouterr().out
+
+
+def test_a_failed_screen_is_recorded_and_a_rerun_finishes_it(
+    tmp_path, tiny_llama, vector_files, capsys, monkeypatch
+):
+    import screener.screen as screen_module
+
+    data = write_jsonl(tmp_path / "d.jsonl", openai_rows())
+    db = tmp_path / "f.duckdb"
+    real, calls = screen_module.ScreenStage.process, []
+
+    def failing(self, chunk, report=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the worker's GPU fell off")
+        return real(self, chunk, report)
+
+    monkeypatch.setattr(screen_module.ScreenStage, "process", failing)
+    with pytest.raises(RuntimeError):
+        screen(config(data, db, tiny_llama, vector_files, chunk_size=4))
+    assert table(db, "SELECT status, error, finished_at FROM runs") == [
+        ("failed", "RuntimeError: the worker's GPU fell off", None)
+    ]
+    assert table(db, "SELECT count(*) FROM samples") == [(4,)]  # the first chunk is committed
+    monkeypatch.setattr(screen_module.ScreenStage, "process", real)
+    again = screen(config(data, db, tiny_llama, vector_files, chunk_size=4))
+    assert again.resumed and (again.scored, again.total_scored) == (8, 12)
+    assert table(db, "SELECT status, error FROM runs") == [("finished", None)]
+    # Ctrl-C: recorded as interrupted; the command says to rerun it (exit code 130)
+    monkeypatch.setattr(
+        screen_module.ScreenStage,
+        "process",
+        lambda self, chunk, report=None: (_ for _ in ()).throw(KeyboardInterrupt),
+    )
+    with pytest.raises(KeyboardInterrupt):
+        screen(config(data, db, tiny_llama, vector_files, chunk_size=4, max_tokens=64))
+    assert table(db, "SELECT status, error FROM runs WHERE status <> 'finished'") == [
+        ("failed", "interrupted")
+    ]
+
+
+def test_a_disk_full_at_the_final_checkpoint_fails_loudly(
+    tmp_path, tiny_llama, vector_files, capsys, monkeypatch
+):
+    """With 100 KB free, a screen said "scored 200" (exit 0) while its results were only in the WAL."""
+    from helpers import FullDisk
+
+    import screener.store
+
+    real_init = screener.store.Store.__init__
+
+    def full_disk_store(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.con = FullDisk(self.con)
+
+    monkeypatch.setattr(screener.store.Store, "__init__", full_disk_store)
+    data = write_jsonl(tmp_path / "d.jsonl", openai_rows())
+    db = tmp_path / "f.duckdb"
+    argv = cli_args(data, db, tiny_llama, vector_files, "--layer", 2)
+    assert main(argv) == 4
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {db}: could not write the results into the database file (")
+    assert "No space left on device" in line and f"{db}.wal" in line
+    monkeypatch.setattr(screener.store.Store, "__init__", real_init)
+    assert table(db, "SELECT status, n_scored FROM runs") == [("failed", 0)]
+    assert main(argv) == 0 and "(resumed)" in capsys.readouterr().out
+    assert table(db, "SELECT status, n_scored FROM runs") == [("finished", 12)]
+
+
+def test_a_zero_vector_is_refused_before_the_run_and_the_model(tmp_path, tiny_llama, monkeypatch):
+    """A zero vector failed with a traceback after the model had loaded, leaving an empty run behind."""
+    from screener.models import ModelRef
+
+    monkeypatch.setattr(ModelRef, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    zero = random_vectors(tiny_llama, 1)[0]
+    zero[3] = 0
+    torch.save(zero, tmp_path / "zero.pt")
+    data = write_jsonl(tmp_path / "d.jsonl", openai_rows())
+    db = tmp_path / "z.duckdb"
+    with pytest.raises(
+        VectorError, match=r"zero\.pt: a persona vector is zero at layer 3; it has no direction"
+    ):
+        screen(config(data, db, tiny_llama, [f"z={tmp_path / 'zero.pt'}"]))
+    assert not db.exists()
+
+
+def test_sidecar_problems_name_the_sidecar_and_layer_overrides_a_bad_one(tmp_path, tiny_llama, capsys):
+    torch.save(random_vectors(tiny_llama, 1)[0], tmp_path / "v.pt")
+    side = tmp_path / "v.json"
+    data = write_jsonl(tmp_path / "d.jsonl", openai_rows()[:2])
+    db = tmp_path / "v.duckdb"
+    base = cli_args(data, db, tiny_llama, [f"v={tmp_path / 'v.pt'}"])
+    for sidecar, message in (
+        (
+            {"chosen_layer": 99},
+            f"error: {side}: chosen_layer 99 is out of range: {tiny_llama.name} has hidden_states layers "
+            "0..4; fix the sidecar or pass --layer",
+        ),
+        (
+            {"chosen_layer": "abc"},
+            f"error: {side}: chosen_layer 'abc' is not a layer number; fix the sidecar or pass --layer",
+        ),
+    ):
+        side.write_text(json.dumps(sidecar))
+        assert main(base) == 2
+        assert one_error_line(capsys) == message  # not blamed on a --layer the user never passed
+        assert main([*base, "--layer", "2"]) == 0  # --layer overrides the sidecar's layer
+        capsys.readouterr()
+    side.write_text("{corrupt")
+    assert main([*base, "--layer", "2"]) == 2
+    assert one_error_line(capsys).startswith(f"error: {side}: the vector's sidecar is not valid JSON (")
+    (tmp_path / "text.pt").write_text("evil = [0.1, 0.2]\n")
+    assert main([*cli_args(data, db, tiny_llama, [f"t={tmp_path / 'text.pt'}"]), "--layer", "2"]) == 2
+    assert one_error_line(capsys) == (
+        f"error: {tmp_path / 'text.pt'}: not a torch.save file "
+        "(it begins with the text 'evil = [0.1, 0.2]\\n')"
+    )
+
+
+def test_database_paths_and_a_missing_input(tmp_path, tiny_llama, vector_files, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", openai_rows()[:2])
+    args = lambda db, src=data: cli_args(src, db, tiny_llama, vector_files, "--layer", 2)  # noqa: E731
+    assert main(args(tmp_path / "new" / "folder" / "s.duckdb")) == 0  # a missing folder is created
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("x")
+    assert main(args(tmp_path / "a-file" / "s.duckdb")) == 4
+    assert one_error_line(capsys).startswith(
+        f"error: {tmp_path / 'a-file' / 's.duckdb'}: cannot create its folder"
+    )
+    (random := tmp_path / "random.duckdb").write_bytes(os.urandom(10_000))
+    assert main(args(random)) == 2
+    assert one_error_line(capsys).startswith(f"error: {random}: not a DuckDB database, or a damaged one (")
+    assert main(args(data)) == 2
+    assert (
+        one_error_line(capsys)
+        == f"error: --db {data} is a file of the dataset being screened; choose another path for the results"
+    )
+    assert data.read_text().startswith("{")
+    missing = tmp_path / "missing.jsonl"
+    assert main(args(tmp_path / "s.duckdb", missing)) == 2
+    assert one_error_line(capsys) == (
+        f"error: {missing}: no such file or directory, and not a hub dataset name (org/name)"
+    )

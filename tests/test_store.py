@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FullDisk, earlier_database
 
 from screener.records import Reject, Sample, Scored
 from screener.runs import Run
@@ -29,6 +30,8 @@ STATE = {
     "finished_at": None,
     "n_scored": 3,
     "n_rejected": 1,
+    "n_unreadable_files": 1,
+    "n_skipped": 1,
 }
 RUN = Run("default", "ab" * 32, "hf://x/y", "natural", LAYERS, TRAITS, {"dtype": "bf16", "max_tokens": 512})
 
@@ -321,3 +324,144 @@ def test_bulk_write_is_fast(store: Store) -> None:
     elapsed = time.perf_counter() - t0
     assert one(store, "SELECT count(*) FROM scores") == 2000 * 3 * 2
     assert elapsed < 5, f"2000-sample write took {elapsed:.2f} s"  # a smoke check; expect well under 1 s
+
+
+# ---- run status, earlier databases, checkpoints, database files (issue 17) ----------------------------
+
+
+def status(store: Store) -> tuple:
+    return store.con.execute(
+        "SELECT status, error, finished_at IS NOT NULL FROM runs WHERE run_id = ?", [RUN.run_id]
+    ).fetchone()
+
+
+def test_a_run_is_running_then_failed_or_finished(store: Store) -> None:
+    assert status(store) == ("running", None, False)
+    store.fail_run(RUN.run_id, "the model worker died")
+    assert status(store) == ("failed", "the model worker died", False)
+    assert store.begin_run(RUN) is True  # a rerun resumes it
+    assert status(store) == ("running", None, False)
+    write(store, *batch("s", 2), [Reject(7, "x", "bad"), Reject(8, "y#1", "tools only", kind="skipped")])
+    write(store, [], [], [Reject(-1, "/d/b.gz", "unreadable file: ...", "/d/b.gz", kind="file")])
+    assert store.finish_run(RUN.run_id) == (2, 1)
+    assert status(store) == ("finished", None, True)
+    row = store.con.execute("SELECT n_scored, n_rejected, n_unreadable_files, n_skipped FROM runs").fetchone()
+    assert row == (2, 1, 1, 1)
+    assert store.reject_counts(RUN.run_id) == {"bad": 1, "skipped": 1, "file": 1}
+    store.fail_run(RUN.run_id, "too late")  # a finished run stays finished
+    assert status(store) == ("finished", None, True)
+
+
+def test_a_database_of_an_earlier_version_gains_status_and_kinds(tmp_path: Path) -> None:
+    finished, unfinished = earlier_database(tmp_path / "old.duckdb", RUN)
+    with Store(tmp_path / "old.duckdb") as store:
+        rows = store.con.execute("SELECT run_id, status FROM runs ORDER BY status").fetchall()
+        assert rows == [(finished.run_id, "finished"), (unfinished.run_id, "running")]
+        assert store.reject_counts(finished.run_id) == {"bad": 1, "skipped": 0, "file": 0}
+        store.begin_run(finished)  # and is written as any other
+        assert store.finish_run(finished.run_id) == (0, 1)
+    with Store(tmp_path / "old.duckdb") as store:  # applying the schema again changes nothing
+        assert store.con.execute("SELECT count(*) FROM runs WHERE status = 'finished'").fetchone() == (1,)
+
+
+def test_finish_run_checkpoints_so_the_database_file_alone_holds_the_run(tmp_path: Path) -> None:
+    import duckdb
+
+    path = tmp_path / "s.duckdb"
+    store = Store(path)
+    store.begin_run(RUN)
+    write(store, *batch("s", 50))
+    store.finish_run(RUN.run_id)
+    # copy the .duckdb alone while the screen still holds it open, as `ray rsync-down` of that file would
+    copy = tmp_path / "copy.duckdb"
+    copy.write_bytes(path.read_bytes())
+    store.close()
+    with duckdb.connect(str(copy), read_only=True) as con:
+        assert con.execute("SELECT count(*), any_value(status) FROM samples, runs").fetchone() == (
+            50,
+            "finished",
+        )
+
+
+def test_a_checkpoint_that_fails_is_a_storage_error_and_the_run_is_not_finished(tmp_path: Path) -> None:
+    from screener.errors import StorageError
+
+    with Store(tmp_path / "s.duckdb") as store:
+        store.begin_run(RUN)
+        write(store, *batch("s", 3))
+        store.con = FullDisk(store.con)
+        with pytest.raises(StorageError) as e:
+            store.finish_run(RUN.run_id)
+        message = str(e.value)
+        assert message.startswith(
+            f"{tmp_path / 's.duckdb'}: could not write the results into the database file"
+        )
+        assert "No space left on device" in message and "s.duckdb.wal" in message and "\n" not in message
+        assert e.value.exit_code == 4
+        assert status(store) == ("running", None, False)
+
+
+def test_a_real_full_disk_at_the_final_checkpoint(tmp_path: Path) -> None:
+    """With 100 KB free, a screen reported success while its results were only in the WAL."""
+    from screener.errors import StorageError
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    store = None
+    try:
+        store = Store(disk / "s.duckdb")
+        store.begin_run(RUN)
+        store.checkpoint()
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"x" * (free - 300_000))
+        write(store, *batch("s", 300))  # fits in the WAL, not in the database file as well
+        with pytest.raises(StorageError, match="No space left on device"):
+            store.finish_run(RUN.run_id)
+        store.close()
+        (disk / "filler").unlink()
+        with Store(disk / "s.duckdb") as again:  # the WAL replays: nothing committed was lost
+            assert again.counts(RUN.run_id) == (300, 0) and status(again)[0] == "running"
+    finally:
+        if store is not None:
+            store.close()
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_database_files_that_cannot_be_used_are_one_line_each(tmp_path: Path) -> None:
+    """A truncated or random-bytes database was a traceback; it is one line naming the file, whether
+    opening it fails or (a file cut short after its first blocks) a later read or write."""
+    from screener.errors import StorageError
+    from screener.store import DatabaseFileError
+
+    good = tmp_path / "good.duckdb"
+    with Store(good) as store:
+        store.begin_run(RUN)
+        write(store, *batch("s", 500))
+    data = good.read_bytes()
+    damaged = {f"cut-{n}": data[: len(data) * n // 10] for n in (1, 5, 7, 9)}
+    damaged |= {"random": os.urandom(20_000), "empty": b""}
+    for name, content in damaged.items():
+        (path := tmp_path / f"{name}.duckdb").write_bytes(content)
+        # a reader of a file cut after the blocks it reads reads them; one cut earlier fails to open
+        for read_only in (False, True) if name in ("cut-1", "random", "empty") else (False,):
+            # any step may be the first to fail
+            with pytest.raises(DatabaseFileError) as e, Store(path, read_only=read_only) as store:
+                store.counts(RUN.run_id)
+                if not read_only:
+                    store.begin_run(RUN)
+                    store.pending(RUN.run_id, batch("s", 500)[0])
+                    write(store, *batch("x", 10, 1000))
+                    store.finish_run(RUN.run_id)
+            message = str(e.value)
+            assert message.startswith(f"{path}: not a DuckDB database, or a damaged one ("), name
+            assert "\n" not in message and e.value.exit_code == 2
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(StorageError, match=r"a-file/s\.duckdb: cannot create its folder") as e:
+        Store(tmp_path / "a-file" / "s.duckdb")
+    assert e.value.exit_code == 4
+    with Store(tmp_path / "new" / "folder" / "s.duckdb"):  # a missing folder is created
+        pass
+    assert (tmp_path / "new" / "folder" / "s.duckdb").is_file()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from screener.errors import QueryError
+from screener.outputs import Protected, output_file
 from screener.results import open_db, pick_run
 from screener.store import DEFAULT_DB
 
@@ -25,6 +25,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise QueryError("--format html needs --out FILE")
     with open_db(args.db) as store:
         run = pick_run(store.con, args.run)
+        protected = Protected.of_database(args.db, store.con)
+        if args.out:
+            protected.check(args.out, force=args.force)
         layer = run.layer(args.layer)
         traits = [t.strip() for item in args.trait or [] for t in item.split(",") if t.strip()]
         traits = [run.check_trait(t) for t in traits] or list(run.traits)
@@ -44,7 +47,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
         text += "\n"
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        with output_file(args.out, protected, force=args.force) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         print(f"wrote {args.out} (sample {args.sample_id}, run {run.run_id}, layer {layer})", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -81,6 +85,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="text (shaded on a terminal), json (one object per trait, a line each), or html (--out)",
     )
     p.add_argument("--out", metavar="FILE", help="write to this file instead of stdout (required for html)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--color",
         choices=("auto", "always", "never"),

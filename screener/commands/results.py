@@ -2,7 +2,10 @@
 
 All five open the database read-only (`results.open_db`) and close it before any slow work (an open
 reader keeps a new screen from starting on the file); while a screen writes the file they stop at once
-(exit code 3). Failures are raised as ScreenerErrors, which `cli.run` prints as one line.
+(exit code 3). By default they read the latest finished run, and say on stderr which run they read.
+What they write goes through `screener.outputs` (never over the screened input or the database, never
+over an existing file without --force, renamed into place when complete). Failures are raised as
+ScreenerErrors, which `cli.run` prints as one line.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import duckdb
 
 from screener.errors import QueryError
 from screener.export import FORMATS, ExportResult, export_records, manifest_path
+from screener.outputs import Protected, output_file
 from screener.render import (
     OUTPUT_FORMATS,
     format_histogram,
@@ -44,6 +48,7 @@ from screener.results import (
     select_drops,
     sql_errors,
     top_samples,
+    unfinished_since,
 )
 from screener.runs import Run
 from screener.store import DEFAULT_DB
@@ -66,7 +71,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_db_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=DEFAULT_DB, help=f"the screen's DuckDB file (default {DEFAULT_DB})")
-    p.add_argument("--run", metavar="RUN_ID", help="run id or unique prefix (default: the latest run)")
+    p.add_argument(
+        "--run",
+        metavar="RUN_ID",
+        help="run id or unique prefix, of any status (default: the latest finished run)",
+    )
+
+
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what} if it exists")
+
+
+def _run_notes(con: duckdb.DuckDBPyConnection, run: Run, chosen: str | None) -> list[str]:
+    """What the command tells on stderr about the run it read: which one, and (when it chose the latest
+    finished run itself) later runs it passed over because they did not finish."""
+    notes = [f"reading {run.describe()}"]
+    if not chosen and (newer := unfinished_since(con, run)):
+        notes.append(
+            f"note: {len(newer)} later run{'s' * (len(newer) != 1)} did not finish "
+            f"({', '.join(newer[:3])}{', ...' * (len(newer) > 3)}); read one with --run ID"
+        )
+    return notes
+
+
+def _tell(notes: list[str]) -> None:
+    for note in notes:
+        print(note, file=sys.stderr)
 
 
 def _add_selection_args(p: argparse.ArgumentParser, trait_help: str) -> None:
@@ -85,20 +115,23 @@ def _add_metric_and_layer_args(p: argparse.ArgumentParser) -> None:
 
 
 def _choose(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> tuple[Run, int, str]:
-    """The run (--run, default the latest), its layer (--layer, default its first) and the metric
-    (--metric, default the run's)."""
+    """The run (--run, default the latest finished one), its layer (--layer, default its first) and the
+    metric (--metric, default the run's)."""
     run = pick_run(con, args.run)
     return run, run.layer(args.layer), args.metric or run.metric
 
 
 def _read_per_trait(
     args: argparse.Namespace, read: Callable[[duckdb.DuckDBPyConnection, Run, str, int, str], T]
-) -> tuple[Run, int, str, dict[str, T]]:
-    """The chosen run, layer and metric, and `read(con, run, trait, layer, metric)` for each --trait."""
+) -> tuple[Run, int, str, dict[str, T], Protected]:
+    """The chosen run, layer and metric, and `read(con, run, trait, layer, metric)` for each --trait (the
+    notes about the run told on stderr), and what no output may replace."""
     with open_db(args.db) as store:
         run, layer, metric = _choose(store.con, args)
         found = {t: read(store.con, run, t, layer, metric) for t in _traits(run, args.trait)}
-    return run, layer, metric, found
+        _tell(_run_notes(store.con, run, args.run))
+        protected = Protected.of_database(args.db, store.con)
+    return run, layer, metric, found, protected
 
 
 def _traits(run: Run, given: list[str] | None) -> list[str]:
@@ -120,12 +153,21 @@ def cmd_query(args: argparse.Namespace) -> int:
     sql = _sql_text(args.sql)
     params = dict(args.param or [])
     with open_db(args.db) as store:
-        params |= _run_defaults(store.con, args.run, query_params(sql) - params.keys())
+        defaults, notes = _run_defaults(store.con, args.run, query_params(sql) - params.keys())
+        params |= defaults
         check_read_only(store.con, sql)
+        protected = Protected.of_database(args.db, store.con)
+        if args.out:
+            protected.check(args.out, force=args.force)
         rel = run_sql(store.con, sql, params)
         if rel is not None:  # else a statement with no result
             with sql_errors():  # the query runs as its result is read
-                write_relation(rel, args.format, args.out, args.max_rows)
+                if args.out:
+                    with output_file(args.out, protected, force=args.force) as tmp:
+                        write_relation(rel, args.format, tmp, args.max_rows)
+                else:
+                    write_relation(rel, args.format, None, args.max_rows)
+    _tell(notes)
     return 0
 
 
@@ -145,12 +187,15 @@ def _sql_text(given: str) -> str:
     return given
 
 
-def _run_defaults(con: duckdb.DuckDBPyConnection, run_id: str | None, needed: set[str]) -> dict:
+def _run_defaults(
+    con: duckdb.DuckDBPyConnection, run_id: str | None, needed: set[str]
+) -> tuple[dict, list[str]]:
     """Of $run_id, $layer and $metric, those the query needs and was not given, from --run (default
-    the latest run): the defaults hist, top and export use too."""
+    the latest finished run): the defaults hist, top and export use too; and the notes on that run."""
     if not needed & {"run_id", "layer", "metric"}:
-        return {}
-    return {k: v for k, v in run_params(pick_run(con, run_id)).items() if k in needed}
+        return {}, []
+    run = pick_run(con, run_id)
+    return {k: v for k, v in run_params(run).items() if k in needed}, _run_notes(con, run, run_id)
 
 
 def _parse_param(text: str) -> tuple[str, object]:
@@ -183,6 +228,7 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     _add_db_args(p)
     p.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
     p.add_argument("--out", help="write to this file instead of stdout (required for parquet)")
+    _add_force(p, "--out")
     p.add_argument(
         "-p",
         "--param",
@@ -200,16 +246,22 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
 
 def cmd_hist(args: argparse.Namespace) -> int:
     _check_bins(args.bins)
-    _, _, _, hists = _read_per_trait(args, partial(histogram, bins=args.bins))
+    _, _, _, hists, protected = _read_per_trait(args, partial(histogram, bins=args.bins))
+    pngs = {}
+    if args.png:
+        for trait in hists:
+            png = Path(args.png)
+            if len(hists) > 1:  # one file per trait: out-evil.png, out-sycophantic.png
+                png = png.with_name(f"{png.stem}-{trait}{png.suffix or '.png'}")
+            protected.check(png, force=args.force)  # all of them before writing any
+            pngs[trait] = png
     width = terminal_width()
     for i, h in enumerate(hists.values()):
         print(("\n" if i else "") + format_histogram(h, width))
-        if args.png:
-            png = Path(args.png)
-            if len(hists) > 1:  # one file per trait: out-evil.png, out-sycophantic.png
-                png = png.with_name(f"{png.stem}-{h.trait}{png.suffix or '.png'}")
-            save_histogram_png(h, png)
-            print(f"wrote {png}", file=sys.stderr)
+        if h.trait in pngs:
+            with output_file(pngs[h.trait], protected, force=args.force) as tmp:
+                save_histogram_png(h, tmp)
+            print(f"wrote {pngs[h.trait]}", file=sys.stderr)
     return 0
 
 
@@ -218,6 +270,7 @@ def _add_hist(sub: argparse._SubParsersAction) -> None:
     _add_selection_args(p, "trait to plot (repeatable or comma-separated; default: every trait)")
     p.add_argument("--bins", type=int, default=20, help="number of equal-width bins (default 20)")
     p.add_argument("--png", help="also save a PNG here (with several traits: one file per trait)")
+    _add_force(p, "the PNG")
     p.set_defaults(func=cmd_hist)
 
 
@@ -227,7 +280,7 @@ def _add_hist(sub: argparse._SubParsersAction) -> None:
 def cmd_top(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise QueryError("-k must be at least 1")
-    run, layer, metric, tops = _read_per_trait(args, partial(top_samples, k=args.k))
+    run, layer, metric, tops, _ = _read_per_trait(args, partial(top_samples, k=args.k))
     width = terminal_width()
     for i, (trait, rows) in enumerate(tops.items()):
         print(
@@ -255,7 +308,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     explain = not args.no_explain and args.explain_k > 0
     with open_db(args.db) as store:
         run, layer, metric = _choose(store.con, args)
+        protected = Protected.of_database(args.db, store.con)
+        protected.check(args.out, force=args.force)
         data = report_data(store.con, run, layer, metric, bins=args.bins, k=args.k)
+        _tell(_run_notes(store.con, run, args.run))
         if explain:
             top = _report_top(store.con, run, layer, data, args.explain_k)
     explained = None
@@ -263,7 +319,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         from screener.explain import explain_report
 
         explained = explain_report(run, layer, top, k=args.explain_k, input_uri=args.input)
-    Path(args.out).write_text(html_report(data, explained), encoding="utf-8")
+    with output_file(args.out, protected, force=args.force) as tmp:
+        tmp.write_text(html_report(data, explained), encoding="utf-8")
     print(f"wrote {args.out} (run {run.run_id}, {len(run.traits)} traits, layer {layer}, {metric})")
     return 0
 
@@ -282,6 +339,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="a self-contained HTML report: histograms, summary, top samples")
     _add_db_args(p)
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    _add_force(p, "--out")
     _add_metric_and_layer_args(p)
     p.add_argument("--bins", type=int, default=30, help="histogram bins (default 30)")
     p.add_argument("-k", type=int, default=10, help="top samples per trait (default 10)")
@@ -310,6 +368,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     top_percent, top_count = _parse_drop_top(args.drop_top) if args.drop_top is not None else (None, None)
     with open_db(args.db) as store:
         run = pick_run(store.con, args.run)
+        notes = _run_notes(store.con, run, args.run)
+        protected = Protected.of_database(args.db, store.con)
         flt = DropFilter(
             metric=args.metric or run.metric,
             # --where sees every layer unless --layer is given; the other filters use one layer.
@@ -324,8 +384,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         selection = select_drops(store.con, run, flt)
     # The database is closed: reading and writing the records may take minutes.
-    result = export_records(run, flt, selection, args.out, args.format, input_uri=args.input)
-    print(_export_summary(result, flt))
+    result = export_records(
+        run,
+        flt,
+        selection,
+        args.out,
+        args.format,
+        input_uri=args.input,
+        force=args.force,
+        protected=protected,
+    )
+    # the run it read is the summary's first line (stdout, with what was written); notes go to stderr
+    print("\n".join([notes[0].removeprefix("reading "), _export_summary(result, flt)]))
+    _tell(notes[1:])
     return 0
 
 
@@ -350,6 +421,11 @@ def _export_summary(result: ExportResult, flt: DropFilter) -> str:
         lines.append(
             f"  {trait}: dropped {counts['dropped']:,} of {counts['scored_records']:,} scored records"
         )
+    if n.unreadable_rows or n.unreadable_files:
+        lines.append(
+            f"in neither output: {n.unreadable_rows:,} input rows that do not parse, "
+            f"{n.unreadable_files:,} unreadable files (listed in the manifest)"
+        )
     lines.append(f"manifest: {manifest_path(result.output, result.format)}")
     return "\n".join(lines)
 
@@ -361,8 +437,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         description=(
             "Re-read the run's input records and write them unchanged, minus the flagged ones. Every "
             "filter selects SAMPLES TO DROP; a record is dropped when any of its scored samples is "
-            "selected. Records the screen did not score (rejected, or past --limit) are kept unless "
-            "--drop-unscored; unparseable input lines are in neither output. Without a filter, a jsonl "
+            "selected. Records the screen did not score (rejected, past --limit, or tool calls only) are "
+            "kept unless --drop-unscored; unparseable input lines and unreadable files are in neither "
+            "output. Nothing is written over the screened input or the database, nor over an existing "
+            "output without --force. Without a filter, a jsonl "
             "export reproduces the input records exactly; parquet and hf are columnar, so where records "
             "have differing keys, each gains the keys it lacks, with null values. A manifest "
             "(OUT.manifest.json, or OUT/manifest.json for hf) records the run, the filter and the counts."
@@ -391,4 +469,5 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--input", metavar="URI", help="where the screened data is now (default: the run's dataset)"
     )
+    _add_force(p, "the output (and its manifest)")
     p.set_defaults(func=cmd_export)
