@@ -41,6 +41,7 @@ __all__ = [
     "is_glob",
     "is_hub_name",
     "iter_records",
+    "iter_rows",
     "packaged_sharegpt",
     "read_samples",
     "record_to_samples",
@@ -105,6 +106,19 @@ def iter_records(
     """
     rows = _iter_rows(_sources(uri, split), stats if stats is not None else ReadStats())
     return ((row, source, record) for row, source, record in rows if isinstance(record, dict))
+
+
+def iter_rows(
+    uri: str, *, split: str | None = None, stats: ReadStats | None = None
+) -> Iterator[tuple[int, str, dict | Reject]]:
+    """(source_row, source_file, raw record) for every row, as `iter_records`, except that a row that does
+    not parse (invalid JSON, not an object, a CSV line of the wrong width) comes as a `Reject` with its
+    reason instead of being skipped: for readers that must stop at a bad row rather than step over it."""
+    for row, source, record in _iter_rows(_sources(uri, split), stats if stats is not None else ReadStats()):
+        if isinstance(record, _BadRecord):
+            yield row, source, Reject(row, record.sample_id, record.reason, source)
+        else:
+            yield row, source, record
 
 
 def read_samples(
