@@ -92,6 +92,7 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
     )
+    p.add_argument("--note", default="", help="free text kept in the sidecar (e.g. why this method)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--actors", type=int, help="0: no Ray; default one per GPU, or one per 2 CPU cores")
@@ -130,6 +131,7 @@ def run_extract(args: argparse.Namespace) -> int:
         "eval_files": args.eval_examples or (),
         "traits_dir": args.traits_dir,
         "orthogonal_to": orthogonal_traits(trait, args.orthogonal_to, args.traits_dir),
+        "note": args.note,
     }
     with model_workers(str(pick_device(args.device)), args.actors, args.cpus, args.address) as resources:
         if from_examples:
@@ -223,7 +225,7 @@ def run_vectors_show(args: argparse.Namespace) -> int:
         return 0
     for key in (
         "extraction_method",
-        "extraction_method_why",
+        "note",
         "method",
         "read_context",
         "orthogonal_to",

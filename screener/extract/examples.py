@@ -143,23 +143,24 @@ def read_example_files(paths: Sequence[str]) -> ExampleSet:
 
 def check_classes(examples: ExampleSet, where: str) -> None:
     """A mean difference needs both classes: name the files and rows when one is missing."""
-    for have, lack in ((examples.positives, "negative"), (examples.negatives, "positive")):
-        if have and len(have) == len(examples.examples):
-            first, last = have[0], have[-1]
-            rows = (
-                f"row {first.source_row}"
-                if len(have) == 1
-                else f"rows {first.source_row}..{last.source_row} of {first.source_file}"
-                if first.source_file == last.source_file
-                else f"from row {first.source_row} of {first.source_file} to row {last.source_row} of "
-                f"{last.source_file}"
+    for cls, lack in (("positive", "negative"), ("negative", "positive")):
+        have = examples.positives if cls == "positive" else examples.negatives
+        if not have or len(have) < len(examples.examples):
+            continue
+        a, b = have[0], have[-1]
+        if len(have) == 1:
+            which = f"the one example (row {a.source_row}) is"
+        else:
+            span = (
+                f"rows {a.source_row}..{b.source_row} of {a.source_file}"
+                if a.source_file == b.source_file
+                else f"row {a.source_row} of {a.source_file} to row {b.source_row} of {b.source_file}"
             )
-            cls = "negative" if lack == "positive" else "positive"
-            raise ExampleError(
-                f"{where}: all {len(have)} examples ({rows}) are labelled {cls}; a vector is the difference "
-                f"of two means, so {lack} examples are needed too (label them in the same files, or add a "
-                "file of them)"
-            )
+            which = f"all {len(have)} examples ({span}) are"
+        raise ExampleError(
+            f"{where}: {which} labelled {cls}; a vector is the difference of two means, so {lack} examples "
+            "are needed too (label them in the same files, or add a file of them)"
+        )
 
 
 def _record_examples(record: dict, source: str, row: int, next_pair: int) -> list[Labelled]:

@@ -428,11 +428,13 @@ def other_traits(trait: Trait, traits_dir: str | Path | None) -> tuple[dict[str,
 
 def orthogonal_traits(trait: Trait, spec: str, traits_dir: str | Path | None = None) -> dict[str, Trait]:
     """The traits whose example directions `--orthogonal-to` removes: "none", "others" (every other visible
-    trait with written examples), or comma-separated names."""
+    trait with written examples, except those the trait file declares `related`: it may share their
+    direction), or comma-separated names."""
     if spec in ("", "none"):
         return {}
     if spec == "others":
-        return {name: t for name, t in other_traits(trait, traits_dir)[0].items() if t.examples}
+        others = other_traits(trait, traits_dir)[0]
+        return {name: t for name, t in others.items() if t.examples and name not in trait.related}
     chosen = {}
     for name in (n.strip() for n in spec.split(",") if n.strip()):
         other = load_trait(name, traits_dir)
@@ -482,17 +484,28 @@ def held_out(
     return held
 
 
+def eval_groups(held: HeldOut) -> dict[str, list[Read]]:
+    """The held-out reads by group: own positives and negatives, then `<trait>/pos`, `<trait>/neg`."""
+    groups = {POS: held.positives, NEG: held.negatives}
+    for name, (pos, neg) in held.others.items():
+        groups[f"{name}/{POS}"], groups[f"{name}/{NEG}"] = pos, neg
+    return groups
+
+
 def evaluate(
     vectors: torch.Tensor, held: HeldOut, stage: ActivationStage, resources: Resources
 ) -> tuple[dict[str, list[LayerStats]], dict[str, dict]]:
     """Step 6: per method, the layer report on the held-out examples and the cross-trait matrix on every
     other trait's, from one pass over all of them."""
-    groups = {POS: held.positives, NEG: held.negatives}
-    for name, (pos, neg) in held.others.items():
-        groups[f"{name}/{POS}"], groups[f"{name}/{NEG}"] = pos, neg
-    proj = projections(groups, vectors, stage, resources)
+    return held_out_reports(projections(eval_groups(held), vectors, stage, resources), held)
+
+
+def held_out_reports(
+    proj: dict[str, np.ndarray], held: HeldOut, methods: Sequence[str] = METHODS
+) -> tuple[dict[str, list[LayerStats]], dict[str, dict]]:
+    """Layer reports and cross-trait matrices from `{group: [reads, methods, L+1]}` projections."""
     reports, specificity = {}, {}
-    for i, method in enumerate(METHODS):
+    for i, method in enumerate(methods):
         reports[method] = layer_report(proj[POS][:, i], proj[NEG][:, i], paired=held.paired)
         specificity[method] = cross_trait(
             {name: (proj[f"{name}/{POS}"][:, i], proj[f"{name}/{NEG}"][:, i]) for name in held.others}
@@ -625,8 +638,10 @@ def extract(
     eval_files: Sequence[str] = (),
     traits_dir: str | Path | None = None,
     orthogonal_to: dict[str, Trait] | None = None,
+    note: str = "",
 ) -> ExtractResult:
-    """Generate, judge, pair, average and report; write one `.pt` + sidecar per method."""
+    """Generate, judge, pair, average and report; write one `.pt` + sidecar per method (`note`, free text
+    such as why this method, goes into the sidecar)."""
     started = time.perf_counter()
     probe_judge(trait, judge)
     # written held-out examples make generated evaluation answers unnecessary: generate extraction ones only
@@ -658,6 +673,7 @@ def extract(
     common = {
         **trait_and_model_fields(trait, model),
         "extraction_method": settings.generation_method,
+        **({"note": note} if note else {}),
         "read_context": "the trait's system prompt and the question"
         if settings.read_context == "system"
         else "the question alone (the answers were generated under the trait's system prompts)",
@@ -696,6 +712,7 @@ def extract_from_examples(
     eval_files: Sequence[str] = (),
     traits_dir: str | Path | None = None,
     orthogonal_to: dict[str, Trait] | None = None,
+    note: str = "",
 ) -> ExtractResult:
     """Read labelled examples (the `files`, else the trait file's written `examples`) teacher-forced after
     their own prompts, average, report; write one `.pt` + sidecar per method that is defined."""
@@ -719,6 +736,7 @@ def extract_from_examples(
     common = {
         **trait_and_model_fields(trait, model),
         "extraction_method": "examples",
+        **({"note": note} if note else {}),
         "read_context": "each example's own prompt (for written examples: the question alone); no "
         "generation, no judge, no trait system prompt",
         "examples": {
