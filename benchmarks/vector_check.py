@@ -16,7 +16,8 @@ every family: a vector on its own family is the check (target: share ≥ 0.95, d
 hallucination pairs and hallucinating on the evil pairs are the cross-trait controls (target: share ≤ 0.75).
 
 Run it only once the vectors and their layers are final: these rows must never feed back into how a vector
-is built or which layer it uses.
+is built or which layer it uses. `--per-layer` adds, for diagnosis only (why a target is missed), every
+layer's figures for the vectors of the targets; choosing a layer by them would fit the vectors to this data.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from bench import machine
 from screener.datasets import read_samples
 from screener.extract.layers import paired_d, share_ranked
 from screener.models import DEFAULT_MODEL, pick_device, pick_dtype, resolve_model
-from screener.records import Sample
+from screener.records import Reject, Sample
 from screener.scoring import Scorer, ScoreSettings
 from screener.vectors import builtin_traits, resolve_vectors, unit_vectors
 
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--per-layer", action="store_true", help="diagnosis only: every layer's figures too")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +89,7 @@ def main() -> None:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     vectors = resolve_vectors(builtin_traits(ref.name), [], ref.name)
-    layers = sorted({v.default_layer for v in vectors})
+    layers = list(range(ref.num_layers + 1)) if args.per_layer else sorted({v.default_layer for v in vectors})
     units = unit_vectors([v.tensor for v in vectors], layers, [v.path for v in vectors])
     model, tok = ref.load(device, dtype)
     scorer = Scorer(model, tok, units, ScoreSettings.for_device(device.type == "cuda", layers=tuple(layers)))
@@ -96,16 +98,27 @@ def main() -> None:
     for family, (laden, other) in FAMILIES.items():
         pos, neg, counts = matched_pairs(data_dir, laden, other)
         results["families"][family] = {"laden": laden, "other": other, **counts}
-        scored_pos, scored_neg = scorer.score(pos), scorer.score(neg)
+        # [pairs, layers, vectors] projections of each side
+        scored = scorer.score(pos), scorer.score(neg)
+        if rejected := [r for side in scored for r in side if isinstance(r, Reject)]:
+            sys.exit(f"{family}: {len(rejected)} samples could not be scored, e.g. {rejected[0]}")
+        proj_pos, proj_neg = (np.stack([s.proj_response for s in side]) for side in scored)
         for k, v in enumerate(vectors):
             li = layers.index(v.default_layer)
-            p = np.array([s.proj_response[li, k] for s in scored_pos])
-            n = np.array([s.proj_response[li, k] for s in scored_neg])
-            results["vectors"].setdefault(v.name, {"layer": v.default_layer, "method": v.sidecar.get(
-                "extraction_method"), "families": {}})["families"][family] = {
-                "share_ranked": share_ranked(p, n),
-                "paired_d": paired_d(p, n),
-            }  # fmt: skip
+            entry = results["vectors"].setdefault(
+                v.name,
+                {"layer": v.default_layer, "method": v.sidecar.get("extraction_method"), "families": {}},
+            )
+            p, n = proj_pos[:, :, k], proj_neg[:, :, k]
+            entry["families"][family] = {
+                "share_ranked": share_ranked(p[:, li], n[:, li]),
+                "paired_d": paired_d(p[:, li], n[:, li]),
+            }
+            if args.per_layer and v.name in OWN:
+                entry["families"][family]["per_layer"] = {
+                    "share_ranked": [round(share_ranked(p[:, i], n[:, i]), 4) for i in range(len(layers))],
+                    "paired_d": [round(paired_d(p[:, i], n[:, i]), 4) for i in range(len(layers))],
+                }
 
     info = {
         "machine": machine(device),
@@ -130,6 +143,19 @@ def main() -> None:
             f"{v['families'][n]['share_ranked']:.3f} / {v['families'][n]['paired_d']:.2f}" for n in names
         ]
         print(f"| {name} | {v['method']} | {v['layer']} | " + " | ".join(cells) + " |")
+
+    if args.per_layer:
+        print("\nper layer, for diagnosis only (ranked / d; * = the vector's chosen layer):")
+        names_own = [n for n in OWN if n in results["vectors"]]
+        print(f"{'layer':>5}  " + "  ".join(f"{f'{n} on {f}':>28}" for n in names_own for f in FAMILIES))
+        for i in layers:
+            cells = []
+            for n in names_own:
+                for f in FAMILIES:
+                    pl = results["vectors"][n]["families"][f]["per_layer"]
+                    mark = "*" if i == results["vectors"][n]["layer"] else " "
+                    cells.append(f"{pl['share_ranked'][i]:.3f} / {pl['paired_d'][i]:5.2f}{mark}".rjust(28))
+            print(f"{i:>5}  " + "  ".join(cells))
 
     checks = []
     for name, family in OWN.items():
