@@ -96,7 +96,8 @@ def from_trait(trait: Trait, key: str = "examples") -> ExampleSet:
         where = f"{trait.path} ({key})"
         examples.append(Labelled(prompt, ex.positive, True, where, i, pair=i))
         examples.append(Labelled(prompt, ex.negative, False, where, i, pair=i))
-    source = {"path": trait.path, "field": key, "sha256": trait.sha256, "records": len(written)}
+    # the trait, the field and the file's sha256 say where they came from (a path would be this machine's)
+    source = {"trait": trait.name, "field": key, "sha256": trait.sha256, "records": len(written)}
     out = ExampleSet(examples, [source])
     out.sources[0].update(out.counts())
     return out
