@@ -42,11 +42,11 @@ from screener.extract.layers import NEAR_CHANCE, choose_specific_layer
 from screener.extract.pipeline import (
     NEG,
     POS,
+    ActivationStage,
     ExtractSettings,
     GenerationStage,
     HeldOut,
     Read,
-    activations,
     batched,
     build_items,
     example_reads,
@@ -57,20 +57,13 @@ from screener.extract.pipeline import (
 )
 from screener.extract.traits import list_traits, load_trait
 from screener.models import pick_device, pick_dtype, resolve_model
-from screener.scoring import length_batches
 
 VARIANTS = ("examples", "generation", "generation_question_only")
 
 
-def response_acts(model, reads: list[Read], batch_tokens: int) -> torch.Tensor:
-    """`[reads, L+1, H]` response_avg activations, in order (the pipeline's `activations`)."""
-    lengths = [len(p) + len(r) for p, r in reads]
-    out: list[torch.Tensor | None] = [None] * len(reads)
-    for idx in length_batches(lengths, batch_tokens, 64):
-        acts = activations(model, [reads[i][0] for i in idx], [reads[i][1] for i in idx])
-        for i, a in zip(idx, acts, strict=True):
-            out[i] = a[0].clone()
-    return torch.stack(out)
+def response_acts(stage: ActivationStage, reads: list[Read]) -> torch.Tensor:
+    """`[reads, L+1, H]` response_avg activations, in order (the stage's own reading)."""
+    return stage.read([p for p, _ in reads], [r for _, r in reads])[:, 0].clone()
 
 
 def mean_diff(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -100,6 +93,8 @@ def main() -> None:
     dtype = pick_dtype(args.dtype, device)
     ref = resolve_model(args.model)
     model, tok = ref.load(device, dtype)
+    reader = ActivationStage(ref, settings)
+    reader.model = model  # the loaded model, not a second copy
     traits = {name: load_trait(str(path)) for name, path in list_traits()}
     wanted = args.traits.split(",") if args.traits else list(traits)
     started = time.perf_counter()
@@ -108,14 +103,9 @@ def main() -> None:
     directions, evals = {}, {}
     for name, t in traits.items():
         pos, neg, _, _ = example_reads(tok, from_trait(t, "examples"), settings.max_tokens)
-        directions[name] = mean_diff(
-            response_acts(model, pos, settings.batch_tokens), response_acts(model, neg, settings.batch_tokens)
-        )
+        directions[name] = mean_diff(response_acts(reader, pos), response_acts(reader, neg))
         pos, neg, _, _ = example_reads(tok, from_trait(t, "eval_examples"), settings.max_tokens)
-        evals[name] = (
-            response_acts(model, pos, settings.batch_tokens),
-            response_acts(model, neg, settings.batch_tokens),
-        )
+        evals[name] = (response_acts(reader, pos), response_acts(reader, neg))
     print(f"read every trait's examples ({time.perf_counter() - started:.0f} s)", flush=True)
 
     rows = []
@@ -139,10 +129,7 @@ def main() -> None:
             gen = {}
             for context in ("system", "question"):
                 pos, neg = generated_reads(kept, context)
-                gen[context] = mean_diff(
-                    response_acts(model, pos, settings.batch_tokens),
-                    response_acts(model, neg, settings.batch_tokens),
-                )
+                gen[context] = mean_diff(response_acts(reader, pos), response_acts(reader, neg))
             torch.save(gen, cache)
             with (out / f"{name}_generated.jsonl").open("w") as f:
                 for it in items:

@@ -74,7 +74,8 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
         default="none",
         metavar="TRAITS",
         help="remove from the response_avg vector, at each layer, the directions of these traits' written "
-        "examples: 'others' (every other trait with examples), comma-separated names, or 'none' (default)",
+        "examples: 'others' (every other trait with examples, except those the trait file declares related), "
+        "comma-separated names, or 'none' (default)",
     )
     p.add_argument("--traits-dir", help="folder of user trait files, searched before the built-ins")
     p.add_argument("--out", help="output folder (default: vectors/<model name>)")
@@ -127,7 +128,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if not from_examples:
         judge = make_judge(args.judge, args.judge_model, args.model, args.device, args.dtype)
     out = args.out or Path("vectors") / model.name
-    held = {
+    options = {
         "eval_files": args.eval_examples or (),
         "traits_dir": args.traits_dir,
         "orthogonal_to": orthogonal_traits(trait, args.orthogonal_to, args.traits_dir),
@@ -136,9 +137,9 @@ def run_extract(args: argparse.Namespace) -> int:
     with model_workers(str(pick_device(args.device)), args.actors, args.cpus, args.address) as resources:
         if from_examples:
             files = args.from_examples
-            result = extract_from_examples(trait, model, settings, resources, out, methods, files, **held)
+            result = extract_from_examples(trait, model, settings, resources, out, methods, files, **options)
         else:
-            result = extract(trait, model, judge, settings, resources, out, methods, **held)
+            result = extract(trait, model, judge, settings, resources, out, methods, **options)
     for method, path in result.paths.items():
         side = result.sidecars[method]
         print(f"{path}  (chosen layer {side['chosen_layer']}, {extraction_counts(side)})")

@@ -97,9 +97,8 @@ class ExtractSettings:
     batch_tokens: int = 8192  # padded tokens per activation forward
     dtype: str = "auto"
     device: str = "auto"
-    read_context: str = (
-        "system"  # generated answers are read after their system prompt, or the question alone
-    )
+    # generated answers are read after their system prompt and question ("system"), or the question alone
+    read_context: str = "system"
     max_tokens: int = 2048  # examples longer than this are cut as the screen cuts them
 
     def __post_init__(self) -> None:
@@ -294,17 +293,31 @@ class ActivationStage:
     def setup(self) -> None:
         self.model, _ = self.ref.load(*_resolved(self.settings.device, self.settings.dtype))
 
-    def process(self, batch: ActBatch) -> torch.Tensor:
-        lengths = [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses, strict=True)]
+    def read(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        """`[reads, 3, L+1, H]` activations in the reads' order, from length-sorted forward batches."""
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
         parts = {}
         for idx in length_batches(lengths, self.settings.batch_tokens, 64):
-            acts = activations(self.model, [batch.prompts[i] for i in idx], [batch.responses[i] for i in idx])
+            acts = activations(self.model, [prompts[i] for i in idx], [responses[i] for i in idx])
             for i, a in zip(idx, acts, strict=True):
                 parts[i] = a
-        acts = torch.stack([parts[i] for i in range(len(lengths))])
+        return torch.stack([parts[i] for i in range(len(lengths))])
+
+    def process(self, batch: ActBatch) -> torch.Tensor:
+        acts = self.read(batch.prompts, batch.responses)
         if batch.units is None:
             return acts.double().sum(dim=0)  # [3, L+1, H]
         return (acts * batch.units).sum(dim=-1)  # [B, 3, L+1]
+
+
+def keyed(
+    positives: list[Read], negatives: list[Read], others: dict[str, tuple[list[Read], list[Read]]]
+) -> dict[str, list[Read]]:
+    """Groups for one pass: `pos`, `neg`, then each other trait's as `<trait>/pos`, `<trait>/neg`."""
+    groups = {POS: positives, NEG: negatives}
+    for name, (pos, neg) in others.items():
+        groups[f"{name}/{POS}"], groups[f"{name}/{NEG}"] = pos, neg
+    return groups
 
 
 def group_means(
@@ -327,10 +340,7 @@ def mean_difference(
     """Step 4: `[3, L+1, H]` float32 vectors, mean(positive) − mean(negative) per method and layer, and
     the same float64 difference for each of `contrasts` (other traits' examples, to orthogonalise against),
     all from one pass."""
-    groups = {POS: positives, NEG: negatives}
-    for name, (pos, neg) in (contrasts or {}).items():
-        groups[f"{name}/{POS}"], groups[f"{name}/{NEG}"] = pos, neg
-    means = group_means(groups, stage, resources)
+    means = group_means(keyed(positives, negatives, contrasts or {}), stage, resources)
     others = {name: means[f"{name}/{POS}"] - means[f"{name}/{NEG}"] for name in contrasts or {}}
     return (means[POS] - means[NEG]).float(), others
 
@@ -484,20 +494,13 @@ def held_out(
     return held
 
 
-def eval_groups(held: HeldOut) -> dict[str, list[Read]]:
-    """The held-out reads by group: own positives and negatives, then `<trait>/pos`, `<trait>/neg`."""
-    groups = {POS: held.positives, NEG: held.negatives}
-    for name, (pos, neg) in held.others.items():
-        groups[f"{name}/{POS}"], groups[f"{name}/{NEG}"] = pos, neg
-    return groups
-
-
 def evaluate(
     vectors: torch.Tensor, held: HeldOut, stage: ActivationStage, resources: Resources
 ) -> tuple[dict[str, list[LayerStats]], dict[str, dict]]:
     """Step 6: per method, the layer report on the held-out examples and the cross-trait matrix on every
     other trait's, from one pass over all of them."""
-    return held_out_reports(projections(eval_groups(held), vectors, stage, resources), held)
+    groups = keyed(held.positives, held.negatives, held.others)
+    return held_out_reports(projections(groups, vectors, stage, resources), held)
 
 
 def held_out_reports(
