@@ -34,7 +34,15 @@ def _traits(run: RunChoice, given: list[str] | None) -> list[str]:
     return [run.check_trait(t) for t in traits] or list(run.traits)
 
 
-def _add_selection_args(p: argparse.ArgumentParser, trait_help: str) -> None:
+OWN_LAYER_HELP = (
+    "layer (default: each trait's own vector layer when the run recorded it, else the run's first)"
+)
+FIRST_LAYER_HELP = "layer (default: the run's first layer)"
+
+
+def _add_selection_args(
+    p: argparse.ArgumentParser, trait_help: str, layer_help: str = OWN_LAYER_HELP
+) -> None:
     add_db_args(p)
     p.add_argument("--trait", action="append", metavar="TRAIT", help=trait_help)
     p.add_argument(
@@ -42,7 +50,7 @@ def _add_selection_args(p: argparse.ArgumentParser, trait_help: str) -> None:
         choices=METRICS,
         help="score to use (default: delta_p for a natural-mode run, else delta_p_proxy)",
     )
-    p.add_argument("--layer", type=int, help="layer (default: the run's first layer)")
+    p.add_argument("--layer", type=int, help=layer_help)
 
 
 def _check_bins(bins: int) -> None:
@@ -55,9 +63,10 @@ def cmd_hist(args: argparse.Namespace) -> int:
     _check_bins(args.bins)
     with open_db(args.db) as store:
         run = pick_run(store.con, args.run)
-        layer, metric = run.layer(args.layer), args.metric or default_metric(run)
+        metric = args.metric or default_metric(run)
         hists = [
-            report.histogram(store.con, run, t, layer, metric, args.bins) for t in _traits(run, args.trait)
+            report.histogram(store.con, run, t, run.layer(args.layer, t), metric, args.bins)
+            for t in _traits(run, args.trait)
         ]
     for i, h in enumerate(hists):
         print(("\n" if i else "") + report.format_histogram(h, terminal_width()))
@@ -76,15 +85,16 @@ def cmd_top(args: argparse.Namespace) -> int:
         raise QueryError("-k must be at least 1")
     with open_db(args.db) as store:
         run = pick_run(store.con, args.run)
-        layer, metric = run.layer(args.layer), args.metric or default_metric(run)
+        metric = args.metric or default_metric(run)
+        layers = {t: run.layer(args.layer, t) for t in _traits(run, args.trait)}
         tops = {
-            t: report.top_samples(store.con, run, t, layer, metric, args.k) for t in _traits(run, args.trait)
+            t: report.top_samples(store.con, run, t, layer, metric, args.k) for t, layer in layers.items()
         }
     width = terminal_width()
     for i, (trait, rows) in enumerate(tops.items()):
         print(
             ("\n" if i else "")
-            + f"== {trait}: top {len(rows)} by {metric} · layer {layer} · run {run.run_id}"
+            + f"== {trait}: top {len(rows)} by {metric} · layer {layers[trait]} · run {run.run_id}"
         )
         print(report.format_top(rows, metric, width))
     return 0
@@ -162,7 +172,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_db_args(p)
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
     p.add_argument("--metric", choices=METRICS, help="score to use (default: delta_p if natural, else proxy)")
-    p.add_argument("--layer", type=int, help="layer (default: the run's first layer)")
+    p.add_argument("--layer", type=int, help=FIRST_LAYER_HELP)
     p.add_argument("--bins", type=int, default=30, help="histogram bins (default 30)")
     p.add_argument("-k", type=int, default=10, help="top samples per trait (default 10)")
     p.set_defaults(func=cmd_report)
@@ -181,7 +191,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("out", help="output file (jsonl, parquet) or directory (hf)")
-    _add_selection_args(p, "traits the filter looks at (repeatable or comma-separated; default: every trait)")
+    _add_selection_args(
+        p,
+        "traits the filter looks at (repeatable or comma-separated; default: every trait)",
+        FIRST_LAYER_HELP,
+    )
     p.add_argument(
         "--format", choices=export_mod.FORMATS, default="jsonl", help="output format (default jsonl)"
     )

@@ -189,7 +189,8 @@ def run_traits_list(args: argparse.Namespace) -> int:
             t = load_trait(str(path))
             print(
                 f"{name:<16} v{t.version}  {len(t.instructions)} pairs, {len(t.questions)}+"
-                f"{len(t.eval_questions)} questions  {path}"
+                f"{len(t.eval_questions)} questions, {len(t.examples)}+{len(t.eval_examples)} examples"
+                f"  {path}"
             )
         except TraitError as e:
             print(f"{name:<16} INVALID: {e}")
