@@ -19,14 +19,14 @@ files given, as in the screen's `source_row`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from screener.datasets import CHAT_FORMATS, detect_format, iter_rows, record_to_samples
+from screener.datasets import CHAT_FORMATS, DatasetFormatError, detect_format, iter_rows, record_to_samples
 from screener.errors import UserError
 from screener.extract.traits import Example, Trait
+from screener.models import sha256_file
 from screener.records import Message, Reject, Sample
 from screener.scoring import tokenize
 
@@ -124,19 +124,19 @@ def read_example_files(paths: Sequence[str]) -> ExampleSet:
     sources = []
     for path in paths:
         before, records = len(examples), 0
-        try:
-            rows = list(iter_rows(path))
-        except (FileNotFoundError, ValueError) as e:  # DatasetFormatError is a ValueError
+        try:  # the rows are streamed: a missing file or an unknown file type shows at the first one
+            for row, source, record in iter_rows(path):
+                records += 1
+                if isinstance(record, Reject):
+                    raise ExampleError(f"{source}, row {row}: {record.reason}")
+                examples.extend(_record_examples(record, source, row, next_pair=len(examples)))
+        except (FileNotFoundError, DatasetFormatError) as e:
             raise ExampleError(f"{path}: {e}") from None
-        for row, source, record in rows:
-            records += 1
-            if isinstance(record, Reject):
-                raise ExampleError(f"{source}, row {row}: {record.reason}")
-            examples.extend(_record_examples(record, source, row, next_pair=len(examples)))
         if not records:
             raise ExampleError(f"{path}: no records")
         mine = ExampleSet(examples[before:])
-        sources.append({"path": str(path), "sha256": _sha256(path), "records": records, **mine.counts()})
+        digest = sha256_file(Path(path)) if Path(path).is_file() else None  # a folder or glob: per-row files
+        sources.append({"path": str(path), "sha256": digest, "records": records, **mine.counts()})
     out = ExampleSet(examples, sources)
     check_classes(out, ", ".join(map(str, paths)))
     return out
@@ -229,18 +229,6 @@ def _one_sample(record: dict, source: str, row: int, names: dict[str, str] | Non
                 break
         raise ExampleError(f"{source}, row {row}: {reason}")
     return item
-
-
-def _sha256(path: str) -> str | None:
-    """sha256 of a file (None for a folder, glob or hub name: each file's rows are in the sidecar)."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenized(
