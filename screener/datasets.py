@@ -51,6 +51,7 @@ __all__ = [
     "is_glob",
     "is_hub_name",
     "iter_records",
+    "iter_rows",
     "local_files",
     "packaged_sharegpt",
     "read_samples",
@@ -169,6 +170,24 @@ def iter_records(
     """
     rows = _iter_rows(_sources(uri, split), stats if stats is not None else ReadStats())
     return ((row, source, record) for row, source, record in rows if isinstance(record, dict))
+
+
+def iter_rows(
+    uri: str, *, split: str | None = None, stats: ReadStats | None = None
+) -> Iterator[tuple[int, str, dict | Reject]]:
+    """(source_row, source_file, raw record) for every row, as `iter_records`, except that a row that does
+    not parse (invalid JSON, not an object, a CSV line of the wrong width) comes as a `Reject` with its
+    reason instead of being skipped, and a file that cannot be read to its end as a file-level `Reject`
+    (row -1, kind "file"): for readers that must stop at a bad row rather than step over it. Records of
+    any shape come as they are (no chat row format is required: labelled examples have their own)."""
+    stats = stats if stats is not None else ReadStats()
+    for row, source, record in _iter_rows(_sources(uri, split), stats, formats=False):
+        if isinstance(record, _BadFile):
+            yield row, source, Reject(-1, source, record.reason, source, kind="file")
+        elif isinstance(record, _BadRecord):
+            yield row, source, Reject(row, record.sample_id, record.reason, source)
+        else:
+            yield row, source, record
 
 
 def read_samples(
@@ -392,13 +411,15 @@ class _Source:
     local: bool = True  # a local file: a failure of its content makes it a file-level reject
 
 
-def _iter_rows(sources: list[_Source], stats: ReadStats) -> Iterator[tuple[int, str, Row]]:
+def _iter_rows(
+    sources: list[_Source], stats: ReadStats, *, formats: bool = True
+) -> Iterator[tuple[int, str, Row]]:
     """Number the rows of every source in order; this is the one path shared by files and hub datasets.
 
-    Each file's row format is detected from its first record. A file whose content fails yields the rows
-    read before the failure, then a _BadFile (row -1); so does, in a dataset of several files, a file of
-    no known row format (a dataset of one such file stops with the columns it has). A file that cannot
-    be opened or read at all stops the read (see the module docstring)."""
+    Each file's row format is detected from its first record (unless `formats` is False). A file whose
+    content fails yields the rows read before the failure, then a _BadFile (row -1); so does, in a dataset
+    of several files, a file of no known row format (a dataset of one such file stops with the columns it
+    has). A file that cannot be opened or read at all stops the read (see the module docstring)."""
     row = 0
     stats.bytes_total = sum(os.path.getsize(s.name) for s in sources if s.local and os.path.isfile(s.name))
     for source in sources:
@@ -407,7 +428,7 @@ def _iter_rows(sources: list[_Source], stats: ReadStats) -> Iterator[tuple[int, 
         stats.per_file[name] = 0
         try:
             for record in source.read(stats):
-                if isinstance(record, dict) and name not in stats.formats:
+                if formats and isinstance(record, dict) and name not in stats.formats:
                     try:
                         stats.formats[name] = detect_format(record)
                     except DatasetFormatError as e:

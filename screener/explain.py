@@ -532,23 +532,31 @@ class ReportExplanations:
 
 def explain_report(
     run: Run,
-    layer: int,
+    layers: dict[str, int],
     top: dict[str, list[StoredSample]],
     *,
     k: int,
     input_uri: str | None = None,
     device: str = "auto",
 ) -> ReportExplanations:
-    """Explain each trait's top samples with one model load (a sample in several traits' tops once). A
-    failure the user can act on becomes the report's message instead of failing the whole report."""
-    unique = {s.sample_id: s for samples in top.values() for s in samples}
-    if not unique:
-        return ReportExplanations(k, {t: [] for t in top})
-    try:
-        explained = explain_samples(
-            run, list(unique.values()), run.traits, layer, input_uri=input_uri, device=device
-        )
-    except ScreenerError as e:
-        return ReportExplanations(k, {}, str(e))
-    by_id = {e.sample_id: e for e in explained}
-    return ReportExplanations(k, {t: [by_id[s.sample_id] for s in samples] for t, samples in top.items()})
+    """Explain each trait's top samples at the trait's layer (`layers`), with one model load per layer (a
+    sample in several traits' tops once per layer). A failure the user can act on becomes the report's
+    message instead of failing the whole report."""
+    by_trait: dict[str, list[Explanation]] = {}
+    groups: dict[int, list[str]] = {}
+    for trait in top:
+        groups.setdefault(layers[trait], []).append(trait)
+    for layer, traits in groups.items():
+        unique = {s.sample_id: s for t in traits for s in top[t]}
+        if not unique:
+            by_trait.update({t: [] for t in traits})
+            continue
+        try:
+            explained = explain_samples(
+                run, list(unique.values()), traits, layer, input_uri=input_uri, device=device
+            )
+        except ScreenerError as e:
+            return ReportExplanations(k, {}, str(e))
+        by_id = {e.sample_id: e for e in explained}
+        by_trait.update({t: [by_id[s.sample_id] for s in top[t]] for t in traits})
+    return ReportExplanations(k, by_trait)

@@ -59,8 +59,14 @@ class ModelRef:
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         """The model and tokenizer, for inference. On a cluster node the driver's cache path may not
         exist: the spec is resolved again there (converting the GGUF on that node if needed)."""
-        path = self.path if Path(self.path).exists() else resolve_model(self.spec).path
-        return load_model(path, device, dtype)
+        return load_model(self.local_path(), device, dtype)
+
+    def load_tokenizer(self):
+        """The tokenizer alone (a driver that tokenises for the actors needs no weights)."""
+        return load_tokenizer(self.local_path())
+
+    def local_path(self) -> str:
+        return self.path if Path(self.path).exists() else resolve_model(self.spec).path
 
 
 def cache_dir() -> Path:
@@ -221,15 +227,23 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load an HF causal LM and its tokenizer for inference (eval mode, no grad)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+def load_tokenizer(path: str):
+    """An HF tokenizer with a pad token (the eos token when it has none)."""
+    from transformers import AutoTokenizer
 
-    hf_logging.disable_progress_bar()  # one bar per actor per load is noise in a screen's output
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load an HF causal LM and its tokenizer for inference (eval mode, no grad)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per actor per load is noise in a screen's output
+    tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return model, tok

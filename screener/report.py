@@ -116,7 +116,7 @@ def histogram_svg(h: Histogram, width: int = 720, height: int = 260) -> str:
     return "".join(parts)
 
 
-def _metadata_section(run: Run, layer: int, metric: str) -> str:
+def _metadata_section(run: Run, layer: str, metric: str) -> str:
     fields = [
         ("run id", run.run_id),
         ("mode", run.mode),
@@ -128,7 +128,7 @@ def _metadata_section(run: Run, layer: int, metric: str) -> str:
         ("finished (UTC)", str(run.finished_at) if run.finished_at else "not finished (running or crashed)"),
         ("samples scored", f"{run.n_scored:,}"),
         ("rejected", f"{run.n_rejected:,}"),
-        ("report layer / metric", f"{layer} / {metric}"),
+        ("report layer / metric", f"{layer} / {metric}"),  # "layer 20" or "layers evil 17, ..."
     ]
     rows = [[html.escape(k), html.escape(v)] for k, v in fields]
     settings = html.escape(json.dumps(run.settings, indent=2, sort_keys=True, ensure_ascii=False))
@@ -231,9 +231,9 @@ def _hist_section(h: Histogram, stats: dict | None) -> str:
 def html_report(data: ReportData, explained: ReportExplanations | None = None) -> str:
     """One self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched). With `explained`,
     each trait's top samples are followed by their shaded responses (or why they could not be computed)."""
-    run, layer, metric = data.run, data.layer, data.metric
+    run, metric = data.run, data.metric
     nav = "".join(f'<a href="#hist-{_slug(t)}">{html.escape(t)}</a>' for t in data.traits)
-    sections = [_metadata_section(run, layer, metric), _summary_section(data.summary)]
+    sections = [_metadata_section(run, data.layer_text, metric), _summary_section(data.summary)]
     for trait, found in data.traits.items():
         sections.append(_hist_section(found.histogram, found.stats))
         sections.append(_top_section(trait, found.top, metric))
@@ -246,8 +246,10 @@ def html_report(data: ReportData, explained: ReportExplanations | None = None) -
         f'<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<style>{CSS}{EXPLAIN_CSS}</style></head><body><main>"
-        f"<h1>{title}</h1><p class='sub'>{html.escape(run.mode)} mode · {html.escape(metric)} at layer "
-        f"{layer} · generated {created}</p><nav>{nav}</nav>" + "".join(sections) + "</main></body></html>\n"
+        f"<h1>{title}</h1><p class='sub'>{html.escape(run.mode)} mode · {html.escape(metric)} at "
+        f"{html.escape(data.layer_text)} · generated {created}</p><nav>{nav}</nav>"
+        + "".join(sections)
+        + "</main></body></html>\n"
     )
 
 
@@ -346,16 +348,20 @@ def explanation_html(e: Explanation, trait: str, *, prompt: bool = False) -> str
     return "".join(parts)
 
 
-def explanation_page(e: Explanation) -> str:
-    """`screener explain --format html`: one self-contained page, a section per trait."""
+def explanation_page(*explanations: Explanation) -> str:
+    """`screener explain --format html`: one self-contained page, a section per trait (the explanations
+    of one sample, one per layer its traits are read at)."""
+    e = explanations[0]
     title = html.escape(f"persona-screen explain: sample {e.sample_id}")
     sections = "".join(
-        f'<section id="trait-{_slug(trait)}"><h2>{html.escape(trait)}</h2>'
-        f"{explanation_html(e, trait, prompt=True)}</section>"
-        for trait in e.traits
+        f'<section id="trait-{_slug(trait)}"><h2>{html.escape(trait)} · layer {x.layer}</h2>'
+        f"{explanation_html(x, trait, prompt=True)}</section>"
+        for x in explanations
+        for trait in x.traits
     )
+    layers = ", ".join(str(x.layer) for x in explanations)
     sub = html.escape(
-        f"run {e.run_id} · row {e.source_row}, turn {e.turn} · layer {e.layer} · {e.mode} mode · "
+        f"run {e.run_id} · row {e.source_row}, turn {e.turn} · layer {layers} · {e.mode} mode · "
         "each token shaded by h·v̂ relative to the value the run's metric subtracts"
     )
     return (

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -349,25 +349,45 @@ class ReportData:
     """Everything the HTML report shows, read in one go so the database can be closed before rendering."""
 
     run: Run
-    layer: int
+    layer: int | None  # the layer asked for; None: each trait at its own vector's layer
     metric: str
     summary: list[dict]
     traits: dict[str, TraitReport]
+    layers: dict[str, int] = field(default_factory=dict)  # each trait's layer (default: `layer` for all)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            object.__setattr__(self, "layers", dict.fromkeys(self.traits, self.layer))
+
+    @property
+    def layer_text(self) -> str:
+        """ "layer 20", or "layers evil 17, sycophantic 13" when the traits are read at different ones."""
+        if len(set(self.layers.values())) == 1:
+            return f"layer {next(iter(self.layers.values()))}"
+        return "layers " + ", ".join(f"{t} {layer}" for t, layer in self.layers.items())
 
 
 def report_data(
-    con: duckdb.DuckDBPyConnection, run: Run, layer: int, metric: str, *, bins: int = 30, k: int = 10
+    con: duckdb.DuckDBPyConnection,
+    run: Run,
+    layer: int | None,
+    metric: str,
+    *,
+    bins: int = 30,
+    k: int = 10,
 ) -> ReportData:
+    """The report's data: each trait at `layer`, else at its own vector's layer (`Run.layer`)."""
     stats = percentiles(con, run)
+    layers = {trait: run.layer(layer, trait) for trait in run.traits}
     traits = {
         trait: TraitReport(
-            histogram(con, run, trait, layer, metric, bins),
-            stats.get((trait, layer, metric)),
-            top_samples(con, run, trait, layer, metric, k),
+            histogram(con, run, trait, at, metric, bins),
+            stats.get((trait, at, metric)),
+            top_samples(con, run, trait, at, metric, k),
         )
-        for trait in run.traits
+        for trait, at in layers.items()
     }
-    return ReportData(run, layer, metric, summary(con, run), traits)
+    return ReportData(run, layer, metric, summary(con, run), traits, layers)
 
 
 # ---- selections: the samples a filter drops -------------------------------------------------------------

@@ -85,10 +85,12 @@ class Run:
             state = "NOT FINISHED (still running, or stopped)"
         return f"run {self.run_id} ({state}; {counts})"
 
-    def layer(self, layer: int | None) -> int:
-        """The given layer, checked against the run, else the run's first layer."""
+    def layer(self, layer: int | None, trait: str | None = None) -> int:
+        """The given layer, checked against the run; else `trait`'s own vector layer when the run recorded
+        it (vectors chosen at different layers are each read at their own); else the run's first layer."""
         if layer is None:
-            return self.layers[0]
+            own = (self.settings.get("vectors") or {}).get(trait or "", {}).get("layer")
+            return own if own in self.layers else self.layers[0]
         if layer not in self.layers:
             raise QueryError(f"run {self.run_id} has layers {list(self.layers)}, not {layer}")
         return layer

@@ -189,6 +189,22 @@ def truncate(prompt: list[int], response: list[int], max_tokens: int) -> tuple[l
     return prompt[len(prompt) - keep_prompt :], response[:keep_response], True
 
 
+def tokenize(tokenizer, sample: Sample, max_tokens: int, index: int = 0) -> Tokens | Reject:
+    """A sample's ids as the screen reads them: the prompt's chat template with the generation prompt, then
+    the response's own tokens (no end-of-turn token), cut to `max_tokens` by `truncate`."""
+    try:
+        prompt = chat_ids(tokenizer, sample.prompt)
+    except Exception as e:  # templates raise on e.g. non-alternating roles; that is the sample's fault
+        return Reject(
+            sample.source_row, sample.sample_id, f"prompt: chat template failed: {e}", sample.source_file
+        )
+    response = tokenizer(sample.response, add_special_tokens=False)["input_ids"]
+    if not response:
+        return Reject(sample.source_row, sample.sample_id, "response: no tokens", sample.source_file)
+    prompt, response, cut = truncate(prompt, response, max_tokens)
+    return Tokens(index, sample, prompt, response, cut)
+
+
 class Scorer:
     """Scores batches of samples with one model and one unit vector per trait at each layer.
 
@@ -244,17 +260,7 @@ class Scorer:
     # -- tokenisation -------------------------------------------------------------------------------
 
     def tokenize(self, sample: Sample, index: int = 0) -> Tokens | Reject:
-        try:
-            prompt = chat_ids(self.tokenizer, sample.prompt)
-        except Exception as e:  # templates raise on e.g. non-alternating roles; that is the sample's fault
-            return Reject(
-                sample.source_row, sample.sample_id, f"prompt: chat template failed: {e}", sample.source_file
-            )
-        response = self.tokenizer(sample.response, add_special_tokens=False)["input_ids"]
-        if not response:
-            return Reject(sample.source_row, sample.sample_id, "response: no tokens", sample.source_file)
-        prompt, response, cut = truncate(prompt, response, self.settings.max_tokens)
-        return Tokens(index, sample, prompt, response, cut)
+        return tokenize(self.tokenizer, sample, self.settings.max_tokens, index)
 
     # -- teacher-forced projections -----------------------------------------------------------------
 

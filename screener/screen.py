@@ -213,7 +213,12 @@ def _run(cfg: ScreenConfig, model: ModelRef, vectors: list[Vector], layers, dtyp
         "max_tokens": cfg.max_tokens,
         "turns": cfg.turns,
         "split": cfg.split,
-        "vectors": {v.name: {"path": v.path, "sha256": v.sha256} for v in vectors},
+        # each vector's own layer (its sidecar's chosen layer; none when --layer chose for all): what the
+        # read commands show it at by default
+        "vectors": {
+            v.name: {"path": v.path, "sha256": v.sha256, "layer": None if cfg.layers else v.default_layer}
+            for v in vectors
+        },
     }
     if cfg.mode == "natural":
         settings["generation"] = asdict(cfg.generation)

@@ -115,6 +115,23 @@ def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
 
 
+def tiny_ref(folder: Path):
+    """A `ModelRef` for a tiny model folder, without the hub or the default-model cache."""
+    from screener.models import ModelRef, weights_sha256
+
+    cfg = json.loads((folder / "config.json").read_text())
+    return ModelRef(
+        str(folder), folder.name, str(folder), weights_sha256(folder), cfg["num_hidden_layers"], 64
+    )
+
+
+def plain_hidden_states(model, ids: list[int]) -> torch.Tensor:
+    """`[num_layers+1, T, H]` from an unpadded full-model forward: the reference for everything."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return torch.stack(out.hidden_states)[:, 0].float()
+
+
 def random_vectors(folder: Path, n: int, seed: int = 1) -> list[torch.Tensor]:
     """`n` random float32 `[num_layers+1, hidden]` persona vectors for the model in `folder`."""
     cfg = json.loads((folder / "config.json").read_text())

@@ -94,6 +94,7 @@ def make_screen(
     model: str = "tiny",
     finish: bool = True,
     turns: str = "last",
+    settings: dict | None = None,
 ) -> FakeScreen:
     """Screen `dataset` (any URI `read_samples` takes) into `db` with seeded random projections (one
     natural response left empty)."""
@@ -106,9 +107,8 @@ def make_screen(
     natural = rng.normal(size=shape) if mode == "natural" else None
     if natural is not None:
         natural[1] = np.nan  # an empty natural response: delta_p is NULL for this sample
-    run = Run(
-        model, "00" * 32, str(dataset), mode, LAYERS, TRAITS, {"split": None, "turns": turns, "seed": seed}
-    )
+    settings = {"split": None, "turns": turns, "seed": seed, **(settings or {})}
+    run = Run(model, "00" * 32, str(dataset), mode, LAYERS, TRAITS, settings)
     scored = [
         Scored(
             s.sample_id,

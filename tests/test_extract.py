@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import plain_hidden_states, tiny_ref
 
 from screener.commands.extract import add_commands
 from screener.distributed import Resources
@@ -30,10 +31,12 @@ from screener.extract.pipeline import (
 )
 from screener.extract.steer import SteerError, Steering
 from screener.extract.traits import TraitError, list_traits, load_trait, parse_trait
-from screener.models import ModelRef, load_model, pick_device, resolve_model, weights_sha256
+from screener.models import load_model, pick_device, resolve_model
 from screener.vectors import LAYER_CONVENTION, load_vector, save_vector
 
-IN_PROCESS = Resources(actors=0, num_cpus=0, num_gpus=0, threads=2)
+# one torch thread: tiny models gain nothing from more, and on a busy 2-core machine two threads made
+# each tiny forward 8x slower (measured: an extraction took 43 s with 2 threads, 5 s with 1)
+IN_PROCESS = Resources(actors=0, num_cpus=0, num_gpus=0, threads=1)
 TINY_TRAIT = {
     "name": "cheerful",
     "version": 3,
@@ -48,25 +51,11 @@ TINY_TRAIT = {
 }
 
 
-def plain_hidden_states(model, ids: list[int]) -> torch.Tensor:
-    """`[num_layers+1, T, H]` from an unpadded full-model forward: the reference for everything."""
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    return torch.stack(out.hidden_states)[:, 0].float()
-
-
 @pytest.fixture(scope="module")
 def tiny_trait(tmp_path_factory):
     path = tmp_path_factory.mktemp("traits") / "cheerful.json"
     path.write_text(json.dumps(TINY_TRAIT))
     return load_trait(str(path))
-
-
-def tiny_ref(folder) -> ModelRef:
-    cfg = json.loads((folder / "config.json").read_text())
-    return ModelRef(
-        str(folder), folder.name, str(folder), weights_sha256(folder), cfg["num_hidden_layers"], 64
-    )
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -335,13 +324,16 @@ def test_trait_validation_names_the_field(tmp_path):
 @pytest.mark.slow
 def test_shipped_vectors_fit_the_default_model():
     from screener.models import resolve_model
-    from screener.vectors import builtin_vector_path, check_vector
+    from screener.vectors import BUILTIN_DIR, builtin_traits, builtin_vector_path, check_vector
 
     ref = resolve_model("default")
-    for trait in ("evil", "sycophantic", "hallucinating"):
-        for method in METHODS:
-            vec = load_vector(builtin_vector_path(ref.name, trait, method))
-            check_vector(vec, ref.num_layers, ref.hidden_size, ref.name)
-            assert vec.sidecar["model_sha256"] == ref.sha256 and vec.default_layer is not None
-            assert vec.sidecar["model_source"] == ref.source
-            assert vec.tensor.untyped_storage().nbytes() == vec.tensor.numel() * 4
+    shipped = sorted((BUILTIN_DIR / ref.name).glob("*_diff.pt"))
+    # every built-in trait ships the file `screener screen --traits` loads
+    assert builtin_traits(ref.name) == sorted(name for name, _ in list_traits())
+    assert {builtin_vector_path(ref.name, t) for t in builtin_traits(ref.name)} <= set(shipped)
+    for path in shipped:
+        vec = load_vector(path)
+        check_vector(vec, ref.num_layers, ref.hidden_size, ref.name)
+        assert vec.sidecar["model_sha256"] == ref.sha256 and vec.default_layer is not None
+        assert vec.sidecar["model_source"] == ref.source
+        assert vec.tensor.untyped_storage().nbytes() == vec.tensor.numel() * 4

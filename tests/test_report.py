@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TRAITS, cli
+from helpers import TRAITS, cli, make_screen, openai_records, write_jsonl
 
 from screener.report import html_report
 from screener.results import Histogram, ReportData, TraitReport
@@ -76,6 +76,24 @@ def test_top_orders_and_shows_excerpts(screens, capsys) -> None:
     out = capsys.readouterr().out
     assert f"top 3 by delta_p_proxy · layer 10 · run {proxy.run_id}" in out and "natural:" not in out
     assert out.count("\n#") + out.startswith("#") == 3 * len(TRAITS)
+
+
+def test_hist_and_top_read_each_trait_at_its_own_vector_layer(tmp_path, capsys) -> None:
+    """Vectors chosen at different layers: without --layer, each trait is shown at its own vector's layer
+    (recorded by the screen), a layer the run lacks falls back to the first, and --layer sets one for all."""
+    data = write_jsonl(tmp_path / "in.jsonl", openai_records(12))
+    vectors = {"evil": {"path": "e.pt", "sha256": "0", "layer": 20}, "sycophantic": {"layer": 7}}
+    screen = make_screen(tmp_path / "s.duckdb", data, mode="proxy", settings={"vectors": vectors})
+    assert cli("top", "--db", screen.db, "-k", 3) == 0
+    out = capsys.readouterr().out
+    assert "== evil: top 3 by delta_p_proxy · layer 20" in out
+    assert "== sycophantic: top 3 by delta_p_proxy · layer 10" in out  # 7 is not among the run's layers
+    best = max(screen.values("delta_p_proxy", "evil", 20).items(), key=lambda kv: kv[1])
+    assert re.search(rf"^#1\s+delta_p_proxy=\S+\s+{re.escape(best[0])} ", out, re.M)
+    assert cli("hist", "--db", screen.db, "--trait", "evil") == 0
+    assert "evil · delta_p_proxy · layer 20" in capsys.readouterr().out
+    assert cli("top", "--db", screen.db, "-k", 1, "--layer", 10) == 0
+    assert capsys.readouterr().out.count("· layer 10 ·") == 2
 
 
 def run_chromium(url: str, tmp: Path, *extra: str) -> tuple[str, list[str]]:

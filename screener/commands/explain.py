@@ -28,24 +28,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
         protected = Protected.of_database(args.db, store.con)
         if args.out:
             protected.check(args.out, force=args.force)
-        layer = run.layer(args.layer)
         traits = [t.strip() for item in args.trait or [] for t in item.split(",") if t.strip()]
         traits = [run.check_trait(t) for t in traits] or list(run.traits)
-        stored = stored_samples(store.con, run, [args.sample_id], layer, traits)
+        groups: dict[int, list[str]] = {}  # each trait at --layer, else at its own vector's layer
+        for t in traits:
+            groups.setdefault(run.layer(args.layer, t), []).append(t)
+        stored = {
+            layer: stored_samples(store.con, run, [args.sample_id], layer, ts) for layer, ts in groups.items()
+        }
     # The database is closed: loading the model and reading the dataset take a while.
-    (explained,) = explain_samples(
-        run, stored, traits, layer, input_uri=args.input, model=args.model, device=args.device
-    )
+    explained = [
+        explain_samples(
+            run, stored[layer], ts, layer, input_uri=args.input, model=args.model, device=args.device
+        )[0]
+        for layer, ts in groups.items()
+    ]
     if args.format == "json":
-        text = "".join(json.dumps(explained.to_json(t), ensure_ascii=False) + "\n" for t in traits)
+        text = "".join(
+            json.dumps(e.to_json(t), ensure_ascii=False) + "\n" for e in explained for t in e.traits
+        )
     elif args.format == "html":
-        text = explanation_page(explained)
+        text = explanation_page(*explained)
     else:
         color = args.color == "always" if args.out else use_color(args.color)
         text = "\n\n".join(
-            format_explanation(explained, t, color=color, width=terminal_width()) for t in traits
+            format_explanation(e, t, color=color, width=terminal_width()) for e in explained for t in e.traits
         )
         text += "\n"
+    layer = ", ".join(map(str, groups))
     if args.out:
         with output_file(args.out, protected, force=args.force) as tmp:
             tmp.write_text(text, encoding="utf-8")

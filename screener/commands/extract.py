@@ -11,8 +11,16 @@ from pathlib import Path
 
 from screener.distributed import model_workers
 from screener.extract.judges import Judge, LocalJudge, NoJudge, OpenAIJudge, judge_kind
-from screener.extract.layers import format_report
-from screener.extract.pipeline import METHODS, ExtractError, ExtractSettings, extract
+from screener.extract.layers import NEAR_CHANCE, format_cross_trait, format_cross_trait_layers, format_report
+from screener.extract.pipeline import (
+    METHODS,
+    READ_CONTEXTS,
+    ExtractError,
+    ExtractSettings,
+    extract,
+    extract_from_examples,
+    orthogonal_traits,
+)
 from screener.extract.traits import DRAFT_REQUEST, TraitError, list_traits, load_trait, parse_draft, scaffold
 from screener.models import DEFAULT_MODEL, pick_device, pick_dtype, resolve_model
 from screener.vectors import VectorError, builtin_vector_path, load_vector
@@ -39,6 +47,36 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     d = ExtractSettings()
     p.add_argument("trait", help="a trait name (built-in or in --traits-dir) or a trait .json file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, .gguf file, hub id, or 'default'")
+    p.add_argument(
+        "--from-examples",
+        nargs="*",
+        metavar="FILE",
+        help="build the vector from labelled examples instead of generating answers: data files (any format "
+        "the screen reads) with a 'label' per record or 'positive' + 'negative' answers to one prompt; with "
+        "no FILE, the trait file's written 'examples'. No generation, no judge",
+    )
+    p.add_argument(
+        "--eval-examples",
+        nargs="+",
+        metavar="FILE",
+        help="held-out labelled examples for the layer report (default: the trait file's 'eval_examples')",
+    )
+    p.add_argument(
+        "--read-context",
+        choices=READ_CONTEXTS,
+        default=d.read_context,
+        help="generation: read the answers after their trait system prompt and question (system), or after "
+        "the question alone (question)",
+    )
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="examples are cut to this length")
+    p.add_argument(
+        "--orthogonal-to",
+        default="none",
+        metavar="TRAITS",
+        help="remove from the response_avg vector, at each layer, the directions of these traits' written "
+        "examples: 'others' (every other trait with examples, except those the trait file declares related), "
+        "comma-separated names, or 'none' (default)",
+    )
     p.add_argument("--traits-dir", help="folder of user trait files, searched before the built-ins")
     p.add_argument("--out", help="output folder (default: vectors/<model name>)")
     p.add_argument("--judge", choices=("auto", "openai", "local", "none"), default="auto")
@@ -55,6 +93,7 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
     )
+    p.add_argument("--note", default="", help="free text kept in the sidecar (e.g. why this method)")
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype)
     p.add_argument("--actors", type=int, help="0: no Ray; default one per GPU, or one per 2 CPU cores")
@@ -81,19 +120,67 @@ def run_extract(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens,
         dtype=args.dtype,
         device=args.device,
+        read_context=args.read_context,
+        max_tokens=args.max_tokens,
     )
-    judge = make_judge(args.judge, args.judge_model, args.model, args.device, args.dtype)
+    from_examples = args.from_examples is not None
+    judge = None  # examples need none
+    if not from_examples:
+        judge = make_judge(args.judge, args.judge_model, args.model, args.device, args.dtype)
     out = args.out or Path("vectors") / model.name
+    options = {
+        "eval_files": args.eval_examples or (),
+        "traits_dir": args.traits_dir,
+        "orthogonal_to": orthogonal_traits(trait, args.orthogonal_to, args.traits_dir),
+        "note": args.note,
+    }
     with model_workers(str(pick_device(args.device)), args.actors, args.cpus, args.address) as resources:
-        result = extract(trait, model, judge, settings, resources, out, methods)
+        if from_examples:
+            files = args.from_examples
+            result = extract_from_examples(trait, model, settings, resources, out, methods, files, **options)
+        else:
+            result = extract(trait, model, judge, settings, resources, out, methods, **options)
     for method, path in result.paths.items():
         side = result.sidecars[method]
-        print(f"{path}  (chosen layer {side['chosen_layer']}, {side['pairs_kept']} pairs kept)")
+        print(f"{path}  (chosen layer {side['chosen_layer']}, {extraction_counts(side)})")
     side = result.sidecars.get("response_avg") or next(iter(result.sidecars.values()))
-    print(f"\nlayer report ({side['method']}, {side['eval_pairs_kept']} held-out pairs):")
-    print(format_report(side["layer_report"], side["chosen_layer"]))
+    for method, why in side.get("methods_not_written", {}).items():
+        print(f"{method}: not written ({why})")
+    print_reports(side)
     print(f"\ndone in {result.seconds:.0f} s")
     return 0
+
+
+def extraction_counts(side: dict) -> str:
+    """What a vector was averaged over, in words."""
+    if "examples" in side:
+        ex = side["examples"]
+        return f"{ex['positive']} positive and {ex['negative']} negative examples"
+    return f"{side['pairs_kept']} pairs kept"
+
+
+def print_reports(side: dict, per_layer: bool = False) -> None:
+    """The layer report, then the specificity table at the chosen layer (or at every layer)."""
+    chosen = side.get("chosen_layer")
+    held = side.get("eval_examples") or {}
+    count = held.get("pairs") or side.get("eval_pairs_kept")
+    source = held.get("source", "held-out pairs")
+    print(f"\nlayer report ({side.get('method')}, {count} held-out pairs: {source}):")
+    print(format_report(side["layer_report"], chosen))
+    spec = side.get("specificity") or {}
+    others = spec.get("traits")
+    if not others or chosen is None:
+        return
+    band = tuple(spec.get("near_chance", NEAR_CHANCE))
+    own = next((r for r in side["layer_report"] if r["layer"] == chosen), None)
+    how = side.get("chosen_layer_how")
+    print(f"\nspecificity at layer {chosen} ({how}): every other trait's held-out pairs")
+    print(format_cross_trait(own, others, chosen, band))
+    if spec.get("not_held_to_chance"):
+        print("not held to chance (related): " + ", ".join(sorted(spec["not_held_to_chance"])))
+    if per_layer:
+        print("\nshare ranked right on each other trait's held-out pairs, per layer:")
+        print(format_cross_trait_layers(others, chosen))
 
 
 def run_traits_list(args: argparse.Namespace) -> int:
@@ -102,7 +189,8 @@ def run_traits_list(args: argparse.Namespace) -> int:
             t = load_trait(str(path))
             print(
                 f"{name:<16} v{t.version}  {len(t.instructions)} pairs, {len(t.questions)}+"
-                f"{len(t.eval_questions)} questions  {path}"
+                f"{len(t.eval_questions)} questions, {len(t.examples)}+{len(t.eval_examples)} examples"
+                f"  {path}"
             )
         except TraitError as e:
             print(f"{name:<16} INVALID: {e}")
@@ -138,22 +226,28 @@ def run_vectors_show(args: argparse.Namespace) -> int:
         print("no sidecar: no layer report")
         return 0
     for key in (
+        "extraction_method",
+        "note",
         "method",
+        "read_context",
+        "orthogonal_to",
         "model",
         "model_source",
         "model_sha256",
         "judge",
+        "examples",
         "pairs_kept",
         "pairs_dropped",
         "dropped_by_reason",
         "eval_pairs_kept",
         "date",
         "chosen_layer",
+        "chosen_layer_how",
     ):
         if key in s:
             print(f"  {key}: {json.dumps(s[key]) if isinstance(s[key], dict) else s[key]}")
     if s.get("layer_report"):
-        print(format_report(s["layer_report"], s.get("chosen_layer")))
+        print_reports(s, per_layer=args.per_layer)
     return 0
 
 
@@ -231,6 +325,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     vsub = vectors.add_subparsers(dest="vectors_command", required=True)
     vs = vsub.add_parser("show", help="a vector's sidecar and layer report")
     vs.add_argument("file")
+    vs.add_argument("--per-layer", action="store_true", help="the specificity table at every layer")
     vs.set_defaults(func=run_vectors_show)
 
     st = sub.add_parser("steer", help="generate with coef·v added at a layer; judge trait and coherence")

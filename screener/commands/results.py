@@ -36,6 +36,7 @@ from screener.report import html_report
 from screener.results import (
     METRICS,
     DropFilter,
+    ReportData,
     canned,
     check_read_only,
     histogram,
@@ -111,7 +112,9 @@ def _add_metric_and_layer_args(p: argparse.ArgumentParser) -> None:
         choices=METRICS,
         help="score to use (default: delta_p for a natural-mode run, else delta_p_proxy)",
     )
-    p.add_argument("--layer", type=int, help="layer (default: the run's first layer)")
+    p.add_argument(
+        "--layer", type=int, help="layer (default: each trait's own vector layer, else the run's first)"
+    )
 
 
 def _choose(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> tuple[Run, int, str]:
@@ -123,15 +126,17 @@ def _choose(con: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> tuple[R
 
 def _read_per_trait(
     args: argparse.Namespace, read: Callable[[duckdb.DuckDBPyConnection, Run, str, int, str], T]
-) -> tuple[Run, int, str, dict[str, T], Protected]:
-    """The chosen run, layer and metric, and `read(con, run, trait, layer, metric)` for each --trait (the
-    notes about the run told on stderr), and what no output may replace."""
+) -> tuple[Run, dict[str, int], str, dict[str, T], Protected]:
+    """The chosen run, each --trait's layer (--layer, else its own vector's) and the metric, and
+    `read(con, run, trait, layer, metric)` for each trait (the notes about the run told on stderr), and
+    what no output may replace."""
     with open_db(args.db) as store:
-        run, layer, metric = _choose(store.con, args)
-        found = {t: read(store.con, run, t, layer, metric) for t in _traits(run, args.trait)}
+        run, _, metric = _choose(store.con, args)
+        layers = {t: run.layer(args.layer, t) for t in _traits(run, args.trait)}
+        found = {t: read(store.con, run, t, layer, metric) for t, layer in layers.items()}
         _tell(_run_notes(store.con, run, args.run))
         protected = Protected.of_database(args.db, store.con)
-    return run, layer, metric, found, protected
+    return run, layers, metric, found, protected
 
 
 def _traits(run: Run, given: list[str] | None) -> list[str]:
@@ -280,12 +285,12 @@ def _add_hist(sub: argparse._SubParsersAction) -> None:
 def cmd_top(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise QueryError("-k must be at least 1")
-    run, layer, metric, tops, _ = _read_per_trait(args, partial(top_samples, k=args.k))
+    run, layers, metric, tops, _ = _read_per_trait(args, partial(top_samples, k=args.k))
     width = terminal_width()
     for i, (trait, rows) in enumerate(tops.items()):
         print(
             ("\n" if i else "")
-            + f"== {trait}: top {len(rows)} by {metric} · layer {layer} · run {run.run_id}"
+            + f"== {trait}: top {len(rows)} by {metric} · layer {layers[trait]} · run {run.run_id}"
         )
         print(format_top(rows, metric, width))
     return 0
@@ -313,24 +318,34 @@ def cmd_report(args: argparse.Namespace) -> int:
         data = report_data(store.con, run, layer, metric, bins=args.bins, k=args.k)
         _tell(_run_notes(store.con, run, args.run))
         if explain:
-            top = _report_top(store.con, run, layer, data, args.explain_k)
+            top = _report_top(store.con, run, data, args.explain_k)
     explained = None
     if explain:  # the database is closed: the model loads and the dataset is read
         from screener.explain import explain_report
 
-        explained = explain_report(run, layer, top, k=args.explain_k, input_uri=args.input)
+        explained = explain_report(run, data.layers, top, k=args.explain_k, input_uri=args.input)
     with output_file(args.out, protected, force=args.force) as tmp:
         tmp.write_text(html_report(data, explained), encoding="utf-8")
-    print(f"wrote {args.out} (run {run.run_id}, {len(run.traits)} traits, layer {layer}, {metric})")
+    print(f"wrote {args.out} (run {run.run_id}, {len(run.traits)} traits, {data.layer_text}, {metric})")
     return 0
 
 
-def _report_top(con: duckdb.DuckDBPyConnection, run: Run, layer: int, data, k: int) -> dict:
-    """{trait: the first k of its top samples, as explain.StoredSample}."""
+def _report_top(con: duckdb.DuckDBPyConnection, run: Run, data: ReportData, k: int) -> dict:
+    """{trait: the first k of its top samples at the trait's layer, as explain.StoredSample (with the
+    stored scores of every trait read at that layer, since a sample explained once serves them all)."""
     from screener.explain import stored_samples
 
+    at_layer: dict[int, list[str]] = {}
+    for trait, layer in data.layers.items():
+        at_layer.setdefault(layer, []).append(trait)
     return {
-        trait: stored_samples(con, run, [r["sample_id"] for r in found.top[:k]], layer, run.traits)
+        trait: stored_samples(
+            con,
+            run,
+            [r["sample_id"] for r in found.top[:k]],
+            data.layers[trait],
+            at_layer[data.layers[trait]],
+        )
         for trait, found in data.traits.items()
     }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from screener.errors import UserError
@@ -50,6 +50,8 @@ class Trait:
     sha256: str
     examples: tuple[Example, ...] = ()  # written pairs for extraction from examples
     eval_examples: tuple[Example, ...] = ()  # held out: the layer report and the specificity matrix
+    # traits this one overlaps by definition, and why: the layer rule does not hold them to chance
+    related: dict[str, str] = field(default_factory=dict)
 
     def positive_system(self, pair: InstructionPair) -> str:
         article = "an" if self.name[0] in "aeiou" else "a"
@@ -81,9 +83,9 @@ def _examples(data: dict, key: str, path: Path) -> tuple[Example, ...]:
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise TraitError(f"{path}: {key}[{i}] must be an object with 'question', 'positive', 'negative'")
-        for field in ("question", "positive", "negative"):
-            if not isinstance(item.get(field), str) or not item[field].strip():
-                raise TraitError(f"{path}: {key}[{i}].{field} must be a non-empty string")
+        for name in ("question", "positive", "negative"):
+            if not isinstance(item.get(name), str) or not item[name].strip():
+                raise TraitError(f"{path}: {key}[{i}].{name} must be a non-empty string")
         out.append(Example(item["question"], item["positive"], item["negative"]))
     questions = [e.question for e in out]
     if len(set(questions)) != len(questions):
@@ -124,6 +126,15 @@ def parse_trait(data: dict, path: Path, sha256: str = "") -> Trait:
     eval_examples = _examples(data, "eval_examples", path)
     if shared := {e.question for e in examples} & {e.question for e in eval_examples}:
         raise TraitError(f"{path}: 'eval_examples' must be held out, but {len(shared)} questions are shared")
+    related = data.get("related", {})
+    if not isinstance(related, dict) or not all(
+        isinstance(k, str) and _NAME.match(k) and k != name and isinstance(v, str) and v.strip()
+        for k, v in related.items()
+    ):
+        raise TraitError(
+            f"{path}: 'related' must map other trait names to the reason they overlap this one, e.g. "
+            '{"impolite": "contempt for the user is part of both"}'
+        )
     return Trait(
         name,
         description,
@@ -136,6 +147,7 @@ def parse_trait(data: dict, path: Path, sha256: str = "") -> Trait:
         sha256,
         examples,
         eval_examples,
+        dict(related),
     )
 
 
