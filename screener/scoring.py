@@ -202,15 +202,35 @@ class Scorer:
         starts = self.starts(seqs)
         # padded positions can hold NaN (fully masked attention rows), so select, never multiply by a mask
         resp = torch.zeros((len(seqs), proj.shape[2]), dtype=torch.bool, device=proj.device)
-        last = torch.empty(len(seqs), dtype=torch.long, device=proj.device)
         for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             resp[b, starts[b] + len(p) : starts[b] + len(p) + len(r)] = True
-            last[b] = starts[b] + len(p) - 1
         counts = resp.sum(dim=1).to(proj.dtype)
         summed = proj.masked_fill(~resp[:, None, :, None], 0.0).sum(dim=2)
         proj_response = summed / counts[:, None, None]
-        proj_prompt_last = proj[torch.arange(len(seqs), device=proj.device), :, last]
+        proj_prompt_last = self._at_last_prompt_token(proj, starts, [len(p) for p in prompts])
         return proj_response.double().cpu().numpy(), proj_prompt_last.double().cpu().numpy()
+
+    @staticmethod
+    def _at_last_prompt_token(
+        proj: torch.Tensor, starts: list[int], prompt_lengths: list[int]
+    ) -> torch.Tensor:
+        """`[batch, layers, traits]`: `project_tokens`' projections at each sample's last prompt token."""
+        last = torch.tensor(
+            [s + n - 1 for s, n in zip(starts, prompt_lengths, strict=True)], device=proj.device
+        )
+        return proj[torch.arange(len(starts), device=proj.device), :, last]
+
+    def project_prompts(self, prompts: Sequence[list[int]]) -> np.ndarray:
+        """`proj_prompt_last` of prompts alone, `[batch, layers, traits]` in input order: the screen's code
+        path (`project_tokens`, then the last prompt token), in length-sorted batches within the budget."""
+        st = self.settings
+        out = np.empty((len(prompts), len(self.layers), self.n_traits))
+        for batch in length_batches([len(p) for p in prompts], st.batch_tokens, st.max_batch_size):
+            seqs = [list(prompts[i]) for i in batch]
+            proj = self.project_tokens(seqs)
+            last = self._at_last_prompt_token(proj, self.starts(seqs), [len(s) for s in seqs])
+            out[batch] = last.double().cpu().numpy()
+        return out
 
     # -- natural responses --------------------------------------------------------------------------
 
@@ -274,18 +294,27 @@ class Scorer:
             self._add_natural(toks, results)
         return results  # type: ignore[return-value]
 
-    def _add_natural(self, toks: list[Tokens], results: list) -> None:
+    def natural(
+        self, prompts: Sequence[list[int]], keys: Sequence[str]
+    ) -> tuple[np.ndarray, list[list[int]]]:
+        """The model's own answer to each prompt and its `[batch, layers, traits]` projections (NaN for an
+        empty answer), in input order, generated in length-sorted batches. Each batch's sampling seed comes
+        from the `keys` (ids) of its contents, so it does not depend on which actor ran it."""
         st = self.settings
-        budget = [len(t.prompt) + st.generation.max_new_tokens + 1 for t in toks]
+        out = np.full((len(prompts), len(self.layers), self.n_traits), np.nan)
+        answers: list[list[int]] = [[] for _ in prompts]
+        budget = [len(p) + st.generation.max_new_tokens + 1 for p in prompts]
         for batch in length_batches(budget, st.batch_tokens, min(st.max_batch_size, st.generate_batch_size)):
-            items = [toks[i] for i in batch]
-            # seed from the batch's contents, so sampling does not depend on which actor ran it
-            seed = st.generation.seed + int(
-                hashlib.sha256(items[0].sample.sample_id.encode()).hexdigest()[:8], 16
-            )
-            proj, answers = self.generate_natural([t.prompt for t in items], seed=seed)
-            for k, t in enumerate(items):
-                r: Scored = results[t.index]
-                r.proj_natural = proj[k]
-                r.natural_tokens = len(answers[k])
-                r.natural_response = self.tokenizer.decode(answers[k], skip_special_tokens=True)
+            seed = st.generation.seed + int(hashlib.sha256(keys[batch[0]].encode()).hexdigest()[:8], 16)
+            proj, got = self.generate_natural([list(prompts[i]) for i in batch], seed=seed)
+            for k, i in enumerate(batch):
+                out[i], answers[i] = proj[k], got[k]
+        return out, answers
+
+    def _add_natural(self, toks: list[Tokens], results: list) -> None:
+        proj, answers = self.natural([t.prompt for t in toks], [t.sample.sample_id for t in toks])
+        for k, t in enumerate(toks):
+            r: Scored = results[t.index]
+            r.proj_natural = proj[k]
+            r.natural_tokens = len(answers[k])
+            r.natural_response = self.tokenizer.decode(answers[k], skip_special_tokens=True)
