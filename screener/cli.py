@@ -25,6 +25,7 @@ COMMANDS = {
     "traits": "screener.commands.extract",
     "vectors": "screener.commands.extract",
     "steer": "screener.commands.extract",
+    "shift": "screener.commands.shift",
 }
 
 
