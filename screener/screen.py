@@ -202,9 +202,7 @@ def prepare(cfg: ScreenConfig) -> ScreenPlan:
 # -- the pipeline -----------------------------------------------------------------------------------
 
 
-def pending_chunks(
-    items: Iterator[Sample | Reject], store: Store, run_id: str, size: int
-) -> Iterator[Chunk]:
+def pending_chunks(items: Iterator[Sample | Reject], store: Store, run_id: str, size: int) -> Iterator[Chunk]:
     """Group the stream into chunks of samples still to score (stored ones are skipped: a resume), each
     with the rejects read before it and those for duplicate sample ids."""
     pending: list[Sample] = []
