@@ -485,7 +485,8 @@ def project_both(plan: ShiftPlan, resources: Resources) -> dict[str, dict[str, n
             return {k: f.result() for k, f in futures.items()}
     out = {}
     for name, stage in stages.items():
-        log.info("projecting %d prompts with the %s model", len(plan.prompts), name)
+        label = "fine-tuned" if name == "finetuned" else name
+        log.info("projecting %d prompts with the %s model", len(plan.prompts), label)
         out[name] = _project(stage, plan, resources)
         del stage.scorer  # an in-process model is freed before the next one loads
     return out
