@@ -26,6 +26,7 @@ COMMANDS = {
     "traits": "screener.commands.extract",
     "vectors": "screener.commands.extract",
     "steer": "screener.commands.extract",
+    "shift": "screener.commands.shift",
 }
 
 

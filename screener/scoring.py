@@ -327,6 +327,30 @@ class Scorer:
             k += len(sp)
         return out_resp, out_last
 
+    @staticmethod
+    def _at_last_prompt_token(
+        proj: torch.Tensor, starts: list[int], prompt_lengths: list[int]
+    ) -> torch.Tensor:
+        """`[batch, layers, traits]`: `project_tokens`' projections at each sample's last prompt token."""
+        last = torch.tensor(
+            [s + n - 1 for s, n in zip(starts, prompt_lengths, strict=True)], device=proj.device
+        )
+        return proj[torch.arange(len(starts), device=proj.device), :, last]
+
+    def project_prompts(self, prompts: Sequence[list[int]]) -> np.ndarray:
+        """`proj_prompt_last` of prompts alone, `[batch, layers, traits]` in input order: the screen's code
+        path (`project_tokens`, then the last prompt token), in length-sorted batches within the budget."""
+        st = self.settings
+        out = np.empty((len(prompts), len(self.layers), self.n_traits))
+        for batch in self._batches(
+            [len(p) for p in prompts], lambda: (self.batch_tuner.size(), st.max_batch_size)
+        ):
+            seqs = [list(prompts[i]) for i in batch]
+            proj = self.project_tokens(seqs)
+            last = self._at_last_prompt_token(proj, self.starts(seqs), [len(s) for s in seqs])
+            out[batch] = last.double().cpu().numpy()
+        return out
+
     # -- natural responses --------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -428,26 +452,38 @@ class Scorer:
             self._add_natural(toks, results, report)
         return results  # type: ignore[return-value]
 
-    def _add_natural(self, toks: list[Tokens], results: list, report: Callable[[int], None] | None) -> None:
+    def natural(
+        self,
+        prompts: Sequence[list[int]],
+        keys: Sequence[str],
+        report: Callable[[int], None] | None = None,
+    ) -> tuple[np.ndarray, list[list[int]]]:
+        """The model's own answer to each prompt and its `[batch, layers, traits]` projections (NaN for an
+        empty answer), in input order, generated in length-sorted batches of tuned rows. Each batch's
+        sampling seed comes from the `keys` (ids) of its contents, so it does not depend on which actor
+        ran it."""
         st = self.settings
-        lengths = [len(t.prompt) for t in toks]
+        out = np.full((len(prompts), len(self.layers), self.n_traits), np.nan)
+        answers: list[list[int]] = [[] for _ in prompts]
         # the rows are what is tuned: HF generate's memory and speed depend on them, not on a token budget
         for batch in self._batches(
-            lengths, lambda: (1 << 62, min(st.max_batch_size, self.generate_tuner.size()))
+            [len(p) for p in prompts], lambda: (1 << 62, min(st.max_batch_size, self.generate_tuner.size()))
         ):
-            items = [toks[i] for i in batch]
-            # seed from the batch's contents, so sampling does not depend on which actor ran it
-            seed = st.generation.seed + int(
-                hashlib.sha256(items[0].sample.sample_id.encode()).hexdigest()[:8], 16
-            )
+            seed = st.generation.seed + int(hashlib.sha256(keys[batch[0]].encode()).hexdigest()[:8], 16)
             size = self.generate_tuner.size()
             with Stopwatch(self.device) as watch:
-                proj, answers = self.generate_natural([t.prompt for t in items], seed=seed)
-            self.generate_tuner.record(size, sum(map(len, answers)) + len(items), watch.seconds)
-            for k, t in enumerate(items):
-                r: Scored = results[t.index]
-                r.proj_natural = proj[k]
-                r.natural_tokens = len(answers[k])
-                r.natural_response = self.tokenizer.decode(answers[k], skip_special_tokens=True)
+                proj, got = self.generate_natural([list(prompts[i]) for i in batch], seed=seed)
+            self.generate_tuner.record(size, sum(map(len, got)) + len(batch), watch.seconds)
+            for k, i in enumerate(batch):
+                out[i], answers[i] = proj[k], got[k]
             if report is not None:
-                report(len(items))
+                report(len(batch))
+        return out, answers
+
+    def _add_natural(self, toks: list[Tokens], results: list, report: Callable[[int], None] | None) -> None:
+        proj, answers = self.natural([t.prompt for t in toks], [t.sample.sample_id for t in toks], report)
+        for k, t in enumerate(toks):
+            r: Scored = results[t.index]
+            r.proj_natural = proj[k]
+            r.natural_tokens = len(answers[k])
+            r.natural_response = self.tokenizer.decode(answers[k], skip_special_tokens=True)

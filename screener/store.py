@@ -257,6 +257,22 @@ class Store:
             with suppress(duckdb.Error):  # after a failed statement it fails too, hiding the cause
                 self.con.unregister("_rows")
 
+    def write_shifts(self, rows: Sequence[dict]) -> None:
+        """Store `screener shift` results (dicts with the `shifts` table's columns; `settings` a dict) in one
+        transaction, stamped with the time. The same measurement again replaces its rows (the table's key)."""
+        if not rows:
+            return
+        now = _utcnow()
+        table = pa.Table.from_pylist(
+            [{**r, "settings": json.dumps(r["settings"], sort_keys=True), "created_at": now} for r in rows]
+        )
+        with self._transaction():
+            self.con.register("_shift_rows", table)
+            try:
+                self.con.execute("INSERT OR REPLACE INTO shifts BY NAME SELECT * FROM _shift_rows")
+            finally:
+                self.con.unregister("_shift_rows")
+
     def finish_run(self, run_id: str) -> tuple[int, int]:
         """Checkpoint, then mark the run finished with its counts; returns (n_scored, n_rejected).
 

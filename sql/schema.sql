@@ -61,6 +61,31 @@ CREATE TABLE IF NOT EXISTS rejects (
     PRIMARY KEY (run_id, source_row, sample_id)
 );
 
+-- `screener shift`: how far fine-tuning moved a model along each persona vector (screener/shift.py).
+-- One row per measurement, trait, layer and measure. A measurement is keyed by everything that determines
+-- its values (both models' weights, the vectors, the prompts, dtype and settings: `shift_id`), so rerunning
+-- the same measurement replaces its rows (with the new time) and never duplicates them.
+CREATE TABLE IF NOT EXISTS shifts (
+    shift_id          VARCHAR NOT NULL,  -- hash of the measurement's identity (response_avg: with generation)
+    base              VARCHAR NOT NULL,  -- the base model spec as given
+    base_sha256       VARCHAR NOT NULL,  -- sha256 of its weight files
+    finetuned         VARCHAR NOT NULL,  -- the fine-tuned model spec as given (folder, .gguf, hub id, adapter)
+    finetuned_sha256  VARCHAR NOT NULL,  -- of its weight files; for an adapter, of the adapter's weights
+    finetuned_kind    VARCHAR NOT NULL CHECK (finetuned_kind IN ('model', 'adapter')),  -- adapter: merged into base
+    trait             VARCHAR NOT NULL,
+    layer             INTEGER NOT NULL,  -- hidden_states index, as in scores
+    measure           VARCHAR NOT NULL CHECK (measure IN ('prompt_last', 'response_avg')),
+    prompts           VARCHAR NOT NULL,  -- where the prompts came from: a trait's eval questions or a dataset
+    n_prompts         INTEGER NOT NULL,  -- prompts averaged (response_avg: pairs where both answers are non-empty)
+    shift             DOUBLE NOT NULL,   -- mean over prompts of (proj_finetuned - proj_base), paired by prompt
+    stderr            DOUBLE,            -- standard error of those paired differences (NULL for one prompt)
+    base_mean         DOUBLE NOT NULL,   -- mean proj of the base model (prompt_last: h_L[last prompt token]·v̂)
+    finetuned_mean    DOUBLE NOT NULL,   -- the same for the fine-tuned model
+    settings          JSON NOT NULL,     -- dtype, device, max_tokens, vectors, prompts' sha256, generation, adapter
+    created_at        TIMESTAMP NOT NULL,  -- UTC
+    PRIMARY KEY (shift_id, trait, layer, measure)
+);
+
 -- Databases written by earlier versions gain the columns above (idempotent; on read-write open).
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS status VARCHAR;
 UPDATE runs SET status = CASE WHEN finished_at IS NULL THEN 'running' ELSE 'finished' END WHERE status IS NULL;
