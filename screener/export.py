@@ -84,7 +84,7 @@ class ExportResult:
             "input": self.input,
             "split": run.settings.get("split"),
             "metric": flt.metric,
-            "layer": flt.layer,
+            "layers": flt.layers,  # each trait's layer; null: every layer (--where without --layer)
             "output": self.output,
             "format": self.format,
             "filter": self.filter,

@@ -398,7 +398,9 @@ class DropFilter:
     """Which samples to drop. At most one of drop_top_percent, drop_top_count, threshold and where."""
 
     metric: str
-    layer: int | None  # None: every layer of the run (only --where without --layer)
+    # the layer each trait is read at (its own vector's, or --layer for all); None: every layer of the run
+    # (only --where without --layer)
+    layers: dict[str, int] | None
     traits: tuple[str, ...] = ()  # empty: every trait (for --where: no restriction on trait)
     drop_top_percent: float | None = None
     drop_top_count: int | None = None
@@ -431,13 +433,29 @@ class DropFilter:
         elif self.threshold is not None:
             what = f"drop samples with {self.metric} > {self.threshold:g} for any of: {traits}"
         elif self.where is not None:
-            layers = "any layer" if self.layer is None else f"layer {self.layer}"
-            what = f"drop samples of the scored view ({layers}) where: {self.where}"
+            what = f"drop samples of the scored view ({self.layer_text()}) where: {self.where}"
         else:
             what = "no filter (every record)"
         if self.drop_unscored:
             what += "; drop records the screen did not score"
         return what + "; write the dropped records" * self.invert
+
+    def layer_text(self) -> str:
+        if self.layers is None:
+            return "any layer"
+        at = sorted(set(self.layers.values()))
+        if len(at) == 1:
+            return f"layer {at[0]}"
+        return ", ".join(f"{t} at layer {layer}" for t, layer in self.layers.items())
+
+    def layer_params(self) -> dict:
+        """`$all_layers`, `$at` for `_AT_LAYERS`: each trait's row at its layer ('trait@layer')."""
+        at = [f"{t}@{layer}" for t, layer in (self.layers or {}).items()]
+        return {"all_layers": self.layers is None, "at": at}
+
+
+# a scored row at the layer its trait is read at (DropFilter.layer_params)
+_AT_LAYERS = "($all_layers OR list_contains($at, concat(trait, '@', layer)))"
 
 
 @dataclass(frozen=True)
@@ -451,16 +469,16 @@ class Selection:
 
 def select_drops(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) -> Selection:
     """The source rows the filter drops, and what the screen scored, for one run (and layer)."""
-    scope = {"run_id": run.run_id, "layer": flt.layer}
     scored = run_sql(
-        con, "SELECT source_row, list(sample_id) FROM samples WHERE run_id = $run_id GROUP BY ALL", scope
+        con,
+        "SELECT source_row, list(sample_id) FROM samples WHERE run_id = $run_id GROUP BY ALL",
+        {"run_id": run.run_id},
     ).fetchall()
     by_trait: dict[str, set[int]] = {}
     for trait, row in run_sql(
         con,
-        "SELECT DISTINCT trait, source_row FROM scored"
-        " WHERE run_id = $run_id AND layer = coalesce($layer, layer)",
-        scope,
+        f"SELECT DISTINCT trait, source_row FROM scored WHERE run_id = $run_id AND {_AT_LAYERS}",
+        {"run_id": run.run_id} | flt.layer_params(),
     ).fetchall():
         by_trait.setdefault(trait, set()).add(row)
     dropped: dict[int, set[str]] = {}
@@ -473,10 +491,8 @@ def _dropped_samples(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) 
     """(source_row, trait) of every sample the filter selects."""
     traits = list(flt.traits)
     value = flt.metric  # validated against METRICS: safe to name in SQL
-    scope = "run_id = $run_id AND layer = coalesce($layer, layer)" + (
-        " AND list_contains($traits, trait)" if traits else ""
-    )
-    params = {"run_id": run.run_id, "layer": flt.layer, "traits": traits}
+    scope = f"run_id = $run_id AND {_AT_LAYERS}" + (" AND list_contains($traits, trait)" if traits else "")
+    params = {"run_id": run.run_id, "traits": traits} | flt.layer_params()
     if flt.drop_top_percent is not None or flt.drop_top_count is not None:
         # Rank per trait, highest first, ties broken by sample_id so the cut is deterministic.
         limit = "ceil(n * $pct / 100)" if flt.drop_top_percent is not None else "$count"

@@ -183,7 +183,11 @@ def test_drop_top_percent_and_invert(screen: FakeScreen, tmp_path: Path) -> None
         "kept": len(screen.samples) - k,
     }
     assert m["per_trait"]["sycophantic"]["dropped"] == 0
-    assert (m["metric"], m["layer"], m["filter"]["traits"]) == ("delta_p", 20, ["evil"])
+    assert (m["metric"], m["layers"], m["filter"]["traits"]) == (
+        "delta_p",
+        {"evil": 20, "sycophantic": 20},
+        ["evil"],
+    )
 
 
 def test_drop_top_count_over_several_traits(screen: FakeScreen, tmp_path: Path) -> None:
@@ -229,12 +233,40 @@ def test_threshold_and_where(screen: FakeScreen, tmp_path: Path) -> None:
     out = tmp_path / "w.jsonl"
     assert cli("export", out, "--db", screen.db, "--where", where, "--force") == 0
     assert split_rows(out) == set(range(N)) - rows_of(screen, by_layer[10] | by_layer[20])
-    assert manifest(out)["filter"]["where"] == where and manifest(out)["layer"] is None
+    assert manifest(out)["filter"]["where"] == where and manifest(out)["layers"] is None
     assert cli("export", out, "--db", screen.db, "--drop-where", where, "--layer", 20, "--force") == 0
     assert split_rows(out) == set(range(N)) - rows_of(screen, by_layer[20])
     assert cli("export", out, "--db", screen.db, "--where", "layer = 20 AND " + where, "--force") == 0
     assert split_rows(out) == set(range(N)) - rows_of(screen, by_layer[20])
     assert cli("export", out, "--db", screen.db, "--where", "no_such_column > 1") == 1
+
+
+def test_each_trait_filtered_at_its_own_vector_layer(tmp_path: Path) -> None:
+    """Vectors chosen at different layers: --threshold and --drop-top read each trait at its own layer
+    (as hist and top show it), and --layer reads every trait at one."""
+    own = {"evil": 10, "sycophantic": 20}
+    screen = make_screen(
+        tmp_path / "s.duckdb",
+        write_jsonl(tmp_path / "in.jsonl", openai_records(N)),
+        seed=3,
+        settings={"vectors": {t: {"layer": layer} for t, layer in own.items()}},
+    )
+
+    def over(layers: dict[str, int]) -> set[int]:
+        ids = {s for t, la in layers.items() for s, v in screen.values("delta_p", t, la).items() if v > 1.0}
+        return rows_of(screen, ids)
+
+    out = tmp_path / "t.jsonl"
+    assert cli("export", out, "--db", screen.db, "--threshold", "1.0") == 0
+    assert split_rows(out) == set(range(N)) - over(own)
+    assert over(own) != over({"evil": 20, "sycophantic": 20})  # the data tells the two apart
+    assert manifest(out)["layers"] == own
+    assert cli("export", out, "--db", screen.db, "--threshold", "1.0", "--layer", "20", "--force") == 0
+    assert split_rows(out) == set(range(N)) - over({"evil": 20, "sycophantic": 20})
+
+    assert cli("export", out, "--db", screen.db, "--drop-top", "2", "--trait", "evil", "--force") == 0
+    top = sorted(screen.values("delta_p", "evil", 10).items(), key=lambda kv: (-kv[1], kv[0]))[:2]
+    assert split_rows(out) == set(range(N)) - rows_of(screen, {s for s, _ in top})
 
 
 def test_where_cannot_leave_the_run_and_layer(screen: FakeScreen, tmp_path: Path, capsys) -> None:
@@ -327,7 +359,7 @@ def test_export_reads_the_input_once_and_returns_its_counts(screen: FakeScreen, 
     monkeypatch.setattr(screener.export, "iter_records", counted)
     with open_db(screen.db) as store:
         run = pick_run(store.con)
-        flt = DropFilter("delta_p", 10, ("evil",), threshold=0.5)
+        flt = DropFilter("delta_p", {"evil": 10, "sycophantic": 10}, ("evil",), threshold=0.5)
         selection = select_drops(store.con, run, flt)
     for fmt in FORMATS:
         out = tmp_path / f"out-{fmt}"

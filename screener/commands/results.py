@@ -387,8 +387,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         protected = Protected.of_database(args.db, store.con)
         flt = DropFilter(
             metric=args.metric or run.metric,
-            # --where sees every layer unless --layer is given; the other filters use one layer.
-            layer=None if args.where and args.layer is None else run.layer(args.layer),
+            # --where sees every layer unless --layer is given; the other filters read each trait at its
+            # own vector's layer (or --layer)
+            layers=None
+            if args.where and args.layer is None
+            else {t: run.layer(args.layer, t) for t in run.traits},
             traits=tuple(_traits(run, args.trait)) if args.trait else (),
             drop_top_percent=top_percent,
             drop_top_count=top_count,
