@@ -2,9 +2,10 @@
 
 The best batch size depends on the machine far more than on the data: on a 2-core AVX2 CPU in fp32 the
 proxy scorer ran 1.35x faster at 1,024 padded tokens a batch than at 8,192 (cache-bound), while a CPU with
-native bf16 or a GPU wants far larger batches. So the first batches of a run try growing sizes, each is
-timed by the useful work it did (FLOPs of real tokens, so padding waste counts against big batches), and
-the best size is kept for the rest of the run and written to `$SCREENER_CACHE/tuning.json` under a key
+native bf16 or a GPU wants far larger batches. So the first batches of a run compare growing sizes, two
+at a time on interleaved batches (`Tuner`), each timed by the useful work it did (FLOPs of real tokens,
+so padding waste counts against big batches), and the best size is kept for the rest of the run and
+written to `$SCREENER_CACHE/tuning.json` under a key
 that names the machine, device, dtype and model shape, so the next run starts with it. Values never depend
 on the batch size (tested); a `--batch-tokens` / `--batch-size` given by the user is used as is.
 """
@@ -28,8 +29,8 @@ CPU_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
 GPU_TOKENS = (8192, 16384, 32768, 65536, 131072)
 CPU_GENERATE_ROWS = (4, 8, 16, 32)
 GPU_GENERATE_ROWS = (32, 64, 128, 256)
-MIN_SECONDS = 0.2  # a candidate's measurement runs at least this long (small batches repeat)
-WORSE = 0.85  # stop trying larger sizes once throughput falls below this share of the best so far
+MIN_SECONDS = 1.0  # each size of a compared pair is timed at least this long...
+MIN_BATCHES = 2  # ...over at least this many batches
 
 
 def machine_key(device: torch.device, dtype: torch.dtype, model_shape: str) -> str:
@@ -84,19 +85,27 @@ def _write_cache(key: str, what: str, value: int, measured: dict[int, float]) ->
 
 @dataclass
 class Tuner:
-    """Proposes a size for each batch: the fixed one, the cached one, or the next candidate to measure.
+    """Proposes a size for each batch: the fixed one, the cached one, or one of the pair being compared.
 
-    `record(size, work, seconds)` reports a batch's useful work (FLOPs or tokens) and time. Candidates are
-    tried in increasing order until throughput falls clearly below the best; the best is then kept.
+    Sizes are compared two neighbours at a time (`candidates[i]`, `candidates[i + 1]`), on interleaved
+    batches (a b b a): a run's batches come in order of length, so timing one size after the other would
+    compare short samples with long ones (attention makes long ones slower per FLOP, which wrongly
+    favoured the smallest size); interleaved, both sizes get samples of about the same length. When both
+    have been timed long enough, the larger one moves on to be compared with the next size if it did more
+    work per second, and otherwise the better of the two is kept. `record(size, work, seconds)` reports a
+    batch's useful work (FLOPs or tokens) and time.
     """
 
     key: str
     what: str  # "batch_tokens" | "generate_batch_size"
     candidates: tuple[int, ...]
     fixed: int | None = None  # given by the user: never tuned
-    measured: dict[int, float] = field(default_factory=dict)  # size -> work per second
+    measured: dict[int, float] = field(default_factory=dict)  # size -> work per second, as last compared
+    _at: int = 0  # the pair under comparison is candidates[_at], candidates[_at + 1]
     _work: dict[int, float] = field(default_factory=dict)
     _seconds: dict[int, float] = field(default_factory=dict)
+    _batches: dict[int, int] = field(default_factory=dict)
+    _last: int | None = None  # the size of the last measured batch
     _chosen: int | None = None
     _warm: bool = False  # the first batch pays one-off costs (allocation, kernel set-up): not measured
     source: str = "tuned"  # how the size was chosen: "fixed" | "cached" | "tuned"
@@ -108,36 +117,54 @@ class Tuner:
         cached = _read_cache().get(self.key, {}).get(self.what)
         if cached and cached.get("value") in self.candidates:
             self._chosen, self.source = int(cached["value"]), "cached"
+        elif len(self.candidates) == 1:
+            self._chosen = self.candidates[0]
 
     @property
     def done(self) -> bool:
         return self._chosen is not None
 
+    def _pair(self) -> tuple[int, int]:
+        return self.candidates[self._at], self.candidates[self._at + 1]
+
     def size(self) -> int:
-        """The size for the next batch."""
+        """The size for the next batch: the chosen one, else the pair's members in the order a b b a a b
+        b a... (a linear drift in the batches' lengths then costs both the same)."""
         if self._chosen is not None:
             return self._chosen
-        return next(c for c in self.candidates if self._seconds.get(c, 0.0) < MIN_SECONDS)
+        small, large = self._pair()
+        n_small, n_large = self._batches.get(small, 0), self._batches.get(large, 0)
+        if n_small == n_large:
+            return self._last if self._last in (small, large) and n_small else small
+        return small if n_small < n_large else large
 
     def record(self, size: int, work: float, seconds: float) -> None:
-        if self._chosen is not None or size not in self.candidates:
+        if self._chosen is not None or size not in self._pair():
             return
         if not self._warm:
             self._warm = True
             return
+        self._last = size
         self._work[size] = self._work.get(size, 0.0) + work
         self._seconds[size] = self._seconds.get(size, 0.0) + seconds
-        if self._seconds[size] < MIN_SECONDS:
+        self._batches[size] = self._batches.get(size, 0) + 1
+        small, large = self._pair()
+        if not (self._timed_enough(small) and self._timed_enough(large)):
             return
-        self.measured[size] = self._work[size] / self._seconds[size]
-        best = max(self.measured, key=self.measured.get)
-        last = size == self.candidates[-1]
-        if last or self.measured[size] < WORSE * self.measured[best]:
-            self._chosen = best
-            log.info(
-                "%s: %d (measured %s)", self.what, best, {k: f"{v:.3g}" for k, v in self.measured.items()}
-            )
-            _write_cache(self.key, self.what, best, self.measured)
+        rates = {x: self._work[x] / self._seconds[x] for x in (small, large)}
+        self.measured.update(rates)
+        if rates[large] > rates[small] and self._at + 2 < len(self.candidates):
+            self._at += 1  # the larger one won: compare it with the next, on fresh batches
+            self._work, self._seconds, self._batches = {}, {}, {}
+            return
+        self._chosen = max(rates, key=rates.__getitem__)
+        log.info(
+            "%s: %d (measured %s)", self.what, self._chosen, {k: f"{v:.3g}" for k, v in self.measured.items()}
+        )
+        _write_cache(self.key, self.what, self._chosen, self.measured)
+
+    def _timed_enough(self, size: int) -> bool:
+        return self._seconds.get(size, 0.0) >= MIN_SECONDS and self._batches.get(size, 0) >= MIN_BATCHES
 
     def describe(self) -> dict:
         """For the run's settings: the size in use and how it was chosen."""

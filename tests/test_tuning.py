@@ -1,0 +1,79 @@
+"""The batch-size tuner (screener/tuning.py) against simulated machines: which size it keeps, that it
+compares sizes on interleaved batches, and what it remembers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from screener.tuning import Tuner
+
+SIZES = (512, 1024, 2048, 4096)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("SCREENER_TUNING", str(path))
+    return path
+
+
+def drive(tuner: Tuner, rate: Callable[[int, int], float], batches: int = 200) -> list[int]:
+    """Run `batches` batches of 1 s of work each on a machine doing `rate(size, batch number)` work per
+    second; the sizes the tuner proposed, in order."""
+    sizes = []
+    for i in range(batches):
+        size = tuner.size()
+        sizes.append(size)
+        tuner.record(size, work=rate(size, i), seconds=1.0)
+    return sizes
+
+
+def test_keeps_the_fastest_size_and_remembers_it(cache: Path) -> None:
+    speed = {512: 1.0, 1024: 1.3, 2048: 1.1, 4096: 0.7}
+    tuner = Tuner("machine A", "batch_tokens", SIZES)
+    sizes = drive(tuner, lambda size, _: speed[size])
+    assert tuner.done and tuner.size() == 1024 and tuner.source == "tuned"
+    assert sizes[-1] == 1024 and 4096 not in sizes  # 2048 lost to 1024: larger sizes are not tried
+    assert tuner.measured == pytest.approx({512: 1.0, 1024: 1.3, 2048: 1.1})
+    assert json.loads(cache.read_text())["machine A"]["batch_tokens"]["value"] == 1024
+
+    again = Tuner("machine A", "batch_tokens", SIZES)
+    assert (again.size(), again.source) == (1024, "cached")
+    other = Tuner("machine B", "batch_tokens", SIZES)  # another machine, device, dtype or model shape
+    assert not other.done
+
+
+def test_compares_sizes_on_interleaved_batches() -> None:
+    """Samples come shortest first, so later batches do less work per second whatever their size. Timed
+    one after the other (512, then 1024 on later batches), 512 would win; interleaved a b b a, the size
+    that is faster at equal length wins."""
+    speed = {512: 1.0, 1024: 1.15, 2048: 1.05, 4096: 0.9}
+    tuner = Tuner("m", "batch_tokens", SIZES)
+    sizes = drive(tuner, lambda size, i: speed[size] * 0.8**i)
+    assert tuner.size() == 1024
+    assert sizes[1:9] == [512, 1024, 1024, 512, 1024, 2048, 2048, 1024]  # after the warm-up batch
+
+
+def test_the_largest_size_can_win() -> None:
+    tuner = Tuner("m", "batch_tokens", SIZES)
+    drive(tuner, lambda size, _: size**0.5)
+    assert tuner.size() == 4096 and tuner.done
+
+
+def test_fixed_size_is_never_tuned(cache: Path) -> None:
+    tuner = Tuner("m", "batch_tokens", SIZES, fixed=3000)
+    assert set(drive(tuner, lambda size, _: 1.0, batches=20)) == {3000}
+    assert tuner.describe() == {"value": 3000, "source": "fixed", "measured": {}}
+    assert not cache.exists()
+
+
+def test_the_first_batch_is_not_measured() -> None:
+    """The first batch pays one-off costs: a very slow first batch must not decide anything."""
+    tuner = Tuner("m", "batch_tokens", SIZES)
+    speed = {512: 1.0, 1024: 1.3, 2048: 1.1, 4096: 0.7}
+    drive(tuner, lambda size, i: 0.001 if i == 0 else speed[size])
+    assert tuner.size() == 1024
