@@ -284,7 +284,10 @@ def main() -> None:
     natural_base_s = natural_baseline(model, tok, prompts, args.max_new_tokens, device)
 
     speedup = w["reference_s"] / w["screen_s"]
-    overhead = w["screen_s"] - forward_s
+    # the screen's own forward batches (its runtime record), tuning batches included: what is left is
+    # start-up, reading, tokenising, writing and exit
+    screen_forward_s = w["runtime"].get("model_seconds", {}).get("forward", float("nan"))
+    overhead = w["screen_s"] - screen_forward_s
     mfu = gflop / forward_s / peak
     nat = natural_base_s / natural_s
     rows = [
@@ -296,10 +299,12 @@ def main() -> None:
         ("Screen vs naive loop", f"{w['naive_s'] / w['screen_s']:.2f}x"),
         ("Start to first batch done (s)", f"{w['first_s']:.1f}", "<= 15", w["first_s"] <= TARGETS["first_s"]),
         ("Last batch to exit (s)", f"{w['tail_s']:.1f}"),
-        ("Fixed overhead: whole screen - its forward passes (s)", f"{overhead:.1f}",
+        ("Screen's own forward batches (s)", f"{screen_forward_s:.1f}"),
+        ("Fixed overhead: whole screen - its own forward batches (s)", f"{overhead:.1f}",
          f"<= {TARGETS['overhead_s']}", overhead <= TARGETS["overhead_s"]),
         ("Batch tokens chosen by the screen", f"{tuned.get('value')} ({tuned.get('source', '?')})"),
-        ("Scorer forward: s / GFLOP/s", f"{forward_s:.1f} / {gflop / forward_s:.0f}"),
+        ("Scorer forward at that size, warm, in this process: s / GFLOP/s",
+         f"{forward_s:.1f} / {gflop / forward_s:.0f}"),
         (f"Matmul at the model's shapes, 4096 rows, {dtype_name} (GFLOP/s)",
          ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())),
         ("Scorer share of the best of those", f"{mfu:.0%}", ">= 70%", mfu >= TARGETS["mfu"]),

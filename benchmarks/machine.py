@@ -13,6 +13,12 @@ from pathlib import Path
 
 import torch
 
+# An AVX-512 CPU limited to AVX2 kernels, to time what a CPU with AVX2 only does: ATen's own kernels
+# (elementwise, attention), oneDNN, and MKL's matmuls (without the last, fp32 matmuls keep AVX-512 and run
+# twice as fast as on an AVX2 machine). Run a benchmark under all three, e.g.
+#   MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench.py
+EMULATION = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
 
 def cpu_flags() -> set[str]:
     info = Path("/proc/cpuinfo")
@@ -53,11 +59,8 @@ def describe(device: torch.device | str = "cpu") -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    if "ATEN_CPU_CAPABILITY" in os.environ or "ONEDNN_MAX_CPU_ISA" in os.environ:
-        facts["emulated_isa"] = (
-            f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')} "
-            f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}"
-        )
+    if emulated := {k: os.environ[k] for k in EMULATION if k in os.environ}:
+        facts["emulated_isa"] = " ".join(f"{k}={v}" for k, v in emulated.items())
     if str(device).startswith("cuda") and torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return facts

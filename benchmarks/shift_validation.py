@@ -30,8 +30,9 @@
 Everything runs in this process (`actors=0`: a private Ray would cost ~30 s per screen on 2 cores) in
 fp32 (`--dtype`): a CPU without native bf16 runs fp32 anyway (auto), and bf16 weights could not hold the
 small updates of a short fine-tune (an update below half a bf16 ulp, 0.4% of a weight, rounds away).
-To time it as on a CPU with AVX2 only, run it under `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`
-(the machine line says which kernels torch uses and whether bf16 is native).
+To time it as on a CPU with AVX2 only, run it under
+`MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` (benchmarks/machine.py; the
+machine line says which kernels torch uses and whether bf16 is native).
 """
 
 from __future__ import annotations
@@ -39,14 +40,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
 import sys
 import tempfile
 import time
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,6 +56,7 @@ import torch
 
 # this checkout's screener, whichever one the environment has installed
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from machine import describe, header  # benchmarks/, this script's folder
 
 from screener.datasets import packaged_sharegpt, read_samples
 from screener.extract.layers import average_ranks
@@ -116,45 +116,8 @@ def progress(msg: str, started: float) -> None:
 
 
 def machine() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), ""
-    )
-    flags = set(
-        next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    )
-    with suppress(AttributeError, RuntimeError):
-        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    a = torch.randn(1024, 1024)
-    a @ a
-    t = time.perf_counter()
-    for _ in range(5):
-        a @ a
-    fp32 = 5 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9
-    return {
-        "cpu": cpu or platform.processor() or "unknown",
-        "cores": os.cpu_count(),
-        "cpu_flags": {k: k in flags for k in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")},
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": native_bf16,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "fp32_matmul_gflops_1024": round(fp32, 1),
-        "emulation": {
-            k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ
-        },
-        "load_average": os.getloadavg()[0],
-    }
-
-
-def machine_line(m: dict) -> str:
-    isa = "AVX-512" if m["cpu_flags"]["avx512f"] else "AVX2" if m["cpu_flags"]["avx2"] else "no AVX2"
-    emu = f"; emulating {m['emulation']}" if m["emulation"] else ""
-    return (
-        f"{m['cpu']}, {m['cores']} cores, {isa} (torch kernels: {m['torch_cpu_capability']}), "
-        f"native bf16: {'yes' if m['native_bf16'] else 'no'}, torch {m['torch']}, {m['threads']} threads, "
-        f"fp32 matmul 1024^3 {m['fp32_matmul_gflops_1024']} GFLOP/s{emu}; load avg {m['load_average']:.1f}"
-    )
+    """`machine.describe()` (the benchmarks' one description of a machine) and the load at the start."""
+    return describe() | {"load_average": os.getloadavg()[0]}
 
 
 # -- 1. the sets -----------------------------------------------------------------------------------
@@ -436,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = pick_dtype("auto", torch.device("cpu"))
 
     m = machine()
-    print(f"machine: {machine_line(m)}", flush=True)
+    print(f"{header()}; load avg {m['load_average']:.1f}", flush=True)
     print(
         f"recipe: {json.dumps(asdict(recipe))}; N = {args.samples}; {str(dtype).removeprefix('torch.')}",
         flush=True,

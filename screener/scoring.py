@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -237,6 +238,9 @@ class Scorer:
         )
         rows = GPU_GENERATE_ROWS if gpu else CPU_GENERATE_ROWS
         self.generate_tuner = Tuner(key, "generate_batch_size", rows, settings.generate_batch_size)
+        # seconds inside model batches (teacher-forced "forward", "generate"), so a run can tell its fixed
+        # overhead (start-up, reading, writing) from its model work
+        self.seconds: Counter[str] = Counter()
         self._compiled: dict[int, Callable] = {}
         if settings.compile:
             # the forward only, so the hooks (and their early stop) stay outside the compiled graph
@@ -431,6 +435,7 @@ class Scorer:
                 self.flops_per_token * len(p.ids) + self.attention_flops * len(p.ids) ** 2 for p in passes
             )
             self.batch_tuner.record(budget, work, watch.seconds)
+            self.seconds["forward"] += watch.seconds
             for p, p_resp, p_last in zip(passes, resp, last, strict=True):
                 for t, r, lp in zip(p.reads, p_resp, p_last, strict=True):
                     path = plan.paths.get((t.sample.source_file, t.sample.source_row))
@@ -474,6 +479,7 @@ class Scorer:
             with Stopwatch(self.device) as watch:
                 proj, got = self.generate_natural([list(prompts[i]) for i in batch], seed=seed)
             self.generate_tuner.record(size, sum(map(len, got)) + len(batch), watch.seconds)
+            self.seconds["generate"] += watch.seconds
             for k, i in enumerate(batch):
                 out[i], answers[i] = proj[k], got[k]
             if report is not None:

@@ -170,7 +170,10 @@ class ScreenStage:
         """The chunk's results, in its order, and how the work was done (batch sizes, for the run's
         settings). `report(n)` hears of each model batch's samples as they are done."""
         assert self.scorer is not None, "setup() first"
-        return self.scorer.score(chunk.samples, report), self.scorer.runtime()
+        before = self.scorer.seconds.copy()
+        results = self.scorer.score(chunk.samples, report)
+        spent = {k: v - before[k] for k, v in self.scorer.seconds.items()}
+        return results, self.scorer.runtime() | {"model_seconds": spent}
 
 
 # -- planning ---------------------------------------------------------------------------------------
@@ -326,6 +329,7 @@ def screen(cfg: ScreenConfig) -> Summary:
         progress = Progress(total=cfg.limit, enabled=cfg.progress, fraction=stats.fraction)
         runtime: dict = {}  # the last chunk's: by then the batch sizes are settled
         times: dict[str, float] = {}
+        model_seconds: Counter[str] = Counter()  # summed over chunks (and workers)
 
         def report(n: int) -> None:
             times.setdefault("first", time.time())
@@ -337,10 +341,15 @@ def screen(cfg: ScreenConfig) -> Summary:
                 stage = ScreenStage(plan)
                 for chunk, (results, chunk_runtime) in run_stage(stage, work(), resources, report):
                     commit(chunk, results)
+                    model_seconds.update(chunk_runtime.pop("model_seconds"))
                     runtime, times["last"] = chunk_runtime, time.time()
             if stats.records == 0:  # every file was empty or could not be read
                 raise UserError(f"{cfg.dataset}: no records could be read ({_no_records(stats)})")
-            runtime |= {"workers": resources.actors or "in-process", "threads": resources.threads}
+            runtime |= {
+                "workers": resources.actors or "in-process",
+                "threads": resources.threads,
+                "model_seconds": {k: round(v, 2) for k, v in model_seconds.items()},
+            }
             store.record_runtime(run.run_id, runtime)
             total_scored, total_rejected = store.finish_run(run.run_id)
         except BaseException as e:
