@@ -11,8 +11,12 @@ conversations of the file instead (several minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from screener.datasets import iter_records, packaged_sharegpt
@@ -31,6 +35,16 @@ def write_slice(n: int, every: int, out: Path) -> Path:
     return out
 
 
+def _quietly(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """`main(argv)` without its note of which run it read (the demo just wrote it); errors still shown."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    if code != 0:
+        sys.stderr.write(err.getvalue())
+    return code
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from screener.cli import main
     from screener.screen import DEFAULT_TRAITS
@@ -43,10 +57,10 @@ def run_demo(args: argparse.Namespace) -> int:
     for trait in DEFAULT_TRAITS:
         if code == 0:
             print(f"\n== {trait}: distribution ==")
-            code = main(["hist", "--db", args.db, "--trait", trait, "--bins", "15"])
+            code = _quietly(main, ["hist", "--db", args.db, "--trait", trait, "--bins", "15"])
         if code == 0:
             print(f"\n== {trait}: top samples ==")
-            code = main(["top", "--db", args.db, "--trait", trait, "-k", str(args.top)])
+            code = _quietly(main, ["top", "--db", args.db, "--trait", trait, "-k", str(args.top)])
     if code == 0:
         print(
             f'\nresults are in {args.db}; try: screener query "SELECT * FROM dataset_summary" --db {args.db}'
