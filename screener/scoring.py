@@ -164,6 +164,10 @@ class ProjectionTap(LayerTap):
         return torch.cat(super().take(layer), dim=1)
 
 
+# the golden ratio's fractional part: successive multiples spread evenly over [0, 1)
+_GOLDEN = 0.6180339887498949
+
+
 def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length whose padded size stays within `batch_tokens`."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -347,7 +351,7 @@ class Scorer:
         st = self.settings
         out = np.empty((len(prompts), len(self.layers), self.n_traits))
         for batch in self._batches(
-            [len(p) for p in prompts], lambda: (self.batch_tuner.size(), st.max_batch_size)
+            [len(p) for p in prompts], lambda: (self.batch_tuner.size(), st.max_batch_size), self.batch_tuner
         ):
             seqs = [list(prompts[i]) for i in batch]
             proj = self.project_tokens(seqs)
@@ -394,18 +398,31 @@ class Scorer:
         return out
 
     @staticmethod
-    def _batches(lengths: Sequence[int], limits: Callable[[], tuple[int, int]]) -> Iterator[list[int]]:
+    def _batches(
+        lengths: Sequence[int], limits: Callable[[], tuple[int, int]], tuner: Tuner | None = None
+    ) -> Iterator[list[int]]:
         """Indices in batches of similar length, each within the (padded tokens, rows) limits that
-        `limits()` gives at that moment: a tuner learns from the batches before, so consume lazily."""
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        i = 0
-        while i < len(order):
-            (budget, max_rows), batch = limits(), [order[i]]
-            i += 1
-            # sorted ascending, so the newest member is the longest: padded size = length x count
-            while i < len(order) and len(batch) < max_rows and lengths[order[i]] * (len(batch) + 1) <= budget:
-                batch.append(order[i])
-                i += 1
+        `limits()` gives at that moment: a tuner learns from the batches before, so consume lazily.
+        Shortest first; while `tuner` is tuning, each matched pair of batches starts at the next place of
+        a low-discrepancy sequence over the length order, so the sizes it compares see short and long
+        samples alike, and both batches of a pair see the same."""
+        remaining = sorted(range(len(lengths)), key=lengths.__getitem__)
+        places, start = 0, 0
+        while remaining:
+            if tuner is None or tuner.done:
+                start = 0
+            elif not tuner.pairing:
+                start = int((places * _GOLDEN) % 1.0 * len(remaining))
+                places += 1
+            start = min(start, len(remaining) - 1)
+            (budget, max_rows), batch = limits(), [remaining.pop(start)]
+            # ascending from `start`, so the newest member is the longest: padded size = length x count
+            while (
+                start < len(remaining)
+                and len(batch) < max_rows
+                and lengths[remaining[start]] * (len(batch) + 1) <= budget
+            ):
+                batch.append(remaining.pop(start))
             yield batch
 
     def score(
@@ -425,7 +442,9 @@ class Scorer:
         st = self.settings
         plan = plan_passes(toks, st.share_passes)
         lengths = [len(p.ids) for p in plan.passes]
-        for batch in self._batches(lengths, lambda: (self.batch_tuner.size(), st.max_batch_size)):
+        for batch in self._batches(
+            lengths, lambda: (self.batch_tuner.size(), st.max_batch_size), self.batch_tuner
+        ):
             passes = [plan.passes[i] for i in batch]
             spans = [[(len(t.prompt), len(t.response)) for t in p.reads] for p in passes]
             budget = self.batch_tuner.size()
@@ -472,7 +491,9 @@ class Scorer:
         answers: list[list[int]] = [[] for _ in prompts]
         # the rows are what is tuned: HF generate's memory and speed depend on them, not on a token budget
         for batch in self._batches(
-            [len(p) for p in prompts], lambda: (1 << 62, min(st.max_batch_size, self.generate_tuner.size()))
+            [len(p) for p in prompts],
+            lambda: (1 << 62, min(st.max_batch_size, self.generate_tuner.size())),
+            self.generate_tuner,
         ):
             seed = st.generation.seed + int(hashlib.sha256(keys[batch[0]].encode()).hexdigest()[:8], 16)
             size = self.generate_tuner.size()

@@ -87,13 +87,15 @@ def _write_cache(key: str, what: str, value: int, measured: dict[int, float]) ->
 class Tuner:
     """Proposes a size for each batch: the fixed one, the cached one, or one of the pair being compared.
 
-    Sizes are compared two neighbours at a time (`candidates[i]`, `candidates[i + 1]`), on interleaved
-    batches (a b b a): a run's batches come in order of length, so timing one size after the other would
-    compare short samples with long ones (attention makes long ones slower per FLOP, which wrongly
-    favoured the smallest size); interleaved, both sizes get samples of about the same length. When both
-    have been timed long enough, the larger one moves on to be compared with the next size if it did more
-    work per second, and otherwise the better of the two is kept. `record(size, work, seconds)` reports a
-    batch's useful work (FLOPs or tokens) and time.
+    Sizes are compared two neighbours at a time (`candidates[i]`, `candidates[i + 1]`) on matched pairs
+    of batches: a run's batches come in order of length, and timing one size after the other compared
+    short samples with long ones (attention makes long ones slower per FLOP, and large batches suit short
+    samples: the smallest or the largest size won by accident). So the scorer takes each pair of
+    batches from one stretch of the length order (`pairing`), the stretches spread over short and long
+    samples, and the sizes alternate a b b a. When both have been timed long enough, the larger one
+    moves on to be compared with the next size if it did more work per second, and otherwise the better
+    of the two is kept. `record(size, work, seconds)` reports a batch's useful work (FLOPs or tokens)
+    and time.
     """
 
     key: str
@@ -105,7 +107,7 @@ class Tuner:
     _work: dict[int, float] = field(default_factory=dict)
     _seconds: dict[int, float] = field(default_factory=dict)
     _batches: dict[int, int] = field(default_factory=dict)
-    _last: int | None = None  # the size of the last measured batch
+    _n: int = 0  # batches measured in the current comparison
     _chosen: int | None = None
     _warm: bool = False  # the first batch pays one-off costs (allocation, kernel set-up): not measured
     source: str = "tuned"  # how the size was chosen: "fixed" | "cached" | "tuned"
@@ -128,15 +130,17 @@ class Tuner:
         return self.candidates[self._at], self.candidates[self._at + 1]
 
     def size(self) -> int:
-        """The size for the next batch: the chosen one, else the pair's members in the order a b b a a b
-        b a... (a linear drift in the batches' lengths then costs both the same)."""
+        """The size for the next batch: the chosen one, else the pair's members in the order a b b a."""
         if self._chosen is not None:
             return self._chosen
         small, large = self._pair()
-        n_small, n_large = self._batches.get(small, 0), self._batches.get(large, 0)
-        if n_small == n_large:
-            return self._last if self._last in (small, large) and n_small else small
-        return small if n_small < n_large else large
+        return (small, large, large, small)[self._n % 4]
+
+    @property
+    def pairing(self) -> bool:
+        """Whether the next batch is the second of a matched pair: the batches should then come from the
+        same stretch of lengths as the last one, so both sizes are timed on like samples."""
+        return self._chosen is None and self._n % 2 == 1
 
     def record(self, size: int, work: float, seconds: float) -> None:
         if self._chosen is not None or size not in self._pair():
@@ -144,23 +148,22 @@ class Tuner:
         if not self._warm:
             self._warm = True
             return
-        self._last = size
         self._work[size] = self._work.get(size, 0.0) + work
         self._seconds[size] = self._seconds.get(size, 0.0) + seconds
         self._batches[size] = self._batches.get(size, 0) + 1
+        self._n += 1
         small, large = self._pair()
-        if not (self._timed_enough(small) and self._timed_enough(large)):
-            return
+        if self._n % 4 or not (self._timed_enough(small) and self._timed_enough(large)):
+            return  # decide on whole a b b a blocks only
         rates = {x: self._work[x] / self._seconds[x] for x in (small, large)}
         self.measured.update(rates)
         if rates[large] > rates[small] and self._at + 2 < len(self.candidates):
             self._at += 1  # the larger one won: compare it with the next, on fresh batches
-            self._work, self._seconds, self._batches = {}, {}, {}
+            self._work, self._seconds, self._batches, self._n = {}, {}, {}, 0
             return
         self._chosen = max(rates, key=rates.__getitem__)
-        log.info(
-            "%s: %d (measured %s)", self.what, self._chosen, {k: f"{v:.3g}" for k, v in self.measured.items()}
-        )
+        rounded = {k: f"{v:.3g}" for k, v in self.measured.items()}
+        log.info("%s: %d (measured %s)", self.what, self._chosen, rounded)
         _write_cache(self.key, self.what, self._chosen, self.measured)
 
     def _timed_enough(self, size: int) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from screener.scoring import Scorer
 from screener.tuning import Tuner
 
 SIZES = (512, 1024, 2048, 4096)
@@ -77,3 +78,28 @@ def test_the_first_batch_is_not_measured() -> None:
     speed = {512: 1.0, 1024: 1.3, 2048: 1.1, 4096: 0.7}
     drive(tuner, lambda size, i: 0.001 if i == 0 else speed[size])
     assert tuner.size() == 1024
+
+
+def test_tuning_batches_are_matched_pairs_spread_over_the_lengths() -> None:
+    """While the tuner compares sizes, the scorer takes each pair of batches from one stretch of the
+    length order (the second starts where the first ended), the stretches spread over short and long
+    samples; once tuned, shortest first."""
+    lengths = list(range(100, 3100, 10))  # 300 samples, in length order
+    tuner = Tuner("m", "batch_tokens", (2000, 4000))
+    batches, sizes = [], []
+    for batch in Scorer._batches(lengths, lambda: (tuner.size(), 64), tuner):
+        batches.append(batch)
+        sizes.append(tuner.size())
+        tuner.record(sizes[-1], work=1.0 if sizes[-1] == 2000 else 2.0, seconds=1.0)
+    assert sorted(i for b in batches for i in b) == list(range(300))  # every sample once
+    within = zip(batches, sizes, strict=True)
+    assert all(lengths[max(b)] * len(b) <= size or len(b) == 1 for b, size in within)
+    assert tuner.done and tuner.size() == 4000
+    pairs = list(zip(batches[1:5:2], batches[2:6:2], strict=True))  # after the warm-up batch
+    assert [(sizes[k], sizes[k + 1]) for k in (1, 3)] == [(2000, 4000), (4000, 2000)]  # a b b a
+    for first, second in pairs:
+        assert 0 < second[0] - first[-1] <= 2 or second[0] < first[0]  # next in the remaining order
+        assert abs(lengths[second[0]] - lengths[first[-1]]) <= 20
+    assert abs(lengths[pairs[0][0][0]] - lengths[pairs[1][0][0]]) > 1000  # the stretches spread out
+    rest = [lengths[b[0]] for b in batches[5:]]
+    assert rest == sorted(rest)
