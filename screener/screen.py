@@ -32,9 +32,7 @@ from screener.records import MODES, TURNS, Reject, Sample, Scored
 from screener.runs import Run
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings
 from screener.store import DEFAULT_DB, Store, one_line
-from screener.vectors import Vector, builtin_traits, check_vector, resolve_vectors, unit_vectors
-
-DEFAULT_TRAITS = ("evil", "sycophantic", "hallucinating")
+from screener.vectors import Vector, layers_for, unit_vectors, vectors_for
 
 
 @dataclass
@@ -179,37 +177,6 @@ class ScreenStage:
 # -- planning ---------------------------------------------------------------------------------------
 
 
-def default_layers(vectors: list[Vector], num_layers: int, model_name: str = "the model") -> list[int]:
-    """Each vector's chosen layer (from its sidecar, checked against the model); else two thirds of the
-    way up, as in the paper."""
-    chosen = set()
-    for v in vectors:
-        if (layer := v.default_layer) is not None:
-            v.check_layer(layer, num_layers, model_name)
-            chosen.add(layer)
-    return sorted(chosen) or [round(num_layers * 2 / 3)]
-
-
-def _vectors(cfg: ScreenConfig, model: ModelRef) -> list[Vector]:
-    traits = cfg.traits or (
-        [] if cfg.vectors else [t for t in DEFAULT_TRAITS if t in builtin_traits(model.name)]
-    )
-    vectors = resolve_vectors(traits, cfg.vectors, model.name)
-    for v in vectors:
-        check_vector(v, model.num_layers, model.hidden_size, model.name)
-    return vectors
-
-
-def _layers(cfg: ScreenConfig, vectors: list[Vector], model: ModelRef) -> tuple[int, ...]:
-    """--layer when given (a bad sidecar layer is then never read), else the vectors' chosen layers."""
-    if not cfg.layers:
-        return tuple(default_layers(vectors, model.num_layers, model.name))
-    layers = sorted(set(cfg.layers))
-    if bad := [layer for layer in layers if not 0 <= layer <= model.num_layers]:
-        raise UserError(f"--layer {bad}: {model.name} has hidden_states layers 0..{model.num_layers}")
-    return tuple(layers)
-
-
 def _run(cfg: ScreenConfig, model: ModelRef, vectors: list[Vector], layers, dtype: torch.dtype) -> Run:
     settings = {
         "dtype": str(dtype).removeprefix("torch."),
@@ -243,8 +210,8 @@ def prepare(cfg: ScreenConfig) -> ScreenPlan:
     if cfg.turns not in TURNS:
         raise UserError(f"--turns must be one of {', '.join(TURNS)}, not {cfg.turns!r}")
     model = resolve_model(cfg.model)
-    vectors = _vectors(cfg, model)
-    layers = _layers(cfg, vectors, model)
+    vectors = vectors_for(model, cfg.traits, cfg.vectors)
+    layers = layers_for(model, vectors, cfg.layers)
     units = unit_vectors([v.tensor for v in vectors], layers, [v.path for v in vectors])
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)

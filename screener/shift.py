@@ -51,9 +51,8 @@ from screener.models import (
 )
 from screener.records import Message, Sample
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings, truncate
-from screener.screen import DEFAULT_TRAITS, default_layers
 from screener.store import Store
-from screener.vectors import Vector, builtin_traits, check_vector, resolve_vectors, unit_vectors
+from screener.vectors import Vector, layers_for, unit_vectors, vectors_for
 
 log = logging.getLogger(__name__)
 
@@ -312,23 +311,6 @@ def _render(tokenizer) -> str:
     return "".join(out)
 
 
-def _vectors(cfg: ShiftConfig, base: ModelRef) -> list[Vector]:
-    traits = cfg.traits or (
-        [] if cfg.vectors else [t for t in DEFAULT_TRAITS if t in builtin_traits(base.name)]
-    )
-    vectors = resolve_vectors(traits, cfg.vectors, base.name)
-    for v in vectors:
-        check_vector(v, base.num_layers, base.hidden_size, base.name)
-    return vectors
-
-
-def _layers(cfg: ShiftConfig, vectors: list[Vector], base: ModelRef) -> tuple[int, ...]:
-    layers = sorted(set(cfg.layers)) or default_layers(vectors, base.num_layers)
-    if bad := [layer for layer in layers if not 0 <= layer <= base.num_layers]:
-        raise UserError(f"--layer {bad}: {base.name} has hidden_states layers 0..{base.num_layers}")
-    return tuple(layers)
-
-
 def _messages_key(messages: list[Message]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -396,8 +378,8 @@ def prepare(cfg: ShiftConfig) -> ShiftPlan:
     base = resolve_model(cfg.base)
     finetuned = resolve_finetuned(cfg.finetuned, base)
     tokenizer = check_compatible(base, finetuned)
-    vectors = _vectors(cfg, base)
-    layers = _layers(cfg, vectors, base)
+    vectors = vectors_for(base, cfg.traits, cfg.vectors)
+    layers = layers_for(base, vectors, cfg.layers)
     units = unit_vectors([v.tensor for v in vectors], layers, [v.path for v in vectors])
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)

@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -200,3 +201,44 @@ def resolve_vectors(traits: list[str], vector_args: list[str], model_name: str) 
     if not out:
         raise VectorError("no vectors: pass --traits NAME,... or --vector NAME=PATH")
     return out
+
+
+# -- the vectors and layers a command asks for ------------------------------------------------------
+
+DEFAULT_TRAITS = ("evil", "sycophantic", "hallucinating")
+
+
+class ModelShape(Protocol):
+    name: str
+    num_layers: int
+    hidden_size: int
+
+
+def vectors_for(model: ModelShape, traits: Sequence[str], specs: Sequence[str]) -> list[Vector]:
+    """The vectors of `--traits` (built-in for the model) and `--vector NAME=PATH`, each checked against
+    the model; neither given: the default traits the model has built-in vectors for."""
+    traits = list(traits) or ([] if specs else [t for t in DEFAULT_TRAITS if t in builtin_traits(model.name)])
+    vectors = resolve_vectors(traits, list(specs), model.name)
+    for v in vectors:
+        check_vector(v, model.num_layers, model.hidden_size, model.name)
+    return vectors
+
+
+def default_layers(vectors: list[Vector], num_layers: int, model_name: str = "the model") -> list[int]:
+    """Each vector's chosen layer (from its sidecar, checked against the model); else two thirds of the
+    way up, as in the paper."""
+    chosen = set()
+    for v in vectors:
+        if (layer := v.default_layer) is not None:
+            v.check_layer(layer, num_layers, model_name)
+            chosen.add(layer)
+    return sorted(chosen) or [round(num_layers * 2 / 3)]
+
+
+def layers_for(model: ModelShape, vectors: list[Vector], layers: Sequence[int]) -> tuple[int, ...]:
+    """`--layer` when given (a bad sidecar layer is then never read), else the vectors' chosen layers."""
+    if not layers:
+        return tuple(default_layers(vectors, model.num_layers, model.name))
+    if bad := sorted(layer for layer in set(layers) if not 0 <= layer <= model.num_layers):
+        raise UserError(f"--layer {bad}: {model.name} has hidden_states layers 0..{model.num_layers}")
+    return tuple(sorted(set(layers)))
