@@ -1,9 +1,11 @@
 """`screener demo`: the main job on the embedded defaults: real ShareGPT conversations, the default model
 and traits, every assistant turn, then a histogram and the top samples per trait.
 
-By default it screens a slice that answers in about a minute on 2 CPU cores: every 50th conversation of
-the packaged file, 24 of them. A systematic sample rather than the first records, so short and long,
-single- and multi-turn conversations come in the file's own proportions. The slice is written beside the
+By default it screens a slice that answers in about a minute on 2 CPU cores without native bf16: every
+100th conversation of the packaged file's first 1,200, 12 of them (about 18k tokens; their assistant
+turns, one pass per conversation where the token budget allows). A systematic sample rather than the
+first records, so short and long, single- and multi-turn conversations come in the file's own
+proportions. The slice is written beside the
 database (`<db>.slice.jsonl`), so `export` and `explain` can read it again. `--full` takes the first 300
 conversations of the file instead (several minutes on 2 cores).
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from screener.datasets import iter_records, packaged_sharegpt
 
-SLICE = (24, 50)  # conversations, and every how many records of the file one is taken
+SLICE = (12, 100)  # conversations, and every how many records of the file one is taken
 FULL = (300, 1)
 
 
@@ -47,7 +49,7 @@ def _quietly(main: Callable[[list[str]], int], argv: list[str]) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     from screener.cli import main
-    from screener.screen import DEFAULT_TRAITS
+    from screener.vectors import DEFAULT_TRAITS
 
     n, every = FULL if args.full else SLICE
     data = write_slice(args.limit or n, every, Path(args.db + ".slice.jsonl"))
@@ -75,7 +77,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--limit",
         type=int,
         default=None,
-        help="conversations to screen (default 24, or 300 with --full)",
+        help="conversations to screen (default 12, or 300 with --full)",
     )
     p.add_argument("--full", action="store_true", help="the first 300 conversations of the packaged file")
     p.add_argument("--db", default="demo.duckdb")
