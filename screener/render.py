@@ -137,7 +137,8 @@ def format_top(rows: list[dict], metric: str, width: int = 100) -> str:
         ]
         where = f"row {row['source_row']}"
         if row.get("record_turns", 1) > 1:  # one of a record's several scored turns
-            where += f", turn {row['turn']} of {row['record_turns']}"
+            # 1-based for people (ids are 0-based: `id#2` is the third assistant turn)
+            where += f", assistant turn {row['turn'] + 1}; {row['record_turns']} of the record's scored"
         head = f"#{row['rank']:<3} {metric}={row['value']:.4g}  {row['sample_id']} ({where})"
         out.append(excerpt(f"{head}  {' '.join(other)}", width))
         out.append(f"{indent}prompt:   {prompt_excerpt(row['prompt'], text_width)}")

@@ -190,7 +190,11 @@ def _top_section(trait: str, rows: list[dict], metric: str, limit: int = 160) ->
                 _num(r["value"]),
                 html.escape(
                     f"{r['sample_id']} (row {r['source_row']}"
-                    + (f", turn {r['turn']} of {r['record_turns']}" if r.get("record_turns", 1) > 1 else "")
+                    + (
+                        f", assistant turn {r['turn'] + 1}; {r['record_turns']} of the record's scored"
+                        if r.get("record_turns", 1) > 1
+                        else ""
+                    )
                     + ")"
                 ),
                 _expandable(prompt_excerpt(r["prompt"], limit), prompt_full),

@@ -87,7 +87,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="TRAIT",
         help="trait to explain (repeatable or comma-separated; default: every trait of the run)",
     )
-    p.add_argument("--layer", type=int, help="one of the run's layers (default: its first)")
+    p.add_argument(
+        "--layer", type=int, help="one of the run's layers (default: each trait's own vector layer)"
+    )
     p.add_argument(
         "--format",
         choices=FORMATS,
