@@ -104,11 +104,14 @@ def main() -> None:
     model, tok = ref.load(device, dtype)
     vectors = [load_vector(builtin_vector_path(ref.name, t)) for t in TRAITS]
     layers = tuple(sorted({v.default_layer for v in vectors}))
-    scorer = Scorer(
-        model, tok, unit_vectors([v.tensor for v in vectors], layers), ScoreSettings(layers=layers)
-    )
-
-    scorer.score([s for s in read_samples(uri, turns="last", limit=4) if isinstance(s, Sample)])  # warm-up
+    # the batch size the screen would use on this machine: tuned (and cached) on the first 48 records'
+    # last turns, then fixed, so the three ways run at the same size
+    settings = ScoreSettings.for_device(device.type == "cuda", layers=layers)
+    scorer = Scorer(model, tok, unit_vectors([v.tensor for v in vectors], layers), settings)
+    scorer.score([s for s in read_samples(uri, turns="last", limit=48) if isinstance(s, Sample)])
+    size = scorer.batch_tuner.size()
+    scorer = Scorer(model, tok, scorer.units, dataclasses.replace(settings, batch_tokens=size))
+    print(f"batch tokens: {size} (tuned on the first 48 records' last turns)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, records in slices.items():
