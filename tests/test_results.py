@@ -214,8 +214,9 @@ def test_select_drops(screens) -> None:
     row_of = {s.sample_id: s.source_row for s in natural.samples}
     with open_db(natural.db) as store:
         run = pick_run(store.con, natural.run_id)
-        every = select_drops(store.con, run, DropFilter("delta_p", 20))
-        top10 = select_drops(store.con, run, DropFilter("delta_p", 20, ("evil",), drop_top_percent=10))
+        at20 = dict.fromkeys(TRAITS, 20)
+        every = select_drops(store.con, run, DropFilter("delta_p", at20))
+        top10 = select_drops(store.con, run, DropFilter("delta_p", at20, ("evil",), drop_top_percent=10))
         over = select_drops(store.con, run, DropFilter("delta_p_proxy", None, where="delta_p_proxy > 1"))
         with pytest.raises(QueryError, match=r"^the filter failed: "):
             select_drops(store.con, run, DropFilter("delta_p", None, where="no_such_column > 1"))
@@ -240,7 +241,7 @@ def test_drop_filter_refuses_what_the_command_line_cannot_mean() -> None:
         ({"drop_top_count": -1}, "count must be at least 0, not -1"),
     ):
         with pytest.raises(QueryError, match=message):
-            DropFilter(**{"metric": "delta_p", "layer": 10, **kw})
+            DropFilter(**{"metric": "delta_p", "layers": {"evil": 10}, **kw})
     flt = DropFilter("delta_p", None, ("evil",), where="x > 1", invert=True)
     assert (
         flt.describe()
