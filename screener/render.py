@@ -283,7 +283,7 @@ def format_explanation(
     t = e.traits[trait]
     k = e.response_start
     levels = t.normalised(t.projections)
-    where = f"row {e.source_row}" + (f", turn {e.turn}" if "#" in e.sample_id else "")
+    where = f"row {e.source_row}" + (f", assistant turn {e.turn + 1}" if "#" in e.sample_id else "")
     metric = "delta_p" if e.mode == "natural" else "delta_p_proxy"
     lines = [
         f"== {trait} · layer {e.layer} · sample {e.sample_id} ({where}) · run {e.run_id}",

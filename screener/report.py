@@ -365,8 +365,8 @@ def explanation_page(*explanations: Explanation) -> str:
     )
     layers = ", ".join(str(x.layer) for x in explanations)
     sub = html.escape(
-        f"run {e.run_id} · row {e.source_row}, turn {e.turn} · layer {layers} · {e.mode} mode · "
-        "each token shaded by h·v̂ relative to the value the run's metric subtracts"
+        f"run {e.run_id} · row {e.source_row}, assistant turn {e.turn + 1} · layer {layers} · "
+        f"{e.mode} mode · each token shaded by h·v̂ relative to the value the run's metric subtracts"
     )
     return (
         "<!DOCTYPE html>\n"
