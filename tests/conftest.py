@@ -70,7 +70,7 @@ def make_tokenizer(folder: Path):
 
 def make_model(kind: str, folder: Path, vocab_size: int, eos_id: int, seed: int = 0) -> Path:
     """A 4-block random model of the given architecture, saved to `folder` with the test tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -86,14 +86,9 @@ def make_model(kind: str, folder: Path, vocab_size: int, eos_id: int, seed: int 
         tie_word_embeddings=False,
     )
     cfg = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # random init gives tiny activations; scale the residual writes so layers differ visibly
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(8.0)
-    model.save_pretrained(folder)
+    from helpers import random_model
+
+    random_model(cfg, seed).save_pretrained(folder)
     return folder
 
 

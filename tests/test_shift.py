@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEST_DEVICE, random_vectors, reference, write_chat_jsonl
+from helpers import random_model
 
 from screener import cli
 from screener.errors import UserError
@@ -45,17 +46,12 @@ def config(base: Path, finetuned: Path, vectors: list[str], db: Path, **kw) -> S
 def llama(folder: Path, like: Path, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random model with the config of the model in `like`, changed by `overrides`, and its tokenizer,
     saved to `folder` (weights scaled as conftest's are)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(like)
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(8.0)
+    model = random_model(cfg, seed)
     save(model, folder, like)
     return model
 

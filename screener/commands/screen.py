@@ -62,18 +62,7 @@ def add_screen_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="samples per actor call and per commit (default: 64 on CPU, 512 on GPU)",
     )
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--actors",
-        type=int,
-        default=None,
-        help="model actors (default: one per GPU, or one per "
-        "2 CPU cores); 0 runs in this process without Ray",
-    )
-    p.add_argument(
-        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
-    )
+    add_worker_arguments(p)
     p.add_argument(
         "--max-new-tokens", type=int, default=128, help="natural mode: length of the model's answer"
     )
@@ -110,3 +99,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("screen", help="score a dataset's samples against persona vectors into DuckDB")
     add_screen_arguments(p)
     p.set_defaults(func=run_command)
+
+
+def add_worker_arguments(p: argparse.ArgumentParser, actors_note: str = "") -> None:
+    """Where the model work runs: --dtype, --device, --actors, --address (screen and shift)."""
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help=f"model actors (default: one per GPU, or one per 2 CPU cores{actors_note}); 0 runs in this "
+        "process without Ray",
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from screener.commands.screen import _int_list, _str_list
+from screener.commands.screen import _int_list, _str_list, add_worker_arguments
 from screener.scoring import GenerationSettings
 from screener.shift import ShiftConfig, ShiftResult, measure
 
@@ -54,18 +54,7 @@ def add_shift_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, default=None, dest="max_batch_size", help="max prompts per batch"
     )
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--actors",
-        type=int,
-        default=None,
-        help="model actors (default: one per GPU, or one per 2 CPU cores; with two or more, both models "
-        "run at once); 0 runs in this process without Ray",
-    )
-    p.add_argument(
-        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
-    )
+    add_worker_arguments(p, "; with two or more, both models run at once")
 
 
 def config_from_args(args: argparse.Namespace) -> ShiftConfig:
