@@ -1,0 +1,83 @@
+"""Everything that drives a model, in one place: scoring, extraction, steering, shift and explain use it.
+
+- `loading`: local HF folders, hub ids, GGUF files and the default model (`resolve_model` → `ModelRef`,
+  `ModelRef.load`), devices and dtypes (`pick_device`, `pick_dtype`).
+- `adapters`: a PEFT adapter folder (a LoRA) on a base model (`resolve_adapter` → `AdapterRef`).
+- `chat`: chat prompts as token ids (`chat_ids`), padding (`pad`, `pad_id`), end-of-turn ids (`eos_ids`).
+- `hooks`: decoder blocks and final norm (`decoder_parts`), block outputs, reading `hidden_states[L]` with
+  hooks and an early stop (`LayerTap`, `run_until_tapped`).
+- `generation`: batched generation that cuts each answer at its first end-of-turn token (`generate`).
+
+Layer convention (records.py): layer L is `hidden_states[L]` as transformers returns it. Import from
+`screener.models`; the submodules say where each piece lives.
+"""
+
+from screener.models.adapters import (
+    ADAPTER_CONFIG,
+    AdapterRef,
+    adapter_mismatches,
+    is_adapter,
+    resolve_adapter,
+)
+from screener.models.chat import chat_ids, eos_ids, pad, pad_id
+from screener.models.generation import Generated, generate
+from screener.models.hooks import (
+    LayerTap,
+    StopForward,
+    block_output,
+    decoder_parts,
+    run_until_tapped,
+    with_block_output,
+)
+from screener.models.loading import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_NAME,
+    ModelError,
+    ModelRef,
+    cache_dir,
+    convert_gguf,
+    default_gguf,
+    load_model,
+    load_tokenizer,
+    model_config,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+    sha256_file,
+    weights_sha256,
+)
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "DEFAULT_MODEL",
+    "DEFAULT_MODEL_NAME",
+    "AdapterRef",
+    "Generated",
+    "LayerTap",
+    "ModelError",
+    "ModelRef",
+    "StopForward",
+    "adapter_mismatches",
+    "block_output",
+    "cache_dir",
+    "chat_ids",
+    "convert_gguf",
+    "decoder_parts",
+    "default_gguf",
+    "eos_ids",
+    "generate",
+    "is_adapter",
+    "load_model",
+    "load_tokenizer",
+    "model_config",
+    "pad",
+    "pad_id",
+    "pick_device",
+    "pick_dtype",
+    "resolve_adapter",
+    "resolve_model",
+    "run_until_tapped",
+    "sha256_file",
+    "weights_sha256",
+    "with_block_output",
+]
