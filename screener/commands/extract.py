@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from screener.distributed import model_workers
+from screener.extract.controls import load_controls
 from screener.extract.judges import Judge, LocalJudge, NoJudge, OpenAIJudge, judge_kind
 from screener.extract.layers import NEAR_CHANCE, format_cross_trait, format_cross_trait_layers, format_report
 from screener.extract.pipeline import (
@@ -78,6 +79,13 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
         "comma-separated names, or 'none' (default)",
     )
     p.add_argument("--traits-dir", help="folder of user trait files, searched before the built-ins")
+    p.add_argument(
+        "--controls",
+        metavar="DIR",
+        help="folder of style control sets (pairs that differ in a nuisance, not a trait) every vector is "
+        "reported on and the layer rule holds near chance (default: the built-in screener/traits/controls; "
+        "'none': no controls)",
+    )
     p.add_argument("--out", help="output folder (default: vectors/<model name>)")
     p.add_argument("--judge", choices=("auto", "openai", "local", "none"), default="auto")
     p.add_argument("--judge-model", help="HF model for --judge local (default: the model itself)")
@@ -133,6 +141,7 @@ def run_extract(args: argparse.Namespace) -> int:
         "traits_dir": args.traits_dir,
         "orthogonal_to": orthogonal_traits(trait, args.orthogonal_to, args.traits_dir),
         "note": args.note,
+        "controls": None if args.controls is None else load_controls(args.controls, none_ok=True),
     }
     with model_workers(str(pick_device(args.device)), args.actors, args.cpus, args.address) as resources:
         if from_examples:
@@ -168,19 +177,37 @@ def print_reports(side: dict, per_layer: bool = False) -> None:
     print(f"\nlayer report ({side.get('method')}, {count} held-out pairs: {source}):")
     print(format_report(side["layer_report"], chosen))
     spec = side.get("specificity") or {}
-    others = spec.get("traits")
-    if not others or chosen is None:
+    others, controls = spec.get("traits"), labelled_controls(spec)
+    if chosen is None:
         return
     band = tuple(spec.get("near_chance", NEAR_CHANCE))
-    own = next((r for r in side["layer_report"] if r["layer"] == chosen), None)
     how = side.get("chosen_layer_how")
-    print(f"\nspecificity at layer {chosen} ({how}): every other trait's held-out pairs")
-    print(format_cross_trait(own, others, chosen, band))
-    if spec.get("not_held_to_chance"):
-        print("not held to chance (related): " + ", ".join(sorted(spec["not_held_to_chance"])))
-    if per_layer:
+    if others:
+        own = next((r for r in side["layer_report"] if r["layer"] == chosen), None)
+        print(f"\nspecificity at layer {chosen} ({how}): every other trait's held-out pairs")
+        print(format_cross_trait(own, others, chosen, band))
+        if spec.get("not_held_to_chance"):
+            print("not held to chance (related): " + ", ".join(sorted(spec["not_held_to_chance"])))
+    if controls:
+        print(f"\nstyle controls at layer {chosen}: share of pairs whose side a projects above side b")
+        print(format_cross_trait(None, controls, chosen, band, head="control: a > b"))
+    if per_layer and others:
         print("\nshare ranked right on each other trait's held-out pairs, per layer:")
         print(format_cross_trait_layers(others, chosen))
+    if per_layer and controls:
+        print("\nshare of each style control's pairs with side a above side b, per layer:")
+        print(format_cross_trait_layers(spec["controls"], chosen))
+
+
+def labelled_controls(spec: dict) -> dict[str, dict]:
+    """The sidecar's control matrix keyed "name: a > b" (what each side is), for the tables."""
+    sets = spec.get("control_sets") or {}
+
+    def label(name: str) -> str:
+        s = sets.get(name) or {}
+        return f"{name}: {s['a']} > {s['b']}" if s.get("a") and s.get("b") else name
+
+    return {label(name): m for name, m in (spec.get("controls") or {}).items()}
 
 
 def run_traits_list(args: argparse.Namespace) -> int:

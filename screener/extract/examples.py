@@ -89,16 +89,20 @@ class ExampleSet:
 
 def from_trait(trait: Trait, key: str = "examples") -> ExampleSet:
     """A trait file's written pairs (`examples` or `eval_examples`), each question asked alone."""
-    written: tuple[Example, ...] = getattr(trait, key)
+    # the trait, the field and the file's sha256 say where they came from (a path would be this machine's)
+    source = {"trait": trait.name, "field": key, "sha256": trait.sha256}
+    return from_written(getattr(trait, key), f"{trait.path} ({key})", source)
+
+
+def from_written(written: Sequence[Example], where: str, source: dict) -> ExampleSet:
+    """Written (question, positive, negative) pairs as paired examples, each question asked alone;
+    `source` (what they are, for the sidecar) gains the counts."""
     examples = []
     for i, ex in enumerate(written):
         prompt = [{"role": "user", "content": ex.question}]
-        where = f"{trait.path} ({key})"
         examples.append(Labelled(prompt, ex.positive, True, where, i, pair=i))
         examples.append(Labelled(prompt, ex.negative, False, where, i, pair=i))
-    # the trait, the field and the file's sha256 say where they came from (a path would be this machine's)
-    source = {"trait": trait.name, "field": key, "sha256": trait.sha256, "records": len(written)}
-    out = ExampleSet(examples, [source])
+    out = ExampleSet(examples, [{**source, "records": len(written)}])
     out.sources[0].update(out.counts())
     return out
 

@@ -14,7 +14,9 @@ When the positives and negatives are pairs (two answers to one question), two pa
 - paired effect size: mean of the per-pair differences / their standard deviation (ddof=1).
 
 Specificity: a vector should measure its trait and only its trait. `cross_trait` scores it on every other
-trait's held-out pairs, layer by layer; there the share ranked should stay near 0.5.
+trait's held-out pairs, layer by layer; there the share ranked should stay near 0.5. The same function
+scores it on every style control (controls.py: pairs that differ in a nuisance such as hedging or length
+and in no trait), where "share ranked" is the share of pairs whose side a projects above side b.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ NEAR_CHANCE = (0.25, 0.75)
 
 SPECIFIC_CHOICE_RULE = (
     "among the middle layers round(n/4)..round(3n/4), those where the vector ranks every other trait's "
-    "held-out pairs near chance (share ranked right within {lo:g}..{hi:g}{exempt}); of these, the layer "
-    "with the highest share ranked right on its own trait's held-out pairs (rounded to 0.01), ties broken "
-    "by the larger paired effect size (AUROC and Cohen's d when the held-out examples are not paired). If "
-    "no middle layer keeps every other trait near chance, the layer with the largest margin: own share "
-    "ranked minus the worst other trait's max(share, 1 - share), ties broken by the paired effect size"
+    "held-out pairs{controls} near chance (share ranked right within {lo:g}..{hi:g}{exempt}); of these, "
+    "the layer with the highest share ranked right on its own trait's held-out pairs (rounded to 0.01), "
+    "ties broken by the larger paired effect size (AUROC and Cohen's d when the held-out examples are not "
+    "paired). If no middle layer keeps every other trait{controls_fb} near chance, the layer with the "
+    "largest margin: own share ranked minus the worst other trait's{controls_or} max(share, 1 - share), "
+    "ties broken by the paired effect size"
 )
 
 
@@ -170,11 +173,19 @@ def choose_layer(report: list[LayerStats], num_layers: int) -> int | None:
     return max(band, key=key).layer
 
 
-def specific_rule(band: tuple[float, float] = NEAR_CHANCE, exempt: dict[str, str] | None = None) -> str:
-    """`SPECIFIC_CHOICE_RULE` with its band, and the traits it does not hold to chance and why."""
+def specific_rule(
+    band: tuple[float, float] = NEAR_CHANCE, exempt: dict[str, str] | None = None, controls: bool = False
+) -> str:
+    """`SPECIFIC_CHOICE_RULE` with its band, the traits it does not hold to chance and why, and whether the
+    style controls are held to chance too."""
     why = "; ".join(f"{name}: {reason}" for name, reason in sorted((exempt or {}).items()))
     return SPECIFIC_CHOICE_RULE.format(
-        lo=band[0], hi=band[1], exempt=f"; not held to chance, as related traits: {why}" if why else ""
+        lo=band[0],
+        hi=band[1],
+        exempt=f"; not held to chance, as related traits: {why}" if why else "",
+        controls=" and every style control's pairs (side a above side b)" if controls else "",
+        controls_fb=" and every control" if controls else "",
+        controls_or=" or control's" if controls else "",
     )
 
 
@@ -184,15 +195,17 @@ def choose_specific_layer(
     num_layers: int,
     band: tuple[float, float] = NEAR_CHANCE,
     exempt: Sequence[str] = (),
+    controls: dict[str, dict[str, list[float]]] | None = None,
 ) -> tuple[int | None, str]:
-    """The default layer by `specific_rule`, and how it was reached: "specific" (every other trait near
-    chance there), "fallback" (no middle layer is), or "no report". `others` is `cross_trait`'s matrix;
-    traits in `exempt` are reported but not held to chance."""
+    """The default layer by `specific_rule`, and how it was reached: "specific" (every other trait and
+    every control near chance there), "fallback" (no middle layer is), or "no report". `others` and
+    `controls` are `cross_trait`'s matrices; traits in `exempt` are reported but not held to chance."""
     lo, hi = _middle(num_layers)
     rows = [r for r in report if lo <= r.layer <= hi and np.isfinite(r.separation()[0])]
     if not rows:
         return None, "no report"
     held = [m["share_ranked"] for name, m in others.items() if name not in exempt]
+    held += [m["share_ranked"] for m in (controls or {}).values()]
 
     def worst(layer: int) -> float:  # the other trait farthest from chance, as a share on the high side
         return max((max(s[layer], 1 - s[layer]) for s in held), default=0.5)
@@ -225,16 +238,22 @@ def format_report(report: list[dict], chosen: int | None = None) -> str:
 
 
 def format_cross_trait(
-    own: dict | None, others: dict[str, dict[str, list[float]]], layer: int, band: tuple = NEAR_CHANCE
+    own: dict | None,
+    others: dict[str, dict[str, list[float]]],
+    layer: int,
+    band: tuple = NEAR_CHANCE,
+    head: str = "trait",
 ) -> str:
-    """The specificity table at one layer: the vector's own held-out figures, then each other trait's."""
-    lines = [f"{'trait':<16}  {'ranked':>6}  {'paired d':>8}"]
+    """The specificity table at one layer: the vector's own held-out figures, then each other trait's (or
+    each control's, with `head` "control" and no `own`)."""
+    width = max([16, *(len(n) for n in others)])
+    lines = [f"{head:<{width}}  {'ranked':>6}  {'paired d':>8}"]
     if own is not None and own.get("share_ranked") is not None:
-        lines.append(f"{'(own) ':<16}  {own['share_ranked']:>6.3f}  {own['paired_d']:>8.2f}")
+        lines.append(f"{'(own) ':<{width}}  {own['share_ranked']:>6.3f}  {own['paired_d']:>8.2f}")
     for name, m in sorted(others.items()):
         share, d = m["share_ranked"][layer], m["paired_d"][layer]
         flag = "" if band[0] <= share <= band[1] else "  outside " + f"{band[0]:g}..{band[1]:g}"
-        lines.append(f"{name:<16}  {share:>6.3f}  {d:>8.2f}{flag}")
+        lines.append(f"{name:<{width}}  {share:>6.3f}  {d:>8.2f}{flag}")
     return "\n".join(lines)
 
 

@@ -45,7 +45,8 @@ import torch
 
 from screener.distributed import Resources, run_stage
 from screener.errors import UserError
-from screener.extract.examples import ExampleSet, from_trait, read_example_files, tokenized
+from screener.extract.controls import Control, load_controls
+from screener.extract.examples import ExampleSet, from_trait, from_written, read_example_files, tokenized
 from screener.extract.judges import Judge, NoJudge, coherence_prompt
 from screener.extract.layers import (
     CHOICE_RULE,
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("response_avg", "prompt_avg", "prompt_last")
 POS, NEG = "pos", "neg"
+CONTROL = "control:"  # the group prefix of a style control's reads (a trait name cannot hold a colon)
 READ_CONTEXTS = ("system", "question")  # what generated answers are read after: their prompt, or the question
 Read = tuple[list[int], list[int]]  # (prompt ids, response ids): one teacher-forced read
 
@@ -402,6 +404,9 @@ class HeldOut:
     description: dict  # where the examples came from and how many, for the sidecar
     others: dict[str, tuple[list[Read], list[Read]]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # other traits not scored, and why
+    # style controls: (side a, side b) reads of each, and what each set is (Control.describe)
+    controls: dict[str, tuple[list[Read], list[Read]]] = field(default_factory=dict)
+    control_sets: dict[str, dict] = field(default_factory=dict)
 
 
 def example_reads(
@@ -465,10 +470,12 @@ def held_out(
     eval_files: Sequence[str] = (),
     traits_dir: str | Path | None = None,
     generated: list[Pair] | None = None,
+    controls: dict[str, Control] | None = None,
 ) -> HeldOut:
     """The held-out reads: `--eval-examples` files, else the trait's `eval_examples`, else (generation only)
     the generated answers to its evaluation questions, read in the settings' context; plus every other
-    trait's `eval_examples`, each question asked alone."""
+    trait's `eval_examples` and every style control's pairs (default: the built-in sets), each question
+    asked alone."""
     if eval_files:
         examples = read_example_files(eval_files)
         pos, neg, paired, _ = example_reads(tokenizer, examples, settings.max_tokens)
@@ -491,16 +498,24 @@ def held_out(
     for name, other in others.items():
         o_pos, o_neg, _, _ = example_reads(tokenizer, from_trait(other, "eval_examples"), settings.max_tokens)
         held.others[name] = (o_pos, o_neg)
+    for name, control in (load_controls() if controls is None else controls).items():
+        source = {"control": name, "sha256": control.sha256}
+        examples = from_written(control.pairs, f"{control.path} (pairs)", source)
+        a, b, _, _ = example_reads(tokenizer, examples, settings.max_tokens)
+        held.controls[name] = (a, b)
+        held.control_sets[name] = {"description": control.description, **control.describe()}
     return held
 
 
 def evaluate(
     vectors: torch.Tensor, held: HeldOut, stage: ActivationStage, resources: Resources
-) -> tuple[dict[str, list[LayerStats]], dict[str, dict]]:
-    """Step 6: per method, the layer report on the held-out examples and the cross-trait matrix on every
-    other trait's, from one pass over all of them."""
-    groups = keyed(held.positives, held.negatives, held.others)
-    return held_out_reports(projections(groups, vectors, stage, resources), held)
+) -> tuple[dict[str, list[LayerStats]], dict[str, dict], dict[str, dict]]:
+    """Step 6: per method, the layer report on the held-out examples, the cross-trait matrix on every
+    other trait's and the same matrix on every style control, from one pass over all of them."""
+    controls = {CONTROL + name: reads for name, reads in held.controls.items()}
+    groups = keyed(held.positives, held.negatives, {**held.others, **controls})
+    proj = projections(groups, vectors, stage, resources)
+    return (*held_out_reports(proj, held), control_reports(proj, held))
 
 
 def held_out_reports(
@@ -514,6 +529,21 @@ def held_out_reports(
             {name: (proj[f"{name}/{POS}"][:, i], proj[f"{name}/{NEG}"][:, i]) for name in held.others}
         )
     return reports, specificity
+
+
+def control_reports(
+    proj: dict[str, np.ndarray], held: HeldOut, methods: Sequence[str] = METHODS
+) -> dict[str, dict]:
+    """Per method, `cross_trait`'s matrix on every style control (share of pairs with side a above b)."""
+    return {
+        method: cross_trait(
+            {
+                name: (proj[f"{CONTROL}{name}/{POS}"][:, i], proj[f"{CONTROL}{name}/{NEG}"][:, i])
+                for name in held.controls
+            }
+        )
+        for i, method in enumerate(methods)
+    }
 
 
 # -- filtering --------------------------------------------------------------------------------------
@@ -642,9 +672,11 @@ def extract(
     traits_dir: str | Path | None = None,
     orthogonal_to: dict[str, Trait] | None = None,
     note: str = "",
+    controls: dict[str, Control] | None = None,
 ) -> ExtractResult:
     """Generate, judge, pair, average and report; write one `.pt` + sidecar per method (`note`, free text
-    such as why this method, goes into the sidecar)."""
+    such as why this method, goes into the sidecar). `controls`: the style control sets to report on
+    (default: the built-in ones)."""
     started = time.perf_counter()
     probe_judge(trait, judge)
     # written held-out examples make generated evaluation answers unnecessary: generate extraction ones only
@@ -664,13 +696,14 @@ def extract(
             "generate more --samples, or use a stronger judge"
         )
     tokenizer = model.load_tokenizer()
-    held = held_out(trait, tokenizer, settings, eval_files, traits_dir, None if written_eval else eval_kept)
+    generated = None if written_eval else eval_kept
+    held = held_out(trait, tokenizer, settings, eval_files, traits_dir, generated, controls)
     stage = ActivationStage(model, settings)
     positives, negatives = generated_reads(kept, settings.read_context)
     vectors, orthogonal = specific_vectors(
         positives, negatives, orthogonal_to, tokenizer, settings, stage, resources
     )
-    reports, specificity = evaluate(vectors, held, stage, resources)
+    reports, specificity, controls = evaluate(vectors, held, stage, resources)
     out_dir = Path(out_dir)
     write_responses(out_dir / f"{trait.name}_extraction_responses.jsonl", answers)
     common = {
@@ -701,7 +734,9 @@ def extract(
     }
     if settings.read_context == "question":  # both answers of a pair follow one question
         methods = _response_only(methods, common, "both answers of a pair are read after the same question")
-    return write_vectors(out_dir, trait, vectors, reports, specificity, held, common, model, methods, started)
+    return write_vectors(
+        out_dir, trait, vectors, (reports, specificity, controls), held, common, model, methods, started
+    )
 
 
 def extract_from_examples(
@@ -716,6 +751,7 @@ def extract_from_examples(
     traits_dir: str | Path | None = None,
     orthogonal_to: dict[str, Trait] | None = None,
     note: str = "",
+    controls: dict[str, Control] | None = None,
 ) -> ExtractResult:
     """Read labelled examples (the `files`, else the trait file's written `examples`) teacher-forced after
     their own prompts, average, report; write one `.pt` + sidecar per method that is defined."""
@@ -729,12 +765,12 @@ def extract_from_examples(
     tokenizer = model.load_tokenizer()
     positives, negatives, paired, cut = example_reads(tokenizer, examples, settings.max_tokens)
     log.info("%s: %d positive and %d negative examples", trait.name, len(positives), len(negatives))
-    held = held_out(trait, tokenizer, settings, eval_files, traits_dir)
+    held = held_out(trait, tokenizer, settings, eval_files, traits_dir, controls=controls)
     stage = ActivationStage(model, settings)
     vectors, orthogonal = specific_vectors(
         positives, negatives, orthogonal_to, tokenizer, settings, stage, resources
     )
-    reports, specificity = evaluate(vectors, held, stage, resources)
+    reports, specificity, controls = evaluate(vectors, held, stage, resources)
     keep = ("batch_tokens", "max_tokens", "dtype", "device")
     common = {
         **trait_and_model_fields(trait, model),
@@ -757,7 +793,7 @@ def extract_from_examples(
     if paired:
         methods = _response_only(methods, common, "every example is one answer of a pair to a shared prompt")
     return write_vectors(
-        Path(out_dir), trait, vectors, reports, specificity, held, common, model, methods, started
+        Path(out_dir), trait, vectors, (reports, specificity, controls), held, common, model, methods, started
     )
 
 
@@ -831,30 +867,39 @@ def write_vectors(
     out_dir: Path,
     trait: Trait,
     vectors: torch.Tensor,
-    reports: dict[str, list[LayerStats]],
-    specificity: dict[str, dict],
+    evaluated: tuple[dict[str, list[LayerStats]], dict[str, dict], dict[str, dict]],
     held: HeldOut,
     common: dict,
     model: ModelRef,
     methods: Sequence[str],
     started: float,
 ) -> ExtractResult:
-    """Step 7: one `.pt` + sidecar per method asked for, with its layer report, its cross-trait matrix and
-    the chosen layer (by the specificity rule when other traits were scored, else by `CHOICE_RULE`)."""
+    """Step 7: one `.pt` + sidecar per method asked for, with its layer report, its cross-trait and control
+    matrices (`evaluate`'s three) and the chosen layer (by the specificity rule when other traits or
+    controls were scored, else by `CHOICE_RULE`)."""
+    reports, specificity, controls = evaluated
     exempt = {name: why for name, why in trait.related.items() if name in held.others}
+    specific = bool(held.others or held.controls)
     common = {
         **common,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "chosen_layer_rule": specific_rule(NEAR_CHANCE, exempt) if held.others else CHOICE_RULE,
+        "chosen_layer_rule": (
+            specific_rule(NEAR_CHANCE, exempt, bool(held.controls)) if specific else CHOICE_RULE
+        ),
         "eval_examples": held.description,
     }
     paths, sidecars = {}, {}
     for m, method in enumerate(METHODS):
         if method not in methods:
             continue
-        if held.others:
+        if specific:
             chosen, how = choose_specific_layer(
-                reports[method], specificity[method], model.num_layers, NEAR_CHANCE, list(exempt)
+                reports[method],
+                specificity[method],
+                model.num_layers,
+                NEAR_CHANCE,
+                list(exempt),
+                controls[method],
             )
         else:
             chosen, how = choose_layer(reports[method], model.num_layers), "no other traits to score"
@@ -869,6 +914,8 @@ def write_vectors(
                 "not_held_to_chance": exempt,
                 "skipped": held.skipped,
                 "traits": specificity[method],
+                "controls": controls[method],
+                "control_sets": held.control_sets,
             },
         }
         paths[method] = save_vector(out_dir / f"{trait.name}_{method}_diff.pt", vectors[m], sidecar)
