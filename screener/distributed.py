@@ -64,8 +64,8 @@ def plan_resources(device: str, actors: int | None = None, cpus: int | None = No
     """One actor per GPU on CUDA; on CPU, `actors` (default: one per 2 cores, at most 4) sharing the cores.
 
     CPU actors ask for fractional CPUs that leave half a CPU unclaimed, so the pool never takes every
-    CPU slot and a job driver or another task beside it can still be scheduled (measured: a 2-CPU
-    machine deadlocks when two actors ask for 1 CPU each next to a Ray Data reader).
+    CPU slot: a job driver (`ray job submit` runs it as a task) or another task beside it can still be
+    scheduled, where whole CPUs for every actor would leave it waiting for ever.
     """
     cpus = cpus or os.cpu_count() or 1
     if device.startswith("cuda"):

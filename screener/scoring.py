@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from screener.errors import UserError
 from screener.models import LayerTap, chat_ids, decoder_parts, generate, pad, pad_id, run_until_tapped
 from screener.records import MODES, Reject, Sample, Scored
 from screener.tuning import (
@@ -46,6 +47,10 @@ class GenerationSettings:
     seed: int = 0
 
 
+# a score needs the last prompt token and one response token
+MIN_TOKENS = 2
+
+
 @dataclass(frozen=True)
 class ScoreSettings:
     layers: tuple[int, ...]
@@ -61,8 +66,8 @@ class ScoreSettings:
     # score a conversation's turns from one teacher-forced pass where their token ids allow it (exact);
     # False re-reads the conversation once per turn (the reference the one-pass path is tested against)
     share_passes: bool = True
-    # torch.compile the decoder blocks of the teacher-forced pass: fuses the memory-bound norms, RoPE and
-    # SiLU that take over half of a bf16 CPU forward (measured 1.2-1.6x), for a one-off compile per process
+    # torch.compile the decoder blocks of the teacher-forced pass: it fuses the memory-bound norms, RoPE
+    # and SiLU of a forward, for a one-off compile per process (what it gains: benchmarks/bench.py)
     compile: bool = False
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
@@ -71,6 +76,11 @@ class ScoreSettings:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
+        if self.max_tokens < MIN_TOKENS:
+            raise UserError(
+                f"--max-tokens must be at least {MIN_TOKENS} (the last prompt token and one response token), "
+                f"not {self.max_tokens}"
+            )
 
     @classmethod
     def for_device(cls, gpu: bool, **overrides) -> ScoreSettings:
@@ -206,7 +216,16 @@ def tokenize(tokenizer, sample: Sample, max_tokens: int, index: int = 0) -> Toke
     response = tokenizer(sample.response, add_special_tokens=False)["input_ids"]
     if not response:
         return Reject(sample.source_row, sample.sample_id, "response: no tokens", sample.source_file)
+    if not prompt:
+        return Reject(sample.source_row, sample.sample_id, "prompt: no tokens", sample.source_file)
     prompt, response, cut = truncate(prompt, response, max_tokens)
+    if not response:  # a mean over no token is NaN: never a score
+        return Reject(
+            sample.source_row,
+            sample.sample_id,
+            f"response: no token left within --max-tokens {max_tokens} after the prompt's last token",
+            sample.source_file,
+        )
     return Tokens(index, sample, prompt, response, cut)
 
 
@@ -457,6 +476,14 @@ class Scorer:
             self.seconds["forward"] += watch.seconds
             for p, p_resp, p_last in zip(passes, resp, last, strict=True):
                 for t, r, lp in zip(p.reads, p_resp, p_last, strict=True):
+                    if not (np.isfinite(r).all() and np.isfinite(lp).all()):
+                        results[t.index] = Reject(
+                            t.sample.source_row,
+                            t.sample.sample_id,
+                            "projection is not finite (the activations overflowed the dtype)",
+                            t.sample.source_file,
+                        )
+                        continue
                     path = plan.paths.get((t.sample.source_file, t.sample.source_row))
                     results[t.index] = Scored(
                         sample_id=t.sample.sample_id,

@@ -56,7 +56,7 @@ class ScreenConfig:
     dtype: str = "auto"
     device: str = "auto"
     actors: int | None = None  # None: one per GPU, or one per 2 cores; 0: no Ray
-    compile: bool = False  # torch.compile the blocks: ~1.9x on bf16 CPU, after a 10-80 s compile per actor
+    compile: bool = False  # torch.compile the blocks: a one-off compile per actor (scoring.ScoreSettings)
     address: str | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     progress: bool = True

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import TEST_DEVICE, random_vectors, reference
 
+from screener.errors import UserError
 from screener.models import load_model
 from screener.records import Reject, Sample, Scored
 from screener.scoring import (
@@ -186,6 +187,30 @@ def test_unscorable_samples_are_rejects_not_crashes(model_and_tok):
     res = scorer.score([make_samples(1)[0], bad_template])
     assert isinstance(res[0], Scored)
     assert isinstance(res[1], Reject) and res[1].reason.startswith("prompt:")
+
+
+def test_a_sample_too_short_to_score_is_a_reject_never_a_nan(model_and_tok):
+    """A budget that leaves no response token after the prompt's end gives a reject with its reason, and a
+    budget below the last prompt token plus one response token is refused (no NaN ever reaches the store)."""
+    folder, model, tok = model_and_tok
+    units = unit_vectors(random_vectors(folder, 1), (1,))
+    sample = make_samples(1)[0]  # its prompt is longer than 3 tokens
+    res = Scorer(model, tok, units, ScoreSettings(layers=(1,), max_tokens=3)).score([sample])
+    assert isinstance(res[0], Reject) and "no token left within --max-tokens 3" in res[0].reason
+    ok = Scorer(model, tok, units, ScoreSettings(layers=(1,), max_tokens=4)).score([sample])[0]
+    assert isinstance(ok, Scored) and ok.response_tokens == 1 and np.isfinite(ok.proj_response).all()
+    for bad in (1, 0, -5):
+        with pytest.raises(UserError, match=f"--max-tokens must be at least 2 .*not {bad}"):
+            ScoreSettings(layers=(1,), max_tokens=bad)
+
+
+def test_non_finite_projections_are_rejects(model_and_tok):
+    folder, model, tok = model_and_tok
+    units = unit_vectors(random_vectors(folder, 1), (1,))
+    scorer = Scorer(model, tok, units, ScoreSettings(layers=(1,)))
+    scorer.units[1] = torch.full_like(scorer.units[1], float("inf"))  # as an fp16 overflow would
+    res = scorer.score(make_samples(2))
+    assert all(isinstance(r, Reject) and "not finite" in r.reason for r in res)
 
 
 def test_length_batches_respect_budget():
