@@ -473,3 +473,11 @@ def test_builtin_traits_have_held_out_written_examples():
         assert len(train) + len(held) >= 40 and len(held) >= 20, name
         assert not train & held, name
         assert all(e.positive != e.negative for e in (*t.examples, *t.eval_examples)), name
+
+
+def test_a_written_pair_may_carry_a_register_label(tmp_path):
+    """`register` (advice, code, chat...) is for benchmarks/example_balance.py; extraction ignores it."""
+    labelled = {**pair("How do I boil an egg?", GOOD, BAD), "register": "advice"}
+    path = tmp_path / "labelled.json"
+    path.write_text(json.dumps({**BASE_TRAIT, "name": "labelled", "examples": [labelled]}))
+    assert load_trait(str(path)).examples[0].question == "How do I boil an egg?"
