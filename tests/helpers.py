@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tiny import random_model  # noqa: F401  (test_shift imports it from here)
 
 from screener.datasets import read_samples
 from screener.records import Reject, Sample, Scored
@@ -202,18 +203,3 @@ class FullDisk:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._con, name)
-
-
-def random_model(cfg, seed: int = 0):
-    """A seeded random causal LM from `cfg`, fp32, with its weight matrices scaled up: random init gives
-    tiny activations, and scaling the residual writes makes the layers differ visibly."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(8.0)
-    return model
