@@ -27,6 +27,7 @@ COMMANDS = {
     "vectors": "screener.commands.extract",
     "steer": "screener.commands.extract",
     "shift": "screener.commands.shift",
+    "calibrate": "screener.commands.calibrate",
 }
 
 

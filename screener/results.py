@@ -84,6 +84,7 @@ def open_db(path: str | Path) -> Store:
         ) from e
     try:
         _check_tables(store.con, path)
+        _older_tables(store.con)
         views = (SQL_DIR / "views.sql").read_text()
         store.con.execute(views.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW"))
         # read_only stops writes to the database only: `COPY ... TO 'file'` would still overwrite any
@@ -111,6 +112,19 @@ def _check_tables(con: duckdb.DuckDBPyConnection, path: Path) -> None:
             f"{path}: not a screen's results database (no table {', '.join(missing)}); if it was copied from "
             f"where a screen ran, copy {path.name}.wal from beside it too, or rerun that screen to finish it"
         )
+
+
+def _older_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """A database from before a table the views read (reference_distributions) gets it empty, as a TEMP
+    table from sql/schema.sql's own definition, so the views work read-only."""
+    found = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    for statement in (SQL_DIR / "schema.sql").read_text().split(";"):
+        ddl = "\n".join(line for line in statement.splitlines() if not line.lstrip().startswith("--"))
+        if (
+            "CREATE TABLE IF NOT EXISTS reference_distributions" in ddl
+            and "reference_distributions" not in found
+        ):
+            con.execute(ddl.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE"))
 
 
 @contextmanager
@@ -395,7 +409,8 @@ def report_data(
 
 @dataclass(frozen=True)
 class DropFilter:
-    """Which samples to drop. At most one of drop_top_percent, drop_top_count, threshold and where."""
+    """Which samples to drop. At most one of drop_top_percent, drop_top_count, threshold, ref_percentile
+    (above that percentile of the vector's reference distribution: `export --threshold p95`) and where."""
 
     metric: str
     # the layer each trait is read at (its own vector's, or --layer for all); None: every layer of the run
@@ -405,6 +420,7 @@ class DropFilter:
     drop_top_percent: float | None = None
     drop_top_count: int | None = None
     threshold: float | None = None
+    ref_percentile: float | None = None
     where: str | None = None
     drop_unscored: bool = False
     invert: bool = False
@@ -414,11 +430,19 @@ class DropFilter:
             raise QueryError(f"metric must be one of {METRICS}, not {self.metric!r}")
         chosen = [
             x
-            for x in (self.drop_top_percent, self.drop_top_count, self.threshold, self.where)
+            for x in (
+                self.drop_top_percent,
+                self.drop_top_count,
+                self.threshold,
+                self.ref_percentile,
+                self.where,
+            )
             if x is not None
         ]
         if len(chosen) > 1:
             raise QueryError("choose one of --drop-top, --threshold and --where")
+        if self.ref_percentile is not None and not 0 <= self.ref_percentile <= 100:
+            raise QueryError(f"--threshold p{self.ref_percentile:g}: a percentile is in 0..100")
         if self.drop_top_percent is not None and not 0 <= self.drop_top_percent <= 100:
             raise QueryError(f"--drop-top percent must be in [0, 100], not {self.drop_top_percent:g}")
         if self.drop_top_count is not None and self.drop_top_count < 0:
@@ -432,6 +456,11 @@ class DropFilter:
             what = f"drop the top {self.drop_top_count} samples by {self.metric} per trait ({traits})"
         elif self.threshold is not None:
             what = f"drop samples with {self.metric} > {self.threshold:g} for any of: {traits}"
+        elif self.ref_percentile is not None:
+            what = (
+                f"drop samples above the {self.ref_percentile:g}th percentile of ordinary chat (the vector's "
+                f"reference distribution of the run's metric) for any of: {traits}"
+            )
         elif self.where is not None:
             what = f"drop samples of the scored view ({self.layer_text()}) where: {self.where}"
         else:
@@ -487,6 +516,26 @@ def select_drops(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) -> S
     return Selection(dropped, {row: set(ids) for row, ids in scored}, by_trait)
 
 
+def _check_references(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) -> None:
+    """A percentile threshold needs every trait's reference distribution at the layer it is read at."""
+    have = {
+        (t, layer)
+        for t, layer in run_sql(
+            con,
+            "SELECT trait, layer FROM reference_distributions WHERE run_id = $run_id AND metric = $metric",
+            {"run_id": run.run_id, "metric": run.metric},
+        ).fetchall()
+    }
+    for trait in flt.traits or run.traits:
+        layer = (flt.layers or {}).get(trait)
+        if (trait, layer) not in have:
+            raise QueryError(
+                f"--threshold p{flt.ref_percentile:g}: run {run.run_id} has no reference distribution of "
+                f"{run.metric} for {trait} at layer {layer}; calibrate its vector (screener calibrate) and "
+                "rerun the same screen (it resumes and copies the calibration in), or give a value"
+            )
+
+
 def _dropped_samples(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) -> list[tuple[int, str]]:
     """(source_row, trait) of every sample the filter selects."""
     traits = list(flt.traits)
@@ -506,6 +555,10 @@ def _dropped_samples(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) 
     elif flt.threshold is not None:
         sql = f"SELECT source_row, trait FROM scored WHERE {scope} AND {value} > $threshold"
         params["threshold"] = flt.threshold
+    elif flt.ref_percentile is not None:
+        _check_references(con, run, flt)
+        sql = f"SELECT source_row, trait FROM scored WHERE {scope} AND ref_percentile > $pct"
+        params["pct"] = flt.ref_percentile
     elif flt.where is not None:
         sql = f"SELECT * FROM scored WHERE {scope}"
     else:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from screener.calibration import reference_rows
 from screener.datasets import ReadStats, canonical_uri, local_files, read_samples
 from screener.distributed import model_workers, run_stage
 from screener.errors import ScreenerError, UserError
@@ -275,6 +276,7 @@ def screen(cfg: ScreenConfig) -> Summary:
     paths: Counter[str] = Counter()
     with Store(cfg.db) as store:
         resumed = store.begin_run(run)
+        store.write_references(run.run_id, list(reference_rows(plan.vectors, plan.model.sha256, run.layers)))
 
         def commit(chunk: Chunk, results: list[Scored | Reject]) -> None:
             done = [r for r in results if isinstance(r, Scored)]

@@ -273,6 +273,24 @@ class Store:
             finally:
                 self.con.unregister("_shift_rows")
 
+    def write_references(self, run_id: str, rows: Sequence[dict]) -> None:
+        """A run's reference distributions (calibration.reference_rows), replacing what the run had: a
+        resumed run shows the vectors' current calibration."""
+        table = pa.Table.from_pylist(list(rows)) if rows else None
+        with self._transaction():
+            self.con.execute("DELETE FROM reference_distributions WHERE run_id = ?", [run_id])
+            if table is None:
+                return
+            self.con.register("_reference_rows", table)
+            try:
+                self.con.execute(
+                    "INSERT INTO reference_distributions BY NAME "
+                    "SELECT $run_id AS run_id, * FROM _reference_rows",
+                    {"run_id": run_id},
+                )
+            finally:
+                self.con.unregister("_reference_rows")
+
     def finish_run(self, run_id: str) -> tuple[int, int]:
         """Checkpoint, then mark the run finished with its counts; returns (n_scored, n_rejected).
 

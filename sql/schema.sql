@@ -86,6 +86,21 @@ CREATE TABLE IF NOT EXISTS shifts (
     PRIMARY KEY (shift_id, trait, layer, measure)
 );
 
+-- Each vector's calibration (`screener calibrate`: its metric's distribution on ordinary chat turns), copied
+-- in when a screen starts, for the runs' traits and layers whose vector file and model weights it was
+-- measured with. The `scored` view's ref_percentile interpolates each sample's metric in `quantiles`.
+CREATE TABLE IF NOT EXISTS reference_distributions (
+    run_id            VARCHAR NOT NULL,
+    trait             VARCHAR NOT NULL,
+    layer             INTEGER NOT NULL,
+    metric            VARCHAR NOT NULL,  -- delta_p_proxy or delta_p
+    n                 BIGINT NOT NULL,   -- reference samples behind the quantiles
+    quantiles         DOUBLE[] NOT NULL, -- the 0th..100th percentiles (101 values, ascending)
+    reference         JSON NOT NULL,     -- the set's description, rows, counts, sha256s, settings
+    reference_sha256  VARCHAR NOT NULL,  -- of the reference samples as scored
+    PRIMARY KEY (run_id, trait, layer, metric)
+);
+
 -- Databases written by earlier versions gain the columns above (idempotent; on read-write open).
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS status VARCHAR;
 UPDATE runs SET status = CASE WHEN finished_at IS NULL THEN 'running' ELSE 'finished' END WHERE status IS NULL;

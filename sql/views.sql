@@ -6,33 +6,53 @@
 -- the response's projection minus the base model's own response's), delta_p_proxy in proxy mode
 -- (the response's projection minus the last prompt token's).
 
--- One row per (run, sample, trait, layer): the sample's text and all its scores.
+-- One row per (run, sample, trait, layer): the sample's text and all its scores. `ref_percentile` (0..100)
+-- is where the metric falls in the vector's reference distribution (ordinary chat, `screener calibrate`):
+-- linear between its stored percentiles, NULL without one (see reference_distributions).
 CREATE OR REPLACE VIEW scored AS
+WITH joined AS (
+    SELECT
+        sc.run_id,
+        sc.sample_id,
+        sc.trait,
+        sc.layer,
+        r.mode,
+        CASE WHEN r.mode = 'natural' THEN sc.delta_p ELSE sc.delta_p_proxy END AS metric,
+        sc.delta_p,
+        sc.delta_p_proxy,
+        sc.proj_response,
+        sc.proj_prompt_last,
+        sc.proj_natural,
+        s.source_row,
+        s.source_file,
+        s.turn,
+        s.prompt_tokens,
+        s.response_tokens,
+        s.truncated,
+        s.prompt,
+        s.response,
+        s.natural_response,
+        s.natural_tokens,
+        rd.quantiles AS _q
+    FROM scores sc
+    JOIN samples s USING (run_id, sample_id)
+    JOIN runs r USING (run_id)
+    LEFT JOIN reference_distributions rd
+        ON rd.run_id = sc.run_id AND rd.trait = sc.trait AND rd.layer = sc.layer
+        AND rd.metric = CASE WHEN r.mode = 'natural' THEN 'delta_p' ELSE 'delta_p_proxy' END
+),
+counted AS (  -- _k: how many stored percentiles lie at or below the metric
+    SELECT *, list_count(list_filter(_q, lambda q: q <= metric)) AS _k FROM joined
+)
 SELECT
-    sc.run_id,
-    sc.sample_id,
-    sc.trait,
-    sc.layer,
-    r.mode,
-    CASE WHEN r.mode = 'natural' THEN sc.delta_p ELSE sc.delta_p_proxy END AS metric,
-    sc.delta_p,
-    sc.delta_p_proxy,
-    sc.proj_response,
-    sc.proj_prompt_last,
-    sc.proj_natural,
-    s.source_row,
-    s.source_file,
-    s.turn,
-    s.prompt_tokens,
-    s.response_tokens,
-    s.truncated,
-    s.prompt,
-    s.response,
-    s.natural_response,
-    s.natural_tokens
-FROM scores sc
-JOIN samples s USING (run_id, sample_id)
-JOIN runs r USING (run_id);
+    * EXCLUDE (_q, _k),
+    CASE
+        WHEN metric IS NULL OR _q IS NULL THEN NULL
+        WHEN _k = 0 THEN 0.0
+        WHEN _k >= len(_q) THEN 100.0
+        ELSE 100.0 * ((_k - 1) + (metric - _q[_k]) / (_q[_k + 1] - _q[_k])) / (len(_q) - 1)
+    END AS ref_percentile
+FROM counted;
 
 -- One row per (run, record, trait, layer): a record's scored assistant turns together (under --turns all a
 -- record has one sample per assistant turn; under --turns last, one). `max_metric` is its worst turn (what

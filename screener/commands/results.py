@@ -381,6 +381,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     top_percent, top_count = _parse_drop_top(args.drop_top) if args.drop_top is not None else (None, None)
+    threshold, percentile = _parse_threshold(args.threshold) if args.threshold is not None else (None, None)
     with open_db(args.db) as store:
         run = pick_run(store.con, args.run)
         notes = _run_notes(store.con, run, args.run)
@@ -395,7 +396,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             traits=tuple(_traits(run, args.trait)) if args.trait else (),
             drop_top_percent=top_percent,
             drop_top_count=top_count,
-            threshold=args.threshold,
+            threshold=threshold,
+            ref_percentile=percentile,
             where=args.where,
             drop_unscored=args.drop_unscored,
             invert=args.invert,
@@ -427,6 +429,19 @@ def _parse_drop_top(text: str) -> tuple[float | None, int | None]:
         return None, int(text)
     except ValueError:
         raise QueryError(f"--drop-top takes a percentage like 5% or a count like 20, not {text!r}") from None
+
+
+def _parse_threshold(text: str) -> tuple[float | None, float | None]:
+    """'2.5' → (2.5, None): a value of the metric; 'p95' → (None, 95.0): a percentile of the reference."""
+    text = text.strip()
+    try:
+        if text.lower().startswith("p"):
+            return None, float(text[1:])
+        return float(text), None
+    except ValueError:
+        raise QueryError(
+            f"--threshold takes a value like 2.5 or a reference percentile like p95, not {text!r}"
+        ) from None
 
 
 def _export_summary(result: ExportResult, flt: DropFilter) -> str:
@@ -473,7 +488,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         metavar="P%|N",
         help="drop the top P%% (e.g. 5%%) or top N samples by the metric, per trait",
     )
-    what.add_argument("--threshold", type=float, metavar="X", help="drop samples whose metric is > X")
+    what.add_argument(
+        "--threshold",
+        metavar="X|pNN",
+        help="drop samples whose metric is > X; pNN (p90, p95, p99, ...): above that percentile of the "
+        "vector's reference distribution on ordinary chat (ref_percentile; needs screener calibrate)",
+    )
     what.add_argument(
         "--where",
         "--drop-where",
