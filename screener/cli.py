@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # SIGTERM (timeout, `ray job stop`, Kubernetes, systemd) stops a command as Ctrl-C does
+    from screener.errors import raise_terminated
+
+    signal.signal(signal.SIGTERM, raise_terminated)
     return run(args.func, args)
 
 
@@ -72,9 +77,12 @@ def run(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
         # later writes (and the interpreter's final flush) must not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from screener.errors import Terminated
+
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}; rerun the same command to resume", file=sys.stderr)
+        return Terminated.exit_code if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -138,6 +139,10 @@ class RaySession:
         if ray.is_initialized():
             return self
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        with _own_sigterm_handler():
+            return self._init(ray)
+
+    def _init(self, ray) -> RaySession:
         if self.address:
             ray.init(address=self.address, log_to_driver=True)
             return self
@@ -181,6 +186,20 @@ class RaySession:
             except subprocess.TimeoutExpired:
                 log.warning("the Ray temp-dir reaper (pid %d) did not exit", self._reaper.pid)
             self._reaper = None
+
+
+@contextlib.contextmanager
+def _own_sigterm_handler() -> Iterator[None]:
+    """Keep the driver's SIGTERM handler over the ones `ray.init` installs (`sys.exit`, or for an embedded
+    Ray one that kills its processes and exits 1 mid-write): the command's own handler fails the run as
+    'terminated' and leaves through `__exit__`, which shuts Ray down as cleanly."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(handler):  # the program's own, not SIG_DFL (a library caller keeps Ray's)
+            signal.signal(signal.SIGTERM, handler)
 
 
 def _start_reaper(temp_dir: str) -> subprocess.Popen:

@@ -20,6 +20,8 @@ One hierarchy, one handler (`cli.main`, which prints the message on one line), o
     5    WorkerError   a model worker failed: it could not load, or kept dying
     130                interrupted (Ctrl-C): the run is recorded as failed ("interrupted"); rerunning the
                        same command resumes
+    143                terminated (SIGTERM: `timeout`, `ray job stop`, Kubernetes, systemd), handled as
+                       Ctrl-C: the run is recorded as failed ("terminated"); rerunning resumes
 """
 
 from __future__ import annotations
@@ -59,3 +61,15 @@ class WorkerError(ScreenerError):
     """A model worker could not be set up, or kept dying before it finished its work."""
 
     exit_code = 5
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by `cli.main`'s handler: a KeyboardInterrupt, so everything that
+    cleans up after Ctrl-C (rollbacks, temporary files, the run's status) does so after SIGTERM too."""
+
+    exit_code = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """The SIGTERM handler `cli.main` installs (and `distributed.RaySession` keeps over Ray's)."""
+    raise Terminated()

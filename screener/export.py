@@ -35,7 +35,7 @@ from screener.datasets import (
     record_to_samples,
 )
 from screener.errors import QueryError
-from screener.outputs import Protected, output_file, output_folder
+from screener.outputs import TEMP_SUFFIX, Protected, output_file, output_folder, temp_prefix
 from screener.results import DropFilter, Selection
 from screener.runs import Run
 
@@ -292,7 +292,7 @@ def _parquet_writer(
 
     with (
         output_file(out, protected, force=force) as part,
-        tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp,
+        tempfile.TemporaryDirectory(prefix=temp_prefix(out), suffix=TEMP_SUFFIX, dir=out.parent) as tmp,
     ):
         spool = Path(tmp) / "records.pickle"
         with _spool(spool) as write:
@@ -317,7 +317,9 @@ def _hf_writer(
     # A fresh cache dir: datasets' fingerprint cannot see the input file change, so never reuse a cache.
     with (
         output_folder(out, protected, force=force) as folder,
-        tempfile.TemporaryDirectory(dir=cache_dir) as tmp,
+        tempfile.TemporaryDirectory(
+            prefix=temp_prefix(out), suffix=TEMP_SUFFIX, dir=cache_dir or out.parent
+        ) as tmp,
     ):
         spool = Path(tmp) / "records.pickle"
         with _spool(spool) as write:

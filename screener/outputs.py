@@ -6,17 +6,19 @@ half-written.
 (a file, the files of a glob, or anything inside a screened folder, where a rerun would read the output
 as input). `output_file` and `output_folder` check the target against it, create a missing parent
 folder, and hand out a temporary name in the target's own folder, renamed into place only when the block
-completes: a failure or Ctrl-C leaves the old file (or nothing), never a partial one.
+completes: a failure, Ctrl-C or SIGTERM leaves the old file (or nothing), never a partial one, and what a
+killed writer left beside the target is removed by the next write to it.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import glob
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -124,7 +126,8 @@ def output_file(out: str | Path, protected: Protected, *, force: bool = False) -
     out = Path(out)
     protected.check(out, force=force)
     _make_parent(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    remove_stale_temporaries(out)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(out), suffix=TEMP_SUFFIX, dir=out.parent)
     os.close(fd)
     try:
         with _write_errors(out):
@@ -142,13 +145,14 @@ def output_folder(out: str | Path, protected: Protected, *, force: bool = False)
     out = Path(out)
     protected.check(out, force=force, folder=True)
     _make_parent(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=TEMP_SUFFIX, dir=out.parent))
     try:
         with _write_errors(out):
             yield tmp
             os.chmod(tmp, 0o777 & ~_umask())
             if out.exists():
-                old = tmp.with_name(tmp.name + ".old")
+                old = tmp.with_name(tmp.name.removesuffix(TEMP_SUFFIX) + ".old" + TEMP_SUFFIX)
                 os.rename(out, old)
                 os.rename(tmp, out)
                 shutil.rmtree(old)
@@ -156,6 +160,44 @@ def output_folder(out: str | Path, protected: Protected, *, force: bool = False)
                 os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Temporary names beside an output: `.NAME.PID.RANDOM.tmp`. The writer's pid lets a later run remove what a
+# killed one (kill -9, a power cut) left, and never the files of a run still writing.
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(out: Path) -> str:
+    return f".{out.name}.{os.getpid()}."
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporary files and folders beside `out` left by writers that are no longer running."""
+    try:
+        found = list(out.parent.glob(f".{glob.escape(out.name)}.*{TEMP_SUFFIX}"))
+    except OSError:
+        return
+    for path in found:
+        pid = path.name[len(out.name) + 2 :].partition(".")[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with suppress(OSError):
+                path.unlink()
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _make_parent(out: Path) -> None:

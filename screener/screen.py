@@ -8,7 +8,7 @@ its scores in one transaction, and a rerun skips what is stored.
 Before any model work: the dataset is found and its first record read (a dataset with no records stops
 here), and the vectors and their sidecars are checked. A run is recorded as running, then finished (after
 a checkpoint: the .duckdb file alone holds it) or failed with its error (any exception, Ctrl-C included:
-"interrupted"); either way a rerun of the same command resumes it.
+"interrupted", SIGTERM "terminated"); either way a rerun of the same command resumes it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from screener.calibration import reference_rows
 from screener.datasets import ReadStats, canonical_uri, local_files, read_samples
 from screener.distributed import model_workers, run_stage
-from screener.errors import ScreenerError, UserError
+from screener.errors import ScreenerError, Terminated, UserError
 from screener.models import DEFAULT_MODEL, ModelRef, pick_device, pick_dtype, resolve_model
 from screener.progress import Progress
 from screener.records import MODES, TURNS, Reject, Sample, Scored
@@ -379,6 +379,8 @@ def _check_db_is_not_input(db: str, dataset: str) -> None:
 
 def _error_text(e: BaseException) -> str:
     """What a failed run records as its error: one line."""
+    if isinstance(e, Terminated):
+        return "terminated"
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
     if isinstance(e, ScreenerError):

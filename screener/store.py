@@ -13,6 +13,7 @@ file that is not a DuckDB database (or a damaged one) a DatabaseFileError (exit 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
@@ -143,9 +144,12 @@ class Store:
         with self._transaction():
             existed = self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]
             if existed:
+                # the counts as stored: an earlier version left them 0 until a run finished
+                kinds = self._reject_counts(run_id)
                 self.con.execute(
-                    "UPDATE runs SET finished_at = NULL, status = 'running', error = NULL WHERE run_id = ?",
-                    [run_id],
+                    "UPDATE runs SET finished_at = NULL, status = 'running', error = NULL, n_scored = ?,"
+                    " n_rejected = ?, n_unreadable_files = ?, n_skipped = ? WHERE run_id = ?",
+                    [self._counts(run_id)[0], kinds["bad"], kinds["file"], kinds["skipped"], run_id],
                 )
             else:
                 self.con.execute(
@@ -239,23 +243,35 @@ class Store:
             raise ValueError(f"write(samples=...) lacks the Sample for scored {missing[:5]}")
         with self._transaction():
             fresh, duplicates = self._new_and_duplicates(run_id, scored)
+            added: Counter[str] = Counter()
             if fresh:
                 self._insert("samples", run_id, _sample_rows(fresh, by_key))
                 self._insert("scores", run_id, _score_rows(layers, traits, fresh))
+                added["scored"] = len(fresh)  # not stored before (`_new_and_duplicates`)
             if all_rejects := [*rejects, *duplicates]:
-                self._insert("rejects", run_id, _reject_rows(all_rejects))
+                added.update(self._insert("rejects", run_id, _reject_rows(all_rejects), returning="kind"))
+            if added:  # the run's counts stay true as chunks commit (a killed run's too)
+                self.con.execute(
+                    "UPDATE runs SET n_scored = n_scored + $scored, n_rejected = n_rejected + $bad,"
+                    " n_unreadable_files = coalesce(n_unreadable_files, 0) + $file,"
+                    " n_skipped = coalesce(n_skipped, 0) + $skipped WHERE run_id = $run_id",
+                    {"run_id": run_id, **{k: added[k] for k in ("scored", *REJECT_KINDS)}},
+                )
 
-    def _insert(self, table: str, run_id: str, rows: pa.Table) -> None:
-        # One set-based INSERT per table: thousands of rows in milliseconds; keys make reruns no-ops.
+    def _insert(self, table: str, run_id: str, rows: pa.Table, returning: str | None = None) -> list:
+        """One set-based INSERT per table (thousands of rows in milliseconds); keys make reruns no-ops.
+        With `returning`, that column of each row actually inserted."""
         self.con.register("_rows", rows)
         try:
-            self.con.execute(
-                f"INSERT INTO {table} BY NAME SELECT $run_id AS run_id, * FROM _rows ON CONFLICT DO NOTHING",
+            inserted = self.con.execute(
+                f"INSERT INTO {table} BY NAME SELECT $run_id AS run_id, * FROM _rows ON CONFLICT DO NOTHING"
+                + (f" RETURNING {returning}" if returning else ""),
                 {"run_id": run_id},
-            )
+            ).fetchall()
         finally:
             with suppress(duckdb.Error):  # after a failed statement it fails too, hiding the cause
                 self.con.unregister("_rows")
+        return [r[0] for r in inserted] if returning else []
 
     def write_shifts(self, rows: Sequence[dict]) -> None:
         """Store `screener shift` results (dicts with the `shifts` table's columns; `settings` a dict) in one
@@ -361,9 +377,12 @@ class Store:
     def reject_counts(self, run_id: str) -> dict[str, int]:
         """{kind: rejects stored} for a run, every kind of records.REJECT_KINDS."""
         with self._errors("could not count the stored results"):
-            rows = self.con.execute(
-                "SELECT kind, count(*) FROM rejects WHERE run_id = $r GROUP BY kind", {"r": run_id}
-            ).fetchall()
+            return self._reject_counts(run_id)
+
+    def _reject_counts(self, run_id: str) -> dict[str, int]:
+        rows = self.con.execute(
+            "SELECT kind, count(*) FROM rejects WHERE run_id = $r GROUP BY kind", {"r": run_id}
+        ).fetchall()
         return dict.fromkeys(REJECT_KINDS, 0) | dict(rows)
 
 

@@ -538,3 +538,33 @@ def test_export_of_hostile_input_lines_up_with_the_screen(tmp_path: Path, capsys
     assert "in neither output: 1 input rows that do not parse, 1 unreadable files" in capsys.readouterr().out
     assert cli("export", tmp_path / "scored.jsonl", "--db", screen.db, "--drop-unscored") == 0
     assert "t1" not in {r["id"] for r in read_jsonl(tmp_path / "scored.jsonl")}
+
+
+KILLED_MID_EXPORT = """
+import os, sys
+import screener.export as export
+from screener.cli import main
+real = export._write_chosen
+def write_then_die(*args, **kwargs):
+    real(*args, **kwargs)  # every record written to the temporary file(s): then kill -9, as it were
+    os._exit(9)
+export._write_chosen = write_then_die
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf"])
+def test_what_a_killed_export_left_is_removed_by_the_next(screen: FakeScreen, tmp_path: Path, fmt) -> None:
+    """A kill -9 mid-export left its temporary output (and parquet's spool) beside the target for good."""
+    import subprocess
+    import sys
+
+    (folder := tmp_path / "out").mkdir()
+    out = folder / ("hf" if fmt == "hf" else f"train.{fmt}")
+    argv = ["export", str(out), "--format", fmt, "--db", str(screen.db)]
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_EXPORT, *argv], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    assert not out.exists() and list(folder.iterdir()), "the killed export left its temporaries"
+    assert cli(*argv) == 0
+    expected = ["hf"] if fmt == "hf" else [out.name, f"{out.name}.manifest.json"]
+    assert sorted(p.name for p in folder.iterdir()) == expected

@@ -4,6 +4,7 @@ uninterrupted run, and the killed driver's private Ray does not outlive it."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -121,3 +122,35 @@ def test_in_process_screen_killed_then_rerun_gives_the_uninterrupted_result(
     assert scores(db) == scores(ref_db)
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*), count(DISTINCT sample_id) FROM samples").fetchone() == (N, N)
+
+
+@pytest.mark.parametrize(
+    ("sig", "rc", "said", "error"),
+    [
+        (signal.SIGTERM, 143, "terminated (SIGTERM)", "terminated"),
+        (signal.SIGINT, 130, "interrupted", "interrupted"),
+    ],
+)
+def test_sigterm_and_ctrl_c_fail_the_run_with_true_counts(
+    tiny_llama, vector_file, tmp_path, sig, rc, said, error
+):
+    """SIGTERM (what `timeout`, `ray job stop`, Kubernetes send) exited 143 without a word and left the run
+    'running'; after either signal `runs.n_scored` read 0 while rows were stored."""
+    data = write_chat_jsonl(tmp_path / "data.jsonl", N)
+    db = tmp_path / "screen.duckdb"
+    args = screen_args(data, tiny_llama, vector_file, db, "--chunk-size", "50", "--no-progress")
+    wal = Path(f"{db}.wal")
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(wal.exists, 120, "the run began", first)
+    begun = wal.stat().st_size
+    wait_for(lambda: wal.stat().st_size > begun + 2.5 * CHUNK_WAL_BYTES, 240, "chunks were committed", first)
+    first.send_signal(sig)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == rc, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"{said}; rerun the same command to resume"
+    assert "Traceback" not in err
+    with duckdb.connect(str(db), read_only=True) as con:
+        stored = con.execute("SELECT count(*) FROM samples").fetchone()[0]
+        run = con.execute("SELECT status, error, n_scored FROM runs").fetchall()
+    assert 0 < stored < N
+    assert run == [("failed", error, stored)]

@@ -586,7 +586,8 @@ def test_a_disk_full_at_the_final_checkpoint_fails_loudly(
     assert line.startswith(f"error: {db}: could not write the results into the database file (")
     assert "No space left on device" in line and f"{db}.wal" in line
     monkeypatch.setattr(screener.store.Store, "__init__", real_init)
-    assert table(db, "SELECT status, n_scored FROM runs") == [("failed", 0)]
+    # the 12 committed samples are counted as they commit, not only when the run finishes (issue 22)
+    assert table(db, "SELECT status, n_scored FROM runs") == [("failed", 12)]
     assert main(argv) == 0 and "(resumed)" in capsys.readouterr().out
     assert table(db, "SELECT status, n_scored FROM runs") == [("finished", 12)]
 

@@ -260,11 +260,12 @@ def crash_child(path: str, hang_mid_write: bool) -> None:
         # Stall batch 3 after its samples INSERT, before its scores: the kill lands inside the transaction.
         insert = store._insert
 
-        def stalling_insert(table: str, run_id: str, rows: object) -> None:
-            insert(table, run_id, rows)
+        def stalling_insert(table: str, run_id: str, rows: object, **kwargs) -> list:
+            inserted = insert(table, run_id, rows, **kwargs)
             if table == "samples" and rows.column("sample_id")[0].as_py().startswith("b3-"):
                 print("mid-write", flush=True)
                 time.sleep(60)
+            return inserted
 
         store._insert = stalling_insert
     for b in itertools.count():  # never exits on its own, so the kill always lands mid-run
