@@ -481,3 +481,17 @@ def test_a_written_pair_may_carry_a_register_label(tmp_path):
     path = tmp_path / "labelled.json"
     path.write_text(json.dumps({**BASE_TRAIT, "name": "labelled", "examples": [labelled]}))
     assert load_trait(str(path)).examples[0].question == "How do I boil an egg?"
+
+
+# issue 21: the trait files rewritten without style confounds, at their floors of pairs
+REWRITTEN = {"hallucinating": (150, 50)}
+
+
+@pytest.mark.parametrize("name", sorted(REWRITTEN))
+def test_rewritten_traits_meet_their_floors_with_matched_lengths(name):
+    t = load_trait(name)
+    train, held = REWRITTEN[name]
+    assert len(t.examples) >= train and len(t.eval_examples) >= held
+    # a side that is longer on average is a nuisance the vector would read as the trait
+    for e in (*t.examples, *t.eval_examples):
+        assert 0.75 <= len(e.positive) / len(e.negative) <= 1.33, e.question
