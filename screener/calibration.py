@@ -26,12 +26,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from screener.datasets import ReadStats, canonical_uri, packaged_sharegpt, read_samples
 from screener.errors import UserError
 from screener.models import DEFAULT_MODEL, resolve_model, sha256_file
 from screener.records import Sample
+from screener.reference import distribution
 from screener.scoring import GenerationSettings
 from screener.vectors import Vector, builtin_vector_path, check_vector, load_vector, sidecar_path
 
@@ -39,7 +38,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_START = 5000  # the packaged ShareGPT file's first 5,000 records are for independent checks only
 DEFAULT_LIMIT = 2000
-PERCENTILES = np.linspace(0, 100, 101)
 METRIC_OF_MODE = {"proxy": "delta_p_proxy", "natural": "delta_p"}
 
 
@@ -66,38 +64,6 @@ class CalibrateConfig:
     db: str | None = None  # keep the reference screen there (default: a scratch folder)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     progress: bool = True
-
-
-def distribution(values: Sequence[float]) -> dict:
-    """n, mean, std (ddof=1) and the 0th..100th percentiles of the values that are not NaN."""
-    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if not len(x):
-        return {"n": 0, "mean": None, "std": None, "quantiles": []}
-    return {
-        "n": len(x),
-        "mean": round(float(x.mean()), 6),
-        "std": round(float(x.std(ddof=1)), 6) if len(x) > 1 else None,
-        "quantiles": [round(float(q), 6) for q in np.percentile(x, PERCENTILES)],
-    }
-
-
-def percentile_of(value: float, quantiles: Sequence[float]) -> float:
-    """Where `value` falls among the reference, 0..100: linear between the stored percentiles (as the
-    `scored` view computes `ref_percentile`); below the minimum 0, above the maximum 100."""
-    q = list(quantiles)
-    k = sum(1 for x in q if x <= value)  # how many stored percentiles lie at or below the value
-    if k == 0:
-        return 0.0
-    if k >= len(q):
-        return 100.0
-    lo, hi = q[k - 1], q[k]
-    return 100.0 * ((k - 1) + (value - lo) / (hi - lo)) / (len(q) - 1)
-
-
-def share_below(edges: Sequence[float], quantiles: Sequence[float]) -> np.ndarray:
-    """The reference's share (0..1) at or below each edge: for drawing it over a dataset's histogram."""
-    return np.array([percentile_of(e, quantiles) / 100 for e in edges])
 
 
 # -- the reference set ------------------------------------------------------------------------------

@@ -59,21 +59,38 @@ def histogram_title(h: Histogram) -> str:
 
 
 def format_histogram(h: Histogram, width: int = 100) -> str:
-    """A text histogram: one line per bin with its range, a bar and its count."""
+    """A text histogram: one line per bin with its range, a bar and its count; with a reference
+    distribution (ordinary chat, `screener calibrate`), each bin's share of the dataset and of the
+    reference side by side, and how much of the dataset lies above the reference's 95th percentile."""
     if not h.counts:
         return f"{histogram_title(h)}\n(no values: {h.metric} is NULL for every sample of this trait)"
     labels = [
         f"[{lo:>9.4g}, {hi:>9.4g}{']' if i == len(h.counts) - 1 else ')'}"
         for i, (lo, hi) in enumerate(zip(h.lower, h.upper, strict=True))
     ]
+    ref = h.reference_shares()
     count_width = len(f"{max(h.counts):,}")
-    bar_width = max(10, width - len(labels[0]) - count_width - 3)
+    extra = 16 if ref else 0  # "  12.3%   4.5%" beside the count
+    bar_width = max(10, width - len(labels[0]) - count_width - 3 - extra)
     top = max(h.counts)
     lines = [histogram_title(h)]
-    for label, count in zip(labels, h.counts, strict=True):
+    if ref:
+        pad = " " * (len(labels[0]) + bar_width + count_width + 2)
+        lines.append(f"{pad}{'data':>7}{'ref':>7}")
+    for i, (label, count) in enumerate(zip(labels, h.counts, strict=True)):
         eighths = round(count / top * bar_width * 8) if top else 0
         bar = "█" * (eighths // 8) + (BLOCKS[eighths % 8] if eighths % 8 else "")
-        lines.append(f"{label} {bar:<{bar_width}} {count:>{count_width},}")
+        line = f"{label} {bar:<{bar_width}} {count:>{count_width},}"
+        if ref:
+            line += f" {100 * count / h.n:>6.1f}%{100 * ref[i]:>6.1f}%"
+        lines.append(line)
+    if ref and (above := h.share_above_reference(95.0)):
+        below, beyond = h.reference_shares_outside()
+        lines.append(
+            f"reference: ordinary chat (n = {h.reference_n:,}), {100 * below:.1f}% of it below this range "
+            f"and {100 * beyond:.1f}% above; its p50 {h.reference[50]:.4g}, p95 {above[0]:.4g}: "
+            f"{100 * above[1]:.1f}% of this dataset lies above its p95"
+        )
     return "\n".join(lines)
 
 
@@ -96,6 +113,16 @@ def save_histogram_png(h: Histogram, path: str | Path) -> None:
             edgecolor="white",
             linewidth=0.5,
         )
+        if ref := h.reference_shares():  # the reference at the dataset's scale, as a step outline
+            ax.stairs(
+                [r * h.n for r in ref],
+                [h.lower[0], *h.upper],
+                color="#dd8452",
+                linewidth=1.5,
+                label=f"ordinary chat (reference, n = {h.reference_n:,}), scaled to n",
+            )
+            ax.axvline(h.reference[95], color="#dd8452", linestyle="--", linewidth=1, label="reference p95")
+            ax.legend(loc="upper right", fontsize=8)
         ax.set_xlabel(f"{METRIC_LABELS.get(h.metric, h.metric)}, layer {h.layer}")
         ax.set_ylabel("samples")
         ax.set_title(f"{h.trait}: {h.metric}  (run {h.run_id}, n = {h.n:,})")

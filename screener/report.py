@@ -91,6 +91,24 @@ def histogram_svg(h: Histogram, width: int = 720, height: int = 260) -> str:
             f'<rect x="{left + i * bw + 0.5:.1f}" y="{top + ph - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
             f'height="{bh:.1f}" fill="#4c72b0"><title>{tip}</title></rect>'
         )
+    if ref := h.reference_shares():  # ordinary chat at the dataset's scale: a step outline over the bars
+        peak_ref = max(r * h.n for r in ref)
+        scale = peak / peak_ref if peak_ref > peak else 1.0  # keep the outline inside the plot
+        points = []
+        for i, r in enumerate(ref):
+            y = top + ph - ph * r * h.n * scale / peak
+            points += [f"{left + i * bw:.1f},{y:.1f}", f"{left + (i + 1) * bw:.1f},{y:.1f}"]
+        tip = html.escape(f"ordinary chat (reference, n = {h.reference_n:,}), scaled to this dataset's n")
+        parts.append(
+            f'<polyline points="{" ".join(points)}" fill="none" stroke="#dd8452" stroke-width="2">'
+            f"<title>{tip}{'' if scale == 1 else f' (and by {scale:.2g} to fit)'}</title></polyline>"
+        )
+        if lo <= h.reference[95] <= hi:
+            x = left + pw * (h.reference[95] - lo) / ((hi - lo) or 1)
+            parts.append(
+                f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#dd8452" '
+                f'stroke-dasharray="2 2"><title>reference p95 {h.reference[95]:.4g}</title></line>'
+            )
     axis = 'stroke="#555" stroke-width="1"'
     parts.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" {axis}/>')
     parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" {axis}/>')
@@ -225,6 +243,12 @@ def _hist_section(h: Histogram, stats: dict | None) -> str:
             "<p class='stats'>"
             + " · ".join(f"{k} {_num(stats[k])}" for k in ("mean", "std", "p05", "p50", "p95", "max"))
             + "</p>"
+        )
+    if above := h.share_above_reference(95.0):
+        line += (
+            "<p class='stats'>orange: ordinary chat (the vector's reference, n = "
+            f"{h.reference_n:,}), scaled to this dataset; its p95 {_num(above[0])} (dashed): "
+            f"{100 * above[1]:.1f}% of this dataset lies above it</p>"
         )
     return (
         f'<section id="hist-{_slug(h.trait)}"><h2>Distribution: {html.escape(h.trait)}</h2>'

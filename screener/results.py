@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import numpy as np
 
 from screener.errors import QueryError
+from screener.reference import share_below
 from screener.runs import Run
 from screener.store import DEFAULT_DB, SQL_DIR, Store, StoreBusyError
 
@@ -308,10 +310,42 @@ class Histogram:
     lower: list[float]
     upper: list[float]
     counts: list[int]
+    # the vector's reference distribution on ordinary chat (`screener calibrate`), when the run has one for
+    # this trait, layer and metric: its 0th..100th percentiles and how many samples they summarise
+    reference: list[float] | None = None
+    reference_n: int | None = None
 
     @property
     def n(self) -> int:
         return sum(self.counts)
+
+    def reference_shares(self) -> list[float] | None:
+        """The reference's share (0..1) in each bin, for drawing it beside the dataset's counts."""
+        if not self.reference or not self.counts:
+            return None
+        below = share_below([self.lower[0], *self.upper], self.reference)
+        return [float(x) for x in np.diff(below)]
+
+    def reference_shares_outside(self) -> tuple[float, float]:
+        """The reference's share below the first bin and above the last (0 without a reference)."""
+        if not self.reference or not self.counts:
+            return 0.0, 0.0
+        below = share_below([self.lower[0], self.upper[-1]], self.reference)
+        return float(below[0]), float(1 - below[1])
+
+    def share_above_reference(self, percentile: float = 95.0) -> tuple[float, float] | None:
+        """(the reference's value at `percentile`, the share of this dataset's binned samples above it),
+        counting a bin that straddles the value by the part of it above, as if its samples were spread."""
+        if not self.reference or not self.n:
+            return None
+        cut = float(np.percentile(self.reference, percentile))  # between the stored whole percentiles
+        above = 0.0
+        for lo, hi, c in zip(self.lower, self.upper, self.counts, strict=True):
+            if lo >= cut:
+                above += c
+            elif hi > cut:
+                above += c * (hi - cut) / (hi - lo)
+        return cut, above / self.n
 
 
 def histogram(
@@ -322,8 +356,23 @@ def histogram(
         raise ValueError("bins must be >= 1")
     params = {"run_id": run.run_id, "trait": trait, "layer": layer, "metric": metric, "bins": bins}
     rows = run_sql(con, canned("hist"), params).fetchall()
+    ref = run_sql(
+        con,
+        "SELECT quantiles, n FROM reference_distributions "
+        "WHERE run_id = $run_id AND trait = $trait AND layer = $layer AND metric = $metric",
+        {k: params[k] for k in ("run_id", "trait", "layer", "metric")},
+    ).fetchall()
+    ref = ref[0] if ref else None
     return Histogram(
-        run.run_id, trait, layer, metric, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
+        run.run_id,
+        trait,
+        layer,
+        metric,
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+        [r[3] for r in rows],
+        list(ref[0]) if ref else None,
+        ref[1] if ref else None,
     )
 
 

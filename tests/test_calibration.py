@@ -19,11 +19,10 @@ from screener.calibration import (
     CalibrationError,
     calibrate,
     check_start,
-    distribution,
-    percentile_of,
     reference_samples,
 )
 from screener.datasets import packaged_sharegpt
+from screener.reference import distribution, percentile_of
 from screener.results import open_db
 from screener.screen import ScreenConfig, screen
 from screener.store import Store
@@ -81,7 +80,7 @@ def test_calibration_is_the_reference_screens_distribution(calibrated):
     assert "delta_p" not in cal["distributions"]  # proxy only without --natural
 
 
-def test_a_screen_gives_ref_percentile(calibrated, tiny_llama, tmp_path):
+def test_a_screen_gives_ref_percentile(calibrated, tiny_llama, tmp_path, capsys):
     _, vec, ref, cal = calibrated
     db = tmp_path / "s.duckdb"
     cfg = ScreenConfig(
@@ -96,6 +95,9 @@ def test_a_screen_gives_ref_percentile(calibrated, tiny_llama, tmp_path):
         q = cal["distributions"]["delta_p_proxy"][str(layer)]["quantiles"]
         assert pct == pytest.approx(percentile_of(metric, q), abs=1e-6)
     assert min(p for *_, p in rows) == 0.0 and max(p for *_, p in rows) == 100.0  # rows 0, 1, 11 are outside
+    capsys.readouterr()
+    assert cli("hist", "--db", db, "--layer", 3) == 0  # the reference beside the dataset
+    assert "reference: ordinary chat (n = 9)" in capsys.readouterr().out
 
     # calibrated with other weights: the run gets no reference (a warning), ref_percentile stays NULL
     side = json.loads(vec.with_suffix(".json").read_text())

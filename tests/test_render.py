@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -38,6 +39,26 @@ def test_format_histogram() -> None:
 def test_save_histogram_png(tmp_path: Path) -> None:
     save_histogram_png(H, tmp_path / "h.png")
     assert (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    save_histogram_png(REF, tmp_path / "r.png")  # with the reference drawn beside it
+    assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+# the reference: uniform on [-2, 2], so a quarter of it falls in each unit bin, a quarter below -1
+REF = Histogram(
+    "abc123", "evil", 20, "delta_p", H.lower, H.upper, H.counts, list(np.linspace(-2, 2, 101)), 500
+)
+
+
+def test_format_histogram_with_the_reference() -> None:
+    assert REF.reference_shares() == pytest.approx([0.25, 0.25, 0.25])
+    assert REF.reference_shares_outside() == pytest.approx((0.25, 0.0))
+    # p95 of the reference is 1.8: 0 of the 10 samples lie in [1, 2], so none above it
+    assert REF.share_above_reference(95) == pytest.approx((1.8, 0.0))
+    lines = format_histogram(REF, width=80).splitlines()
+    assert lines[1].split() == ["data", "ref"]
+    assert lines[2].endswith("20.0%  25.0%") and lines[3].endswith("80.0%  25.0%")
+    assert "25.0% of it below this range and 0.0% above" in lines[-1] and "p95 1.8" in lines[-1]
+    assert all(len(line) <= 80 for line in lines[:-1])
 
 
 def test_excerpts() -> None:

@@ -153,6 +153,17 @@ def test_report_renders_data_without_a_database() -> None:
     assert page.count("<rect") == 1 and "No values: this score is NULL for every sample." in page
     assert "q &amp; a" in page and "No scored samples." in page and "No samples with a delta_p_proxy" in page
     assert run.run_id in page and "<td>samples scored</td><td>2</td>" in page
+    assert "polyline" not in page  # no reference distribution: nothing drawn beside the bars
+
+
+def test_report_draws_the_reference_beside_the_dataset() -> None:
+    run = Run("m", "00" * 32, "d.jsonl", "proxy", (3,), ("evil",), {"seed": 1}, n_scored=4)
+    quantiles = [x / 50 - 1 for x in range(101)]  # uniform on [-1, 1]: p95 0.9
+    h = Histogram(run.run_id, "evil", 3, "delta_p_proxy", [0.0, 0.5], [0.5, 1.0], [1, 3], quantiles, 200)
+    page = html_report(ReportData(run, 3, "delta_p_proxy", [], {"evil": TraitReport(h, None, [])}))
+    assert page.count("<polyline") == 1 and "ordinary chat (reference, n = 200)" in page
+    assert "reference p95 0.9" in page and "its p95 0.9" in page
+    assert "15.0% of this dataset lies above it" in page  # a fifth of the 3 samples in [0.5, 1], of 4
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="needs chromium (apt-get install chromium)")
