@@ -42,9 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from screener.datasets import detect_format, iter_records, record_to_samples
+from screener.datasets import check_input, read_rows, rebuild
 from screener.errors import QueryError, ScreenerError, UserError
-from screener.export import check_input
 from screener.records import Reject, Sample
 from screener.runs import Run
 
@@ -157,22 +156,18 @@ def read_back(run: Run, stored: Sequence[StoredSample], input_uri: str | None = 
     for s in stored:
         wanted.setdefault(s.source_row, []).append(s)
     turns = run.settings.get("turns") or "last"
-    fmt, found = None, {}
+    found = {}
     changed = "the input changed since the screen; pass the screened data with --input"
-    for row, source, record in iter_records(uri, split=run.settings.get("split")):
-        fmt = fmt or detect_format(record)  # as the screen did: the first record's format
-        if row not in wanted:
+    for row in read_rows(uri, split=run.settings.get("split")):
+        if row.row not in wanted:
             continue
-        rebuilt = {
-            s.sample_id: s
-            for s in record_to_samples(record, fmt, source_row=row, source_file=source, turns=turns)
-            if isinstance(s, Sample)
-        }
-        for st in wanted.pop(row):
+        rebuilt = {s.sample_id: s for s in rebuild(row, turns) if isinstance(s, Sample)}
+        for st in wanted.pop(row.row):
             sample = rebuilt.get(st.sample_id)
             if sample is None or sample.response != st.response or sample.prompt != st.prompt:
                 raise QueryError(
-                    f"{source}, row {row}: not the record the screen scored as {st.sample_id!r}: {changed}"
+                    f"{row.file}, row {row.row}: not the record the screen scored as {st.sample_id!r}: "
+                    + changed
                 )
             found[st.sample_id] = sample
         if not wanted:

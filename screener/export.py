@@ -2,7 +2,7 @@
 
 `results.select_drops` says which source rows a filter drops (every filter selects *samples to drop*; a
 record is dropped when any of its scored samples is selected). `export_records` then reads the run's
-dataset once with `iter_records` and writes the records back unchanged, so a jsonl export without a
+dataset once with `datasets.read_rows` and writes the records back unchanged, so a jsonl export without a
 filter reproduces the input records exactly. Records the screen did not score (rejected, or past
 `--limit`, or with tool-call turns only) are kept unless `drop_unscored`; unparseable input lines and
 unreadable files are written to neither side (the manifest counts them: `unreadable_rows`,
@@ -15,7 +15,6 @@ under a temporary name, renamed when complete.
 
 from __future__ import annotations
 
-import glob
 import json
 import pickle
 import tempfile
@@ -26,16 +25,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from screener.datasets import (
-    ReadStats,
-    data_suffix,
-    is_glob,
-    is_hub_name,
-    iter_records,
-    record_to_samples,
-)
+from screener.datasets import ReadStats, Row, check_input, read_rows, rebuild
 from screener.errors import QueryError
 from screener.outputs import TEMP_SUFFIX, Protected, output_file, output_folder, temp_prefix
+from screener.records import Reject
 from screener.results import DropFilter, Selection
 from screener.runs import Run
 
@@ -57,7 +50,7 @@ class ExportCounts:
     dropped: int = 0
     written: int = 0
     dropped_unscored: int = 0
-    unreadable_rows: int = 0  # rows iter_records skipped (invalid JSON): on neither side
+    unreadable_rows: int = 0  # rows that did not parse (invalid JSON): on neither side
     unreadable_files: int = 0  # files that could not be read to their end: what follows is on neither side
     dropped_by_trait: dict[str, int] = field(default_factory=dict)  # a record may count for several
 
@@ -129,7 +122,7 @@ def export_records(
         protected.check(out, force=force)
         protected.check(manifest_path(out, fmt), force=force)
     stats = ReadStats()
-    records = iter_records(uri, split=run.settings.get("split"), stats=stats)  # a hub split, as screened
+    rows = read_rows(uri, split=run.settings.get("split"), stats=stats)  # a hub split, as screened
     result: ExportResult | None = None
 
     def manifest() -> str:
@@ -138,7 +131,7 @@ def export_records(
 
     writer = WRITERS[fmt](out, manifest, protected, force, hf_cache_dir)
     with writer as write:
-        counts = _write_chosen(records, selection, flt, run.settings.get("turns") or "last", write, stats)
+        counts = _write_chosen(rows, selection, flt, run.settings.get("turns") or "last", write, stats)
         result = ExportResult(
             run_id=run.run_id,
             input=uri,
@@ -153,26 +146,8 @@ def export_records(
     return result
 
 
-def check_input(uri: str) -> None:
-    """Fail in one line, naming the file, when the dataset is not where the run (or --input) says."""
-    if uri.startswith("hf://") or Path(uri).exists():
-        return
-    where = "" if Path(uri).is_absolute() else f" (relative to {Path.cwd()})"
-    if is_glob(uri):
-        if glob.glob(uri, recursive=True):
-            return
-        problem = f"{uri} matches no files{where}"
-    # `org/name` is a hub dataset; with a data suffix (`data/x.jsonl`, stored as typed by a screen run
-    # from another directory) it is a local file that is not here.
-    elif is_hub_name(uri) and not data_suffix(uri):
-        return
-    else:
-        problem = f"{uri}: no such file or directory{where}"
-    raise QueryError(f"the screened dataset is not here: {problem}; pass its location with --input")
-
-
 def _write_chosen(
-    records: Iterator[tuple[int, str, dict]],
+    rows: Iterator[Row],
     selection: Selection,
     flt: DropFilter,
     turns: str,
@@ -180,16 +155,20 @@ def _write_chosen(
     stats: ReadStats,
 ) -> ExportCounts:
     """Decide for every record whether it is dropped, `write` the side the filter asks for, and count
-    both sides. `stats` is the reader's: each file's row format, and the files it could not read."""
+    both sides. `stats` is the reader's: the files it could not read."""
     n: Counter[str] = Counter()
     dropped_by_trait: Counter[str] = Counter()
-    expected_row = 0
-    for row, source, record in records:
-        n["unreadable_rows"] += row - expected_row
-        expected_row = row + 1
+    n_rows = 0
+    for item in rows:
+        if isinstance(item.record, Reject):  # a row that did not parse, or a file that failed: neither side
+            n["unreadable_rows"] += item.record.kind != "file"
+            n_rows = max(n_rows, item.row + 1)
+            continue
+        row, record = item.row, item.record
+        n_rows = row + 1
         unscored = row not in selection.scored
-        if not unscored:  # each file has its own row format, as the screen read it
-            _check_same_samples(row, source, record, stats.formats[source], selection.scored[row], turns)
+        if not unscored:
+            _check_same_samples(item, selection.scored[row], turns)
         drop = row in selection.dropped or (flt.drop_unscored and unscored)
         n["records_read"] += 1
         if drop:
@@ -201,23 +180,22 @@ def _write_chosen(
         if drop == flt.invert:
             write(record)
             n["written"] += 1
-    if selection.scored and max(selection.scored) >= expected_row:
+    if selection.scored and max(selection.scored) >= n_rows:
         raise QueryError(
-            f"the screen scored row {max(selection.scored)}, but the input has {expected_row} rows: "
+            f"the screen scored row {max(selection.scored)}, but the input has {n_rows} rows: "
             "the input changed since the screen; pass the screened data with --input"
         )
     n["unreadable_files"] = len(stats.unreadable)
     return ExportCounts(**n, dropped_by_trait=dict(dropped_by_trait))
 
 
-def _check_same_samples(row: int, source: str, record: dict, fmt: str, scored: set[str], turns: str) -> None:
-    """The record must still be the one scored at this row, or the export would drop the wrong records."""
-    here = {
-        s.sample_id for s in record_to_samples(record, fmt, source_row=row, source_file=source, turns=turns)
-    }
+def _check_same_samples(row: Row, scored: set[str], turns: str) -> None:
+    """The record must still be the one scored at this row, or the export would drop the wrong records.
+    Its samples are rebuilt as the screen built them, with its file's own row format."""
+    here = {s.sample_id for s in rebuild(row, turns)}
     if not scored <= here:
         raise QueryError(
-            f"{source}, row {row}: the screen scored {sorted(scored)[:3]} here, but this record has "
+            f"{row.file}, row {row.row}: the screen scored {sorted(scored)[:3]} here, but this record has "
             f"{sorted(here)[:3]}: the input changed since the screen; pass the screened data with --input"
         )
 

@@ -383,7 +383,7 @@ def many(n: int) -> list[dict]:
 
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
 def test_truncated_array_recovers_every_complete_record(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(sd, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(sd.containers, "CHUNK_BYTES", chunk)
     records = many(40)
     data = json.dumps(records, indent=1, ensure_ascii=False).encode()
     cut = data.index("😀".encode(), data.index(b'"r30"')) + 2  # mid-string, mid-character
@@ -713,3 +713,47 @@ def test_csv_line_endings(tmp_path):
         (path := tmp_path / "d.csv").write_bytes(text.replace("two\nlines", f"two{ending}lines").encode())
         got = [(s.sample_id, s.prompt[0]["content"]) for s in samples(path)]
         assert got == [("1", "p1"), ("2", f"two{ending}lines"), ("3", "p3")], repr(ending)
+
+
+# ---- the one reader: rows, rebuild, in-memory data --------------------------------------------------
+
+
+def test_read_rows_gives_every_row_with_its_files_format(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [chat(0), "not an object"])
+    (tmp_path / "b.csv").write_text("prompt,response\nq,a\n")
+    rows = list(sd.read_rows(str(tmp_path)))
+    assert [(Path(r.file).name, r.row, r.format) for r in rows] == [
+        ("a.jsonl", 0, "openai"),
+        ("a.jsonl", 1, "openai"),
+        ("b.csv", 2, "prompt_response"),
+    ]
+    assert isinstance(rows[1].record, Reject) and "not an object" in rows[1].record.reason
+    assert [s.sample_id for r in rows for s in sd.rebuild(r, "last")] == [
+        "r0",
+        rows[1].record.sample_id,
+        content_id({"prompt": "q", "response": "a"}),
+    ]
+
+
+def test_records_in_memory_are_a_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    # one source, so one row format (its first record's), as for one file
+    from_list = list(read_samples([SHAREGPT, chat(0), 7], turns="all"))
+    assert [s.sample_id for s in from_list[:4]] == ["s1#0", "s1#1", "s1#2", "s1#3"]
+    assert [o.reason for o in from_list[4:]] == [
+        "conversations: missing (columns found: ['id', 'messages'])",
+        "invalid JSON: not an object (got int)",
+    ]
+    assert {(o.source_file, o.source_row) for o in from_list} == {
+        (sd.MEMORY, 0),
+        (sd.MEMORY, 1),
+        (sd.MEMORY, 2),
+    }
+    openai = [chat(0), chat(1)]
+    for data in (
+        datasets.Dataset.from_list(openai),
+        datasets.Dataset.from_list(openai).to_iterable_dataset(),
+    ):
+        assert [(s.sample_id, s.response) for s in read_samples(data)] == [("r0", "fine"), ("r1", "fine")]
+    with pytest.raises(DatasetFormatError, match="one mapping"):
+        read_samples(chat(0))

@@ -10,16 +10,18 @@ import shutil
 from pathlib import Path
 
 import duckdb
+import helpers
 import numpy as np
 import pytest
 import torch
 from conftest import random_vectors
-from helpers import cli, write_jsonl
+from helpers import cli, make_screen, openai_records, sharegpt_records, write_jsonl
 from test_report import run_chromium
 
 from screener.explain import (
     MAX_SPAN,
     explain_samples,
+    read_back,
     sentence_spans,
     stored_samples,
     token_pieces,
@@ -292,6 +294,24 @@ def test_a_moved_or_changed_input(tiny_llama, tmp_path: Path, capsys) -> None:
     assert "Not computed: the screened dataset is not here" in out.read_text()
     assert cli("report", "--db", db, "--out", out, "--input", moved, "--force") == 0
     assert "Not computed" not in out.read_text()
+
+
+def test_a_folder_of_mixed_row_formats_reads_back_as_screened(tmp_path: Path) -> None:
+    """Each file has its own row format, for explain as for the screen (not the first record's)."""
+    data = tmp_path / "mixed"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", openai_records(6)[:2])
+    (data / "b.json").write_text(
+        json.dumps([{**r, "id": f"s{i}"} for i, r in enumerate(sharegpt_records(6)[:2])])
+    )
+    (data / "c.csv").write_text("id,prompt,response\np1,Why?,Because.\np2,How?,Carefully.\n")
+    fake = make_screen(tmp_path / "m.duckdb", data)
+    assert len(fake.samples) == 6 and not fake.rejects
+    ids = [s.sample_id for s in fake.samples]
+    with open_db(tmp_path / "m.duckdb") as store:
+        stored = stored_samples(store.con, fake.run, ids, helpers.LAYERS[0], helpers.TRAITS)
+    back = read_back(fake.run, stored)
+    assert [(back[i].prompt, back[i].response) for i in ids] == [(s.prompt, s.response) for s in fake.samples]
 
 
 def test_changed_weights_or_vectors_are_refused(tiny_llama, tmp_path: Path, capsys) -> None:

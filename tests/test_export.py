@@ -23,7 +23,7 @@ from helpers import (
 )
 
 import screener.export
-from screener.datasets import iter_records
+from screener.datasets import read_rows
 from screener.export import FORMATS, SPOOL_BATCH, export_records, manifest_path
 from screener.results import DropFilter, open_db, pick_run, select_drops
 
@@ -354,9 +354,9 @@ def test_export_reads_the_input_once_and_returns_its_counts(screen: FakeScreen, 
 
     def counted(uri: str, **kw: object):
         reads.append(uri)
-        return iter_records(uri, **kw)
+        return read_rows(uri, **kw)
 
-    monkeypatch.setattr(screener.export, "iter_records", counted)
+    monkeypatch.setattr(screener.export, "read_rows", counted)
     with open_db(screen.db) as store:
         run = pick_run(store.con)
         flt = DropFilter("delta_p", {"evil": 10, "sycophantic": 10}, ("evil",), threshold=0.5)

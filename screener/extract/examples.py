@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from screener.datasets import CHAT_FORMATS, DatasetFormatError, detect_format, iter_rows, record_to_samples
+from screener.datasets import CHAT_FORMATS, DatasetFormatError, detect_format, read_rows, record_to_samples
 from screener.errors import UserError
 from screener.extract.traits import Example, Trait
 from screener.models import sha256_file
@@ -129,7 +129,7 @@ def read_example_files(paths: Sequence[str]) -> ExampleSet:
     for path in paths:
         before, records = len(examples), 0
         try:  # the rows are streamed: a missing file or an unknown file type shows at the first one
-            for row, source, record in iter_rows(path):
+            for source, row, _, record in read_rows(path, formats=False):
                 records += 1
                 if isinstance(record, Reject):
                     raise ExampleError(f"{source}, row {row}: {record.reason}")

@@ -1,0 +1,161 @@
+"""The one streaming reader: every row of a dataset, numbered over all its files, with its file's row format
+(`read_rows`), and one way to turn a row into samples (`rebuild`). The screen (`read_samples`), export and
+explain all read through these two, so a row means the same record with the same samples everywhere."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from screener.datasets.base import (
+    BadRecord,
+    DatasetFormatError,
+    DatasetReadError,
+    ReadStats,
+    content_hash,
+)
+from screener.datasets.containers import CONTENT_ERRORS, file_reason
+from screener.datasets.formats import detect_format, record_to_samples
+from screener.datasets.sources import Data, Source, sources
+from screener.records import TURNS, Reject, Sample
+
+
+class Row(NamedTuple):
+    """One row of a dataset. `row` is 0-based over every file in order (-1 for a file-level reject);
+    `format` is the file's row format (None before its first record, or when formats are not detected);
+    `record` is the record exactly as parsed, or a Reject: a row that did not parse (invalid JSON, not an
+    object, a CSV line of the wrong width) or a file that could not be read to its end (kind "file")."""
+
+    file: str
+    row: int
+    format: str | None
+    record: dict | Reject
+
+
+def read_rows(
+    data: Data, *, split: str | None = None, stats: ReadStats | None = None, formats: bool = True
+) -> Iterator[Row]:
+    """Every row of `data` (a URI, or records in memory), streamed; see `Row`.
+
+    Each file's row format is detected from its first record (unless `formats` is False: records of any
+    shape come as they are, e.g. labelled examples). A file whose content fails yields the rows read
+    before the failure, then a file-level Reject; so does, in a dataset of several files, a file of no
+    known row format (a dataset of one such file stops with the columns it has). A file that cannot be
+    opened or read at all stops the read (see the package docstring). `split` applies to hub datasets only.
+    The URI is resolved now, so a bad one fails at the call rather than at the first `next()`."""
+    return _numbered(sources(data, split), stats if stats is not None else ReadStats(), formats)
+
+
+def rebuild(row: Row, turns: str) -> list[Sample | Reject]:
+    """The samples of one row, as the screen scores them: one per scored assistant turn (the last one, or
+    all), or Rejects that name the field; a row that did not parse is its own Reject."""
+    if isinstance(row.record, Reject):
+        return [row.record]
+    if row.format is None:
+        raise ValueError(f"{row.file}, row {row.row}: read with formats=False, so it has no row format")
+    try:
+        return record_to_samples(
+            row.record, row.format, source_row=row.row, source_file=row.file, turns=turns
+        )
+    except RecursionError:  # parsed, but too deep to hash or normalise
+        key = content_hash(f"{row.file}\x1f{row.row}".encode())
+        return [Reject(row.row, key, "record nested too deeply to process", row.file)]
+
+
+def read_samples(
+    data: Data,
+    *,
+    turns: str = "last",
+    split: str | None = None,
+    limit: int | None = None,
+    stats: ReadStats | None = None,
+) -> Iterator[Sample | Reject]:
+    """Normalised samples (and rejects) from any supported URI (or records in memory), streamed: what the
+    screen scores. `limit` caps the Samples yielded (rejects don't count)."""
+    if turns not in TURNS:
+        raise ValueError(f"turns must be 'last' or 'all', got {turns!r}")
+    stats = stats if stats is not None else ReadStats()
+    return _samples(read_rows(data, split=split, stats=stats), turns, limit, stats)
+
+
+def iter_records(
+    data: Data, *, split: str | None = None, stats: ReadStats | None = None
+) -> Iterator[tuple[int, str, dict]]:
+    """(row, file, record) for the rows of `read_rows` that are records: the input as parsed, for writing
+    it back (rows that did not parse and unreadable files are left out; rows keep their numbers)."""
+    rows = read_rows(data, split=split, stats=stats)
+    return ((r.row, r.file, r.record) for r in rows if isinstance(r.record, dict))
+
+
+def _samples(
+    rows: Iterator[Row], turns: str, limit: int | None, stats: ReadStats
+) -> Iterator[Sample | Reject]:
+    n_samples = 0
+    if limit is not None and limit <= 0:
+        return
+    for row in rows:
+        for item in rebuild(row, turns):
+            if isinstance(item, Sample):
+                stats.samples += 1
+                n_samples += 1
+            elif item.kind == "skipped":
+                stats.skipped += 1
+            elif item.kind == "bad":
+                stats.rejects += 1
+            yield item
+            if n_samples == limit:
+                return
+
+
+class _UnknownFormat(DatasetFormatError):
+    """A file of a dataset of several whose first record has no known row format: a file-level reject."""
+
+
+class _NoFormat(DatasetFormatError):
+    """The one source of a dataset has no known row format: the read stops."""
+
+
+def _numbered(sources: list[Source], stats: ReadStats, formats: bool) -> Iterator[Row]:
+    """Number the rows of every source in order: the one path shared by files, hub and in-memory data."""
+    row = 0
+    stats.bytes_total = sum(os.path.getsize(s.name) for s in sources if s.local and os.path.isfile(s.name))
+    for source in sources:
+        name = source.name
+        stats.files.append(name)
+        stats.per_file[name] = 0
+        try:
+            for record in source.read(stats):
+                if formats and isinstance(record, dict) and name not in stats.formats:
+                    try:
+                        stats.formats[name] = detect_format(record)
+                    except DatasetFormatError as e:
+                        if len(sources) == 1 or not source.local:
+                            raise _NoFormat(f"{name}, row {row}: {e}") from None
+                        raise _UnknownFormat(f"{e} (its first record, row {row})") from None
+                stats.records += 1
+                stats.per_file[name] += 1
+                if isinstance(record, BadRecord):
+                    record = Reject(row, record.sample_id, record.reason, name)
+                yield Row(name, row, stats.formats.get(name), record)
+                row += 1
+        except Exception as e:
+            if isinstance(e, _NoFormat) or not source.local:
+                raise
+            if isinstance(e, OSError) and e.errno is not None:
+                raise DatasetReadError(
+                    f"{name}: cannot read the file ({e.strerror}); a file that cannot be opened stops the "
+                    "screen, as skipping it would renumber the rows of the files after it"
+                ) from None
+            if not isinstance(e, CONTENT_ERRORS):
+                raise
+            if isinstance(e, _UnknownFormat):
+                reason = f"unreadable file: {e}"
+            else:
+                reason = file_reason(e, name, stats.per_file[name])
+            stats.unreadable[name] = reason
+            yield Row(name, -1, stats.formats.get(name), Reject(-1, name, reason, name, kind="file"))
+        finally:
+            stats.position = None
+            if source.local and os.path.isfile(name):
+                stats.bytes_done += os.path.getsize(name)
