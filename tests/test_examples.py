@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -484,7 +485,7 @@ def test_a_written_pair_may_carry_a_register_label(tmp_path):
 
 
 # issue 21: the trait files rewritten without style confounds, at their floors of pairs
-REWRITTEN = {"hallucinating": (150, 50)}
+REWRITTEN = {"evil": (150, 50), "hallucinating": (150, 50), "sycophantic": (150, 50)}
 
 
 @pytest.mark.parametrize("name", sorted(REWRITTEN))
@@ -495,3 +496,12 @@ def test_rewritten_traits_meet_their_floors_with_matched_lengths(name):
     # a side that is longer on average is a nuisance the vector would read as the trait
     for e in (*t.examples, *t.eval_examples):
         assert 0.75 <= len(e.positive) / len(e.negative) <= 1.33, e.question
+
+
+@pytest.mark.parametrize("name", ["evil", "sycophantic"])
+def test_rewritten_pairs_span_six_registers_and_hold_out_theirs(name):
+    """What the pairs share should be the trait, not a style: six registers, none reused by the held-out."""
+    data = json.loads(Path(load_trait(name).path).read_text())
+    train = {p["register"] for p in data["examples"]}
+    assert {"advice", "fiction", "factual", "code", "chat", "long"} <= train
+    assert not train & {p["register"] for p in data["eval_examples"]}
