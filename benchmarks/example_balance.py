@@ -3,7 +3,8 @@
 The vector of `--from-examples` is mean(positive) - mean(negative), so any style the two sides differ in
 (length, hedging, lists, markdown) is read as the trait. Per trait this prints: pairs per register
 (the optional `"register"` key of a pair), the pos/neg length ratio (chars) and the pairs outside
-0.75..1.33, the share of answers that hedge, hold a list, or use markdown on each side, and how far the
+0.75..1.33, the share of answers that hedge, hold a list, use markdown or exclaim on each side, how often
+each side addresses the user ("you"), and how far the
 held-out questions overlap the extraction ones (exact repeats, and the closest word overlap).
 No model is needed.
 
@@ -30,6 +31,7 @@ HEDGES = re.compile(
 LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
 MARKDOWN = re.compile(r"(\*\*[^*]+\*\*|^#+\s|`)", re.MULTILINE)
 WORD = re.compile(r"[a-z']+")
+YOU = re.compile(r"\byou(?:r|rs|'re|'ve|'ll|'d)?\b", re.IGNORECASE)
 
 
 def has_list(text: str) -> bool:
@@ -46,10 +48,10 @@ def sides(pairs: list[dict], test) -> tuple[float, float]:
     return tuple(sum(bool(test(p[side])) for p in pairs) / n for side in ("positive", "negative"))
 
 
-def per_100_words(pairs: list[dict]) -> tuple[float, float]:
+def per_100_words(pairs: list[dict], pattern: re.Pattern) -> tuple[float, float]:
     def rate(side: str) -> float:
-        hedges = sum(len(HEDGES.findall(p[side])) for p in pairs)
-        return 100 * hedges / max(1, sum(len(p[side].split()) for p in pairs))
+        hits = sum(len(pattern.findall(p[side])) for p in pairs)
+        return 100 * hits / max(1, sum(len(p[side].split()) for p in pairs))
 
     return rate("positive"), rate("negative")
 
@@ -62,7 +64,9 @@ def pair_report(pairs: list[dict]) -> dict:
         "ratio_mean": statistics.mean(ratios),
         "ratio_out": [(i, r) for i, r in enumerate(ratios) if not LOW <= r <= HIGH],
         "hedge": sides(pairs, HEDGES.search),
-        "hedges_per_100w": per_100_words(pairs),
+        "hedges_per_100w": per_100_words(pairs, HEDGES),
+        "exclaim": sides(pairs, lambda t: "!" in t.replace("!=", "")),
+        "you_per_100w": per_100_words(pairs, YOU),
         "list": sides(pairs, has_list),
         "markdown": sides(pairs, MARKDOWN.search),
         "words": tuple(statistics.mean(len(p[s].split()) for p in pairs) for s in ("positive", "negative")),
@@ -106,6 +110,10 @@ def show(name: str, per_pair: bool) -> None:
         print(
             f"    lists: pos {r['list'][0]:.2f} / neg {r['list'][1]:.2f}; "
             f"markdown: pos {r['markdown'][0]:.2f} / neg {r['markdown'][1]:.2f}"
+        )
+        print(
+            f"    exclamations: pos {r['exclaim'][0]:.2f} / neg {r['exclaim'][1]:.2f} of answers; "
+            f"'you' per 100 words: pos {r['you_per_100w'][0]:.1f} / neg {r['you_per_100w'][1]:.1f}"
         )
         if per_pair:
             for i, ratio in r["ratio_out"]:
