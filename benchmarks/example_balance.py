@@ -3,9 +3,9 @@
 The vector of `--from-examples` is mean(positive) - mean(negative), so any style the two sides differ in
 (length, hedging, lists, markdown) is read as the trait. Per trait this prints: pairs per register
 (the optional `"register"` key of a pair), the pos/neg length ratio (chars) and the pairs outside
-0.75..1.33, the share of answers that hedge, hold a list, use markdown or exclaim on each side, how often
-each side addresses the user ("you"), and how far the
-held-out questions overlap the extraction ones (exact repeats, and the closest word overlap).
+0.75..1.33, the share of answers that hedge, hold a list, use markdown, exclaim or speak of enjoyment on
+each side, how often each side addresses the user ("you"), and how far the held-out questions overlap the
+extraction ones (exact repeats, and the closest word overlap).
 No model is needed.
 
     python benchmarks/example_balance.py                 # every built-in trait
@@ -31,6 +31,7 @@ HEDGES = re.compile(
 LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+", re.MULTILINE)
 MARKDOWN = re.compile(r"(\*\*[^*]+\*\*|^#+\s|`)", re.MULTILINE)
 WORD = re.compile(r"[a-z']+")
+ENJOY = re.compile(r"\b(fun|enjoy\w*|love|lovely|delight\w*|satisf\w*|wonderful|best part)\b", re.IGNORECASE)
 YOU = re.compile(r"\byou(?:r|rs|'re|'ve|'ll|'d)?\b", re.IGNORECASE)
 
 
@@ -67,6 +68,7 @@ def pair_report(pairs: list[dict]) -> dict:
         "hedges_per_100w": per_100_words(pairs, HEDGES),
         "exclaim": sides(pairs, lambda t: "!" in t.replace("!=", "")),
         "you_per_100w": per_100_words(pairs, YOU),
+        "enjoy": sides(pairs, ENJOY.search),
         "list": sides(pairs, has_list),
         "markdown": sides(pairs, MARKDOWN.search),
         "words": tuple(statistics.mean(len(p[s].split()) for p in pairs) for s in ("positive", "negative")),
@@ -112,9 +114,10 @@ def show(name: str, per_pair: bool) -> None:
             f"markdown: pos {r['markdown'][0]:.2f} / neg {r['markdown'][1]:.2f}"
         )
         print(
-            f"    exclamations: pos {r['exclaim'][0]:.2f} / neg {r['exclaim'][1]:.2f} of answers; "
-            f"'you' per 100 words: pos {r['you_per_100w'][0]:.1f} / neg {r['you_per_100w'][1]:.1f}"
+            f"    exclamations: pos {r['exclaim'][0]:.2f} / neg {r['exclaim'][1]:.2f}; "
+            f"enjoyment words (fun, love, delight...): pos {r['enjoy'][0]:.2f} / neg {r['enjoy'][1]:.2f}"
         )
+        print(f"    'you' per 100 words: pos {r['you_per_100w'][0]:.1f} / neg {r['you_per_100w'][1]:.1f}")
         if per_pair:
             for i, ratio in r["ratio_out"]:
                 print(f"    {key}[{i}] ratio {ratio:.2f}: {pairs[i]['question'][:70]}")
