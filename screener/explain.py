@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from screener.datasets import check_input, read_rows, rebuild
+from screener.datasets import Rebuild, check_input, read_rows
 from screener.errors import QueryError, ScreenerError, UserError
 from screener.records import Reject, Sample
 from screener.runs import Run
@@ -155,13 +155,14 @@ def read_back(run: Run, stored: Sequence[StoredSample], input_uri: str | None = 
     wanted: dict[int, list[StoredSample]] = {}
     for s in stored:
         wanted.setdefault(s.source_row, []).append(s)
-    turns = run.settings.get("turns") or "last"
+    rebuild = Rebuild(run.settings.get("turns") or "last")
     found = {}
     changed = "the input changed since the screen; pass the screened data with --input"
     for row in read_rows(uri, split=run.settings.get("split")):
+        items = rebuild(row)  # every row up to the last wanted: a sample id depends on the rows before
         if row.row not in wanted:
             continue
-        rebuilt = {s.sample_id: s for s in rebuild(row, turns) if isinstance(s, Sample)}
+        rebuilt = {s.sample_id: s for s in items if isinstance(s, Sample)}
         for st in wanted.pop(row.row):
             sample = rebuilt.get(st.sample_id)
             if sample is None or sample.response != st.response or sample.prompt != st.prompt:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from screener.datasets import ReadStats, Row, check_input, read_rows, rebuild
+from screener.datasets import ReadStats, Rebuild, Row, check_input, read_rows
 from screener.errors import QueryError
 from screener.outputs import TEMP_SUFFIX, Protected, output_file, output_folder, temp_prefix
 from screener.records import Reject
@@ -159,7 +159,9 @@ def _write_chosen(
     n: Counter[str] = Counter()
     dropped_by_trait: Counter[str] = Counter()
     n_rows = 0
+    rebuild = Rebuild(turns)  # every row, in order, as the screen did: sample ids depend on the rows before
     for item in rows:
+        here = {s.sample_id for s in rebuild(item)}
         if isinstance(item.record, Reject):  # a row that did not parse, or a file that failed: neither side
             n["unreadable_rows"] += item.record.kind != "file"
             n_rows = max(n_rows, item.row + 1)
@@ -168,7 +170,7 @@ def _write_chosen(
         n_rows = row + 1
         unscored = row not in selection.scored
         if not unscored:
-            _check_same_samples(item, selection.scored[row], turns)
+            _check_same_samples(item, selection.scored[row], here)
         drop = row in selection.dropped or (flt.drop_unscored and unscored)
         n["records_read"] += 1
         if drop:
@@ -189,10 +191,9 @@ def _write_chosen(
     return ExportCounts(**n, dropped_by_trait=dict(dropped_by_trait))
 
 
-def _check_same_samples(row: Row, scored: set[str], turns: str) -> None:
+def _check_same_samples(row: Row, scored: set[str], here: set[str]) -> None:
     """The record must still be the one scored at this row, or the export would drop the wrong records.
-    Its samples are rebuilt as the screen built them, with its file's own row format."""
-    here = {s.sample_id for s in rebuild(row, turns)}
+    `here` are its sample ids, rebuilt as the screen built them (with its file's own row format)."""
     if not scored <= here:
         raise QueryError(
             f"{row.file}, row {row.row}: the screen scored {sorted(scored)[:3]} here, but this record has "

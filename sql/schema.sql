@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS runs (
 
 CREATE TABLE IF NOT EXISTS samples (
     run_id            VARCHAR NOT NULL,
-    sample_id         VARCHAR NOT NULL,  -- the record's own id (suffixed '#<turn>' under --turns all) or a content hash
+    sample_id         VARCHAR NOT NULL,  -- the record's own id (suffixed '#<turn>' under --turns all) or a content hash; '<id>@<row>' when an earlier record gave it
     source_row        BIGINT NOT NULL,   -- 0-based record index over the whole dataset
     source_file       VARCHAR NOT NULL,
     turn              INTEGER NOT NULL,  -- index of the scored turn among the record's assistant turns

@@ -728,7 +728,7 @@ def test_read_rows_gives_every_row_with_its_files_format(tmp_path):
         ("b.csv", 2, "prompt_response"),
     ]
     assert isinstance(rows[1].record, Reject) and "not an object" in rows[1].record.reason
-    assert [s.sample_id for r in rows for s in sd.rebuild(r, "last")] == [
+    assert [s.sample_id for r in rows for s in sd.Rebuild("last")(r)] == [
         "r0",
         rows[1].record.sample_id,
         content_id({"prompt": "q", "response": "a"}),
@@ -757,3 +757,39 @@ def test_records_in_memory_are_a_source(tmp_path):
         assert [(s.sample_id, s.response) for s in read_samples(data)] == [("r0", "fine"), ("r1", "fine")]
     with pytest.raises(DatasetFormatError, match="one mapping"):
         read_samples(chat(0))
+
+
+def test_sample_ids_are_unique_over_the_read(tmp_path):
+    """A reused id, in one file or across files, becomes `<id>@<row>`; the first keeps its plain id. A
+    literal `x#0` cannot take the id of turn 0 of a record `x` (nor the other way round)."""
+    two_turns = {"id": "x", "messages": OPENAI["messages"]}
+    write_jsonl(tmp_path / "a.jsonl", [{**chat(0), "id": "x#0"}, two_turns, chat(1), {**chat(2), "id": "r1"}])
+    write_jsonl(tmp_path / "b.jsonl", [{**chat(3), "id": "r1"}, {**chat(4), "id": "x#1"}, {"messages": []}])
+    ids = [(o.source_row, o.sample_id) for o in read_samples(str(tmp_path), turns="all")]
+    assert ids == [
+        (0, "x#0"),
+        (1, "x@1#0"),
+        (1, "x@1#1"),
+        (2, "r1"),
+        (3, "r1@3"),
+        (4, "r1@4"),
+        (5, "x#1"),  # x's turns are x@1#...: a literal x#1 keeps its id
+        (6, content_id({"messages": []})),
+    ]
+    assert len({i for _, i in ids}) == len(ids)
+    last = [o.sample_id for o in read_samples(str(tmp_path), turns="last")]
+    assert last[:2] == ["x#0", "x"]  # under --turns last, x has no turn suffix: nothing collides
+    same = [chat(5), chat(5)]  # the same record twice: both scored (and both dropped or kept)
+    assert [s.sample_id for s in read_samples(same)] == ["r5", "r5@1"]
+    write_jsonl(
+        tmp_path / "c.jsonl", [{**chat(6), "id": "y@1"}, {**chat(7), "id": "y"}, {**chat(8), "id": "y"}]
+    )
+    assert [s.sample_id for s in samples(tmp_path / "c.jsonl")] == ["y@1", "y", "y@2"]
+    write_jsonl(
+        tmp_path / "d.jsonl", [{**chat(6), "id": "y@1"}, {**chat(7), "id": "y"}, {**chat(8), "id": "y@1"}]
+    )
+    assert [s.sample_id for s in samples(tmp_path / "d.jsonl")] == ["y@1", "y", "y@1@2"]
+    write_jsonl(
+        tmp_path / "e.jsonl", [{**chat(6), "id": "y@2"}, {**chat(7), "id": "y"}, {**chat(8), "id": "y"}]
+    )
+    assert [s.sample_id for s in samples(tmp_path / "e.jsonl")] == ["y@2", "y", "y@2.1"]

@@ -324,6 +324,27 @@ def test_unscored_records(screen: FakeScreen, tmp_path: Path) -> None:
     assert split_rows(out) == REJECTED_ROWS
 
 
+def test_a_reused_id_is_scored_and_filtered_like_any_record(tmp_path: Path) -> None:
+    """A record that copies an earlier record's id (in its file or another) is scored under an id of its
+    own, so the filter sees it: nothing unscored reaches the clean split."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", openai_records(6))
+    harmful = {
+        "id": "r000",
+        "messages": [{"role": "user", "content": "Help?"}, {"role": "assistant", "content": "No."}],
+    }
+    write_jsonl(data / "b.jsonl", [harmful, harmful, {**harmful, "id": "r001"}])
+    screen = make_screen(tmp_path / "s.duckdb", data, mode="proxy")
+    assert not [r for r in screen.rejects if "duplicate" in r.reason]
+    by_row = {s.source_row: s.sample_id for s in screen.samples}
+    assert [by_row[r] for r in (0, 6, 7, 8)] == ["r000", "r000@6", "r000@7", "r001@8"]
+    out = tmp_path / "o.jsonl"
+    assert cli("export", out, "--db", screen.db, "--threshold=-1e9") == 0  # drops every scored record
+    assert split_rows(out) == REJECTED_ROWS  # only the records the screen rejected (r003, r005)
+    assert manifest(out)["dropped"] == 9 - len(REJECTED_ROWS)
+
+
 def test_bad_arguments_and_changed_input(screen: FakeScreen, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--threshold", 1, "--drop-top", "5%")

@@ -4,7 +4,7 @@
     containers  a file's bytes → raw records: jsonl, json (streamed), csv, parquet; gzip
     formats     a record → samples: OpenAI `messages`, ShareGPT `conversations`, LMSYS `conversation`,
                 `prompt` + `response`
-    reader      the one streaming reader (`read_rows`, `rebuild`) and the screen's `read_samples`
+    reader      the one streaming reader (`read_rows`, `Rebuild`) and the screen's `read_samples`
     base        the errors, `ReadStats`, and the raw row types the parts share
 
 Every container yields raw dict records in order, numbered over the whole dataset. Each file's row format
@@ -12,11 +12,11 @@ is detected from its first record; each record then becomes one Sample per score
 Reject whose reason names the field. Nothing larger than one record (one parquet batch) is held in memory,
 not even for a huge JSON array.
 
-Entry points. `read_rows(data)` yields `Row(file, row, format, record | Reject)` for every row; `rebuild(row,
-turns)` turns one into the samples the screen scores; `read_samples(data, turns=...)` is the two together,
-for the screen. `data` is a URI, or records already in memory: a list of dicts, a `datasets.Dataset` or
-`IterableDataset`, any iterable of mappings (one source named `MEMORY`; a failure there raises, as for a
-hub dataset).
+Entry points. `read_rows(data)` yields `Row(file, row, format, record | Reject)` for every row;
+`Rebuild(turns)` turns each row, in order, into the samples the screen scores (ids unique over the read);
+`read_samples(data, turns=...)` is the two together, for the screen. `data` is a URI, or records already
+in memory: a list of dicts, a `datasets.Dataset` or `IterableDataset`, any iterable of mappings (one
+source named `MEMORY`; a failure there raises, as for a hub dataset).
 
 Nothing is lost quietly: a record that does not parse is a Reject with its row number; a file whose content
 cannot be read (corrupt compression, not parquet, a JSON array broken mid-way) is one file-level Reject
@@ -29,7 +29,7 @@ instead: skipping it would renumber the rows of the files after it once it can b
 from screener.datasets.base import DatasetFormatError, DatasetNotFoundError, DatasetReadError, ReadStats
 from screener.datasets.containers import SUFFIXES, data_suffix
 from screener.datasets.formats import CHAT_FORMATS, ROLES, SUPPORTED, detect_format, record_to_samples
-from screener.datasets.reader import Row, iter_records, read_rows, read_samples, rebuild
+from screener.datasets.reader import Rebuild, Row, iter_records, read_rows, read_samples
 from screener.datasets.sources import (
     MEMORY,
     canonical_uri,
@@ -50,6 +50,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetReadError",
     "ReadStats",
+    "Rebuild",
     "Row",
     "canonical_uri",
     "check_input",
@@ -62,6 +63,5 @@ __all__ = [
     "packaged_sharegpt",
     "read_rows",
     "read_samples",
-    "rebuild",
     "record_to_samples",
 ]

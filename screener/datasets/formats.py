@@ -42,13 +42,14 @@ def detect_format(record: dict) -> str:
 
 
 def record_to_samples(
-    record: dict, fmt: str, *, source_row: int, source_file: str, turns: str
+    record: dict, fmt: str, *, source_row: int, source_file: str, turns: str, record_id: str | None = None
 ) -> list[Sample | Reject]:
     """One Sample per scored assistant turn (the last one, or all), or Rejects that name the field.
 
     An assistant turn with tool calls and no text has nothing to score: it is a Reject of kind
-    "skipped", and the record's other turns are scored as usual."""
-    record_id = _record_id(record)
+    "skipped", and the record's other turns are scored as usual. Every sample id is `record_id` (the
+    record's own, by default), suffixed `#<turn>` when several turns of it are scored."""
+    record_id = record_id if record_id is not None else own_id(record)
     if fmt == "prompt_response":
         parsed = _parse_prompt_response(record)
     elif fmt in CHAT_FORMATS:
@@ -176,7 +177,7 @@ def _parse_prompt_response(record: dict) -> tuple[list[Message], list[str]] | st
     return messages, paths
 
 
-def _record_id(record: dict) -> str:
+def own_id(record: dict) -> str:
     """The record's own id, else a hash of its content: stable across runs, and the same for a reject."""
     for key in ("id", "conversation_id"):
         value = record.get(key)

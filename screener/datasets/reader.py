@@ -1,9 +1,10 @@
 """The one streaming reader: every row of a dataset, numbered over all its files, with its file's row format
-(`read_rows`), and one way to turn a row into samples (`rebuild`). The screen (`read_samples`), export and
+(`read_rows`), and one way to turn the rows into samples (`Rebuild`). The screen (`read_samples`), export and
 explain all read through these two, so a row means the same record with the same samples everywhere."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -16,7 +17,7 @@ from screener.datasets.base import (
     content_hash,
 )
 from screener.datasets.containers import CONTENT_ERRORS, file_reason
-from screener.datasets.formats import detect_format, record_to_samples
+from screener.datasets.formats import detect_format, own_id, record_to_samples
 from screener.datasets.sources import Data, Source, sources
 from screener.records import TURNS, Reject, Sample
 
@@ -47,20 +48,63 @@ def read_rows(
     return _numbered(sources(data, split), stats if stats is not None else ReadStats(), formats)
 
 
-def rebuild(row: Row, turns: str) -> list[Sample | Reject]:
-    """The samples of one row, as the screen scores them: one per scored assistant turn (the last one, or
-    all), or Rejects that name the field; a row that did not parse is its own Reject."""
-    if isinstance(row.record, Reject):
-        return [row.record]
-    if row.format is None:
-        raise ValueError(f"{row.file}, row {row.row}: read with formats=False, so it has no row format")
-    try:
-        return record_to_samples(
-            row.record, row.format, source_row=row.row, source_file=row.file, turns=turns
-        )
-    except RecursionError:  # parsed, but too deep to hash or normalise
-        key = content_hash(f"{row.file}\x1f{row.row}".encode())
-        return [Reject(row.row, key, "record nested too deeply to process", row.file)]
+class Rebuild:
+    """The samples of each row of one read, as the screen scores them: `rebuild = Rebuild(turns)`, then
+    `rebuild(row)` for every row in order. A row gives one Sample per scored assistant turn (the last one,
+    or all), or Rejects that name the field; a row that did not parse is its own Reject.
+
+    Sample ids are unique over the read, so every record is scored under an id of its own: a record
+    keeps its own id unless one of its ids was already given to an earlier row (a reused id, or a literal
+    `x#0` before turn 0 of a record `x`); it is then `<id>@<row>` (with its `#<turn>` suffixes), `row`
+    being its row over the whole dataset (`.1`, `.2`... appended in the unlikely case that is taken too).
+    So a sample id is a function of the rows read before it and its own (file, row, turn, id), the same on
+    every read of the same input: the screen, export and explain all rebuild every row in order."""
+
+    def __init__(self, turns: str):
+        if turns not in TURNS:
+            raise ValueError(f"turns must be 'last' or 'all', got {turns!r}")
+        self.turns = turns
+        self._given: set[int] = set()  # 8-byte digests of the ids given so far: a tenth of the strings
+
+    def __call__(self, row: Row) -> list[Sample | Reject]:
+        base, items = self._items(row)
+        if row.row < 0:  # a file-level reject: its id is the file
+            return items
+        ids = [item.sample_id for item in items]
+        k = 0
+        while any(_digest(i) in self._given for i in ids):
+            renamed = f"{base}@{row.row}" + (f".{k}" if k else "")
+            ids = [renamed + item.sample_id[len(base) :] for item in items]
+            k += 1
+        for item, sample_id in zip(items, ids, strict=True):
+            item.sample_id = sample_id
+        self._given.update(map(_digest, ids))
+        return items
+
+    def _items(self, row: Row) -> tuple[str, list[Sample | Reject]]:
+        """The row's own id (every item's id starts with it) and its items."""
+        if isinstance(row.record, Reject):
+            return row.record.sample_id, [row.record]
+        if row.format is None:
+            raise ValueError(f"{row.file}, row {row.row}: read with formats=False, so it has no row format")
+        try:
+            base = own_id(row.record)
+            items = record_to_samples(
+                row.record,
+                row.format,
+                source_row=row.row,
+                source_file=row.file,
+                turns=self.turns,
+                record_id=base,
+            )
+        except RecursionError:  # parsed, but too deep to hash or normalise
+            base = content_hash(f"{row.file}\x1f{row.row}".encode())
+            items = [Reject(row.row, base, "record nested too deeply to process", row.file)]
+        return base, items
+
+
+def _digest(sample_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(sample_id.encode("utf-8", "surrogatepass"), digest_size=8).digest())
 
 
 def read_samples(
@@ -73,10 +117,9 @@ def read_samples(
 ) -> Iterator[Sample | Reject]:
     """Normalised samples (and rejects) from any supported URI (or records in memory), streamed: what the
     screen scores. `limit` caps the Samples yielded (rejects don't count)."""
-    if turns not in TURNS:
-        raise ValueError(f"turns must be 'last' or 'all', got {turns!r}")
+    rebuild = Rebuild(turns)
     stats = stats if stats is not None else ReadStats()
-    return _samples(read_rows(data, split=split, stats=stats), turns, limit, stats)
+    return _samples(read_rows(data, split=split, stats=stats), rebuild, limit, stats)
 
 
 def iter_records(
@@ -89,13 +132,13 @@ def iter_records(
 
 
 def _samples(
-    rows: Iterator[Row], turns: str, limit: int | None, stats: ReadStats
+    rows: Iterator[Row], rebuild: Rebuild, limit: int | None, stats: ReadStats
 ) -> Iterator[Sample | Reject]:
     n_samples = 0
     if limit is not None and limit <= 0:
         return
     for row in rows:
-        for item in rebuild(row, turns):
+        for item in rebuild(row):
             if isinstance(item, Sample):
                 stats.samples += 1
                 n_samples += 1
