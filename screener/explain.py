@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -371,22 +371,30 @@ def _floats(values: np.ndarray) -> list[float | None]:
 
 
 class Explainer:
-    """The run's model and vectors for some traits at one layer, checked against the run and loaded once.
+    """The run's model and vectors for some traits, each group at its layer (`groups`: `{layer: traits}`),
+    checked against the run and loaded once: one pass over a sample reads every layer.
 
     Refuses (DriftError) when the model's weights or a vector file's bytes are not the ones the run
     recorded; `model` points at the run's model where it is now (default: the spec the run recorded).
     """
 
     def __init__(
-        self, run: Run, traits: Sequence[str], layer: int, *, model: str | None = None, device: str = "auto"
+        self,
+        run: Run,
+        groups: Mapping[int, Sequence[str]],
+        *,
+        model: str | None = None,
+        device: str = "auto",
     ):
-        from screener.models import pick_device, pick_dtype
-        from screener.scoring import Scorer, ScoreSettings
+        from screener.scoring import ScoreSettings
         from screener.vectors import unit_vectors
+        from screener.work import Work
 
-        self.run, self.traits, self.layer = run, tuple(traits), run.layer(layer)
-        for trait in self.traits:
-            run.check_trait(trait)
+        self.run = run
+        self.groups = {
+            run.layer(layer): tuple(run.check_trait(t) for t in ts) for layer, ts in groups.items()
+        }
+        self.traits = tuple(dict.fromkeys(t for ts in self.groups.values() for t in ts))
         recorded = {k: run.settings.get(k) for k in ("vectors", "dtype", "max_tokens")}
         if missing := [k for k, v in recorded.items() if v is None]:
             raise UserError(
@@ -395,12 +403,13 @@ class Explainer:
             )
         vectors = [self._check_vector(trait, recorded["vectors"]) for trait in self.traits]
         self.model_ref = self._check_model(model)
-        device = pick_device(device)
-        self.dtype = pick_dtype(recorded["dtype"], device)
-        self.model, self.tokenizer = self.model_ref.load(device, self.dtype)
-        units = unit_vectors([v.tensor for v in vectors], (self.layer,), [v.path for v in vectors])
-        settings = ScoreSettings(layers=(self.layer,), max_tokens=int(recorded["max_tokens"]))
-        self.scorer = Scorer(self.model, self.tokenizer, units, settings)
+        self.work = Work.resolve(device, recorded["dtype"])
+        self.dtype = self.work.dtype
+        self.layers = tuple(sorted(self.groups))
+        units = unit_vectors([v.tensor for v in vectors], self.layers, [v.path for v in vectors])
+        settings = ScoreSettings(layers=self.layers, max_tokens=int(recorded["max_tokens"]))
+        self.scorer = self.work.scorer(self.model_ref, units, settings)
+        self.model, self.tokenizer = self.scorer.model, self.scorer.tokenizer
 
     def _check_vector(self, trait: str, recorded: dict):
         from screener.vectors import load_vector
@@ -431,64 +440,73 @@ class Explainer:
         return ref
 
     def project(self, ids: list[int]) -> np.ndarray:
-        """`[tokens, traits]` projections of one sequence, alone (no padding)."""
-        return self.scorer.project_tokens([ids])[0, 0].double().cpu().numpy()
+        """`[layers, tokens, traits]` projections of one sequence, alone (no padding), at `self.layers`
+        and in `self.traits` order."""
+        return self.scorer.project_tokens([ids])[0].double().cpu().numpy()
 
-    def explain(self, sample: Sample, stored: StoredSample) -> Explanation:
+    def explain(self, sample: Sample, stored: Mapping[int, StoredSample]) -> dict[int, Explanation]:
+        """The sample explained at each layer of `stored` (`{layer: the sample as stored_samples read it
+        there}`), for the traits of that layer, from one pass."""
         toks = self.scorer.tokenize(sample)
         if isinstance(toks, Reject):
             raise QueryError(f"sample {sample.sample_id!r} cannot be scored now: {toks.reason}")
-        if (len(toks.prompt), len(toks.response)) != (stored.prompt_tokens, stored.response_tokens):
+        some = next(iter(stored.values()))
+        if (len(toks.prompt), len(toks.response)) != (some.prompt_tokens, some.response_tokens):
             raise DriftError(
                 f"the tokenizer of {self.model_ref.path} gives sample {sample.sample_id!r} "
                 f"{len(toks.prompt)} prompt and {len(toks.response)} response tokens, the screen had "
-                f"{stored.prompt_tokens} and {stored.response_tokens}: the tokenizer changed since the screen"
+                f"{some.prompt_tokens} and {some.response_tokens}: the tokenizer changed since the screen"
             )
         k = len(toks.prompt)
         ids = toks.prompt + toks.response
-        proj = self.project(ids)
+        proj = self.project(ids)  # [layers, tokens, traits]
         tokens = token_pieces(self.tokenizer, ids)
         natural_proj, natural_tokens = None, None
-        if self.run.mode == "natural" and stored.natural_response is not None:
-            natural_ids = self.tokenizer(stored.natural_response, add_special_tokens=False)["input_ids"]
+        if self.run.mode == "natural" and some.natural_response is not None:
+            natural_ids = self.tokenizer(some.natural_response, add_special_tokens=False)["input_ids"]
             natural_tokens = token_pieces(self.tokenizer, natural_ids)
             if natural_ids:
-                natural_proj = self.project(toks.prompt + natural_ids)[k:]
-        traits = {}
-        for i, trait in enumerate(self.traits):
-            values, scores = proj[:, i], stored.scores[trait]
-            nat = natural_proj[:, i] if natural_proj is not None else None
-            natural_centre = self.run.mode == "natural" and _has(scores["proj_natural"])
-            centre_is = "proj_natural" if natural_centre else "proj_prompt_last"
-            centre = scores[centre_is] if _has(scores[centre_is]) else float(values[k - 1])
-            traits[trait] = TraitExplanation(
-                trait=trait,
-                projections=values,
-                proj_response=float(values[k:].mean()),
-                proj_prompt_last=float(values[k - 1]),
-                stored=scores,
-                spans=tuple(sentence_spans(tokens, values, k)),
-                centre=centre,
-                centre_is=centre_is,
-                half_range=colour_scale(values[k:], centre),
-                natural_projections=nat,
-                proj_natural=float(nat.mean()) if nat is not None else None,
+                natural_proj = self.project(toks.prompt + natural_ids)[:, k:]
+        out = {}
+        for layer, st in stored.items():
+            at = self.layers.index(layer)
+            traits = {}
+            for trait in self.groups[layer]:
+                i = self.traits.index(trait)
+                values, scores = proj[at, :, i], st.scores[trait]
+                nat = natural_proj[at, :, i] if natural_proj is not None else None
+                natural_centre = self.run.mode == "natural" and _has(scores["proj_natural"])
+                centre_is = "proj_natural" if natural_centre else "proj_prompt_last"
+                centre = scores[centre_is] if _has(scores[centre_is]) else float(values[k - 1])
+                traits[trait] = TraitExplanation(
+                    trait=trait,
+                    projections=values,
+                    proj_response=float(values[k:].mean()),
+                    proj_prompt_last=float(values[k - 1]),
+                    stored=scores,
+                    spans=tuple(sentence_spans(tokens, values, k)),
+                    centre=centre,
+                    centre_is=centre_is,
+                    half_range=colour_scale(values[k:], centre),
+                    natural_projections=nat,
+                    proj_natural=float(nat.mean()) if nat is not None else None,
+                )
+            out[layer] = Explanation(
+                run_id=self.run.run_id,
+                sample_id=sample.sample_id,
+                source_row=sample.source_row,
+                turn=sample.turn,
+                layer=layer,
+                dtype=self.work.dtype_name,
+                mode=self.run.mode,
+                tokens=tuple(tokens),
+                response_start=k,
+                truncated=toks.truncated,
+                traits=traits,
+                natural_tokens=tuple(natural_tokens) if natural_tokens is not None else None,
+                natural_tokens_stored=st.natural_tokens,
             )
-        return Explanation(
-            run_id=self.run.run_id,
-            sample_id=sample.sample_id,
-            source_row=sample.source_row,
-            turn=sample.turn,
-            layer=self.layer,
-            dtype=str(self.dtype).removeprefix("torch."),
-            mode=self.run.mode,
-            tokens=tuple(tokens),
-            response_start=k,
-            truncated=toks.truncated,
-            traits=traits,
-            natural_tokens=tuple(natural_tokens) if natural_tokens is not None else None,
-            natural_tokens_stored=stored.natural_tokens,
-        )
+        return out
 
 
 def _has(x: float | None) -> bool:
@@ -497,20 +515,28 @@ def _has(x: float | None) -> bool:
 
 def explain_samples(
     run: Run,
-    stored: Sequence[StoredSample],
-    traits: Sequence[str],
-    layer: int,
+    stored: Mapping[int, Sequence[StoredSample]],
+    groups: Mapping[int, Sequence[str]],
     *,
     input_uri: str | None = None,
     model: str | None = None,
     device: str = "auto",
-) -> list[Explanation]:
-    """Explain stored samples (`stored_samples`) for `traits` at `layer`, in order: the input is checked
-    first, then the model and vectors, before the dataset is read and the model loaded."""
+) -> dict[int, list[Explanation]]:
+    """Explain stored samples at each layer (`stored`: `{layer: samples}` as `stored_samples` read them
+    there) for the traits of that layer (`groups`: `{layer: traits}`), in order, with one model load and
+    one read of the dataset for every layer: the input is checked first, then the model and vectors,
+    before the dataset is read and the model loaded."""
     check_input(input_uri or run.dataset_uri)
-    explainer = Explainer(run, traits, layer, model=model, device=device)
-    samples = read_back(run, stored, input_uri)
-    return [explainer.explain(samples[s.sample_id], s) for s in stored]
+    explainer = Explainer(run, {layer: groups[layer] for layer in stored}, model=model, device=device)
+    unique = {s.sample_id: s for ss in stored.values() for s in ss}
+    samples = read_back(run, list(unique.values()), input_uri)
+    explained = {
+        sid: explainer.explain(
+            samples[sid], {layer: s for layer, ss in stored.items() for s in ss if s.sample_id == sid}
+        )
+        for sid in unique
+    }
+    return {layer: [explained[s.sample_id][layer] for s in ss] for layer, ss in stored.items()}
 
 
 # ---- for the HTML report --------------------------------------------------------------------------------
@@ -535,24 +561,24 @@ def explain_report(
     input_uri: str | None = None,
     device: str = "auto",
 ) -> ReportExplanations:
-    """Explain each trait's top samples at the trait's layer (`layers`), with one model load per layer (a
-    sample in several traits' tops once per layer). A failure the user can act on becomes the report's
-    message instead of failing the whole report."""
-    by_trait: dict[str, list[Explanation]] = {}
+    """Explain each trait's top samples at the trait's layer (`layers`), with one model load and one read
+    of the dataset for every layer (a sample in several traits' tops once per layer). A failure the user
+    can act on becomes the report's message instead of failing the whole report."""
     groups: dict[int, list[str]] = {}
     for trait in top:
         groups.setdefault(layers[trait], []).append(trait)
-    for layer, traits in groups.items():
-        unique = {s.sample_id: s for t in traits for s in top[t]}
-        if not unique:
-            by_trait.update({t: [] for t in traits})
-            continue
-        try:
-            explained = explain_samples(
-                run, list(unique.values()), traits, layer, input_uri=input_uri, device=device
-            )
-        except ScreenerError as e:
-            return ReportExplanations(k, {}, str(e))
-        by_id = {e.sample_id: e for e in explained}
-        by_trait.update({t: [by_id[s.sample_id] for s in top[t]] for t in traits})
-    return ReportExplanations(k, by_trait)
+    stored = {
+        layer: list({s.sample_id: s for t in traits for s in top[t]}.values())
+        for layer, traits in groups.items()
+    }
+    stored = {layer: ss for layer, ss in stored.items() if ss}
+    if not stored:
+        return ReportExplanations(k, {t: [] for t in top})
+    try:
+        explained = explain_samples(run, stored, groups, input_uri=input_uri, device=device)
+    except ScreenerError as e:
+        return ReportExplanations(k, {}, str(e))
+    by_id = {layer: {e.sample_id: e for e in es} for layer, es in explained.items()}
+    return ReportExplanations(
+        k, {t: [by_id[layers[t]][s.sample_id] for s in top[t]] if top[t] else [] for t in top}
+    )

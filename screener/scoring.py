@@ -47,6 +47,8 @@ class GenerationSettings:
     seed: int = 0
 
 
+# what `Scorer.means` reads per layer, in this order (extraction's methods)
+MEANS = ("response_avg", "prompt_avg", "prompt_last")
 # a score needs the last prompt token and one response token
 MIN_TOKENS = 2
 
@@ -83,12 +85,13 @@ class ScoreSettings:
             )
 
     @classmethod
-    def for_device(cls, gpu: bool, **overrides) -> ScoreSettings:
-        """Settings for a screen: batch sizes tuned on the device unless given; `None` overrides are
-        ignored."""
+    def for_device(cls, gpu: bool, tuned: bool = True, **overrides) -> ScoreSettings:
+        """Settings on a GPU or a CPU: batch sizes tuned on the device unless given, or with `tuned=False`
+        fixed (a paired measurement must batch both models alike: padding and batch shape change the
+        kernels' rounding); `None` overrides are ignored."""
         sized = {
-            "batch_tokens": None,
-            "generate_batch_size": None,
+            "batch_tokens": None if tuned else (65536 if gpu else 4096),
+            "generate_batch_size": None if tuned else (64 if gpu else 16),
             "max_batch_size": 256 if gpu else 64,
         }
         return cls(**{**sized, **{k: v for k, v in overrides.items() if v is not None}})
@@ -178,22 +181,6 @@ class ProjectionTap(LayerTap):
 _GOLDEN = 0.6180339887498949
 
 
-def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length whose padded size stays within `batch_tokens`."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        # sorted ascending, so the newest member is the longest: padded size = len * count
-        if current and (len(current) >= max_batch_size or lengths[i] * (len(current) + 1) > batch_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def truncate(prompt: list[int], response: list[int], max_tokens: int) -> tuple[list[int], list[int], bool]:
     """Fit prompt + response into `max_tokens`: cut the response's tail first, but keep at least a quarter
     of the budget for it; then cut the prompt's head (its end, the generation prompt, must stay)."""
@@ -230,22 +217,24 @@ def tokenize(tokenizer, sample: Sample, max_tokens: int, index: int = 0) -> Toke
 
 
 class Scorer:
-    """Scores batches of samples with one model and one unit vector per trait at each layer.
+    """The one teacher-forced reader: scores batches of samples with one model and one unit vector per
+    trait at each layer, and reads the mean activations that extraction turns into vectors (`means`).
 
     `units` is `{layer: [hidden, traits]}` float32 unit vectors (`vectors.unit_vectors`), resolved once
-    by the caller; the traits' order is the order of the score arrays' last axis.
+    by the caller; the traits' order is the order of the score arrays' last axis. `None` (extraction):
+    no projections, only `means`.
     """
 
-    def __init__(self, model, tokenizer, units: dict[int, torch.Tensor], settings: ScoreSettings):
+    def __init__(self, model, tokenizer, units: dict[int, torch.Tensor] | None, settings: ScoreSettings):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
         self.device = next(model.parameters()).device
         self.layers = tuple(settings.layers)
-        if missing := sorted(set(self.layers) - set(units)):
+        if units is not None and (missing := sorted(set(self.layers) - set(units))):
             raise ValueError(f"no unit vectors for layers {missing}")
-        self.units = {layer: units[layer].float().to(self.device) for layer in self.layers}
-        self.n_traits = self.units[self.layers[0]].shape[1]
+        self.units = {layer: units[layer].float().to(self.device) for layer in self.layers} if units else {}
+        self.n_traits = self.units[self.layers[0]].shape[1] if self.units else 0
         self.pad_id = pad_id(tokenizer)
         _, blocks, _ = decoder_parts(model)
         run = min(max(self.layers), len(blocks))  # blocks after the early stop never run
@@ -291,10 +280,9 @@ class Scorer:
 
     # -- teacher-forced projections -----------------------------------------------------------------
 
-    @torch.inference_mode()
-    def project_tokens(self, seqs: list[list[int]]) -> torch.Tensor:
-        """`[batch, layers, tokens, traits]` projections of every position of right- or left-padded `seqs`
-        (padded positions hold garbage, possibly NaN), with the padding side of the settings."""
+    def _teacher_forced(self, tap: LayerTap, seqs: list[list[int]]) -> None:
+        """One padded forward of `seqs` (the settings' padding side) for `tap` to read, up to its deepest
+        layer."""
         side = self.settings.padding_side
         ids, mask, positions = pad(seqs, self.pad_id, side, self.device)
         # Right padding needs no attention mask and no position ids: causal attention already keeps every
@@ -302,8 +290,15 @@ class Scorer:
         # makes transformers build a mask (position ids that stop counting at the padding read as packed
         # sequences), which costs SDPA's causal fast path: attention runs over the whole T x T square.
         masks = {"attention_mask": mask, "position_ids": positions} if side == "left" else {}
-        with ProjectionTap(self.model, self.units, stop=True) as tap, self._compiled_blocks():
+        with self._compiled_blocks():
             run_until_tapped(self.model, ids, **masks)
+
+    @torch.inference_mode()
+    def project_tokens(self, seqs: list[list[int]]) -> torch.Tensor:
+        """`[batch, layers, tokens, traits]` projections of every position of right- or left-padded `seqs`
+        (padded positions hold garbage, possibly NaN), with the padding side of the settings."""
+        with ProjectionTap(self.model, self.units, stop=True) as tap:
+            self._teacher_forced(tap, seqs)
             per_layer = [tap.take(layer) for layer in self.layers]  # each [B, T, K]
         return torch.stack(per_layer, dim=1)
 
@@ -377,6 +372,65 @@ class Scorer:
             last = self._at_last_prompt_token(proj, self.starts(seqs), [len(s) for s in seqs])
             out[batch] = last.double().cpu().numpy()
         return out
+
+    # -- mean activations (extraction) -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def means(self, prompts: Sequence[list[int]], responses: Sequence[list[int]]) -> torch.Tensor:
+        """`[reads, 3, layers, hidden]` float32 on the CPU, in input order: for each (prompt, response)
+        read and each layer of the settings, the mean of `hidden_states[L]` over the response tokens, the
+        mean over the prompt tokens, and the state at the last prompt token (`MEANS`), read teacher-forced
+        in length-sorted batches within the settings' token budget, as `score` batches."""
+        st = self.settings
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        out: list[torch.Tensor | None] = [None] * len(lengths)
+        for batch in self._batches(
+            lengths, lambda: (self.batch_tuner.size(), st.max_batch_size), self.batch_tuner
+        ):
+            budget = self.batch_tuner.size()
+            with Stopwatch(self.device) as watch:
+                acts = self._means_batch([prompts[i] for i in batch], [responses[i] for i in batch])
+            work = sum(
+                self.flops_per_token * lengths[i] + self.attention_flops * lengths[i] ** 2 for i in batch
+            )
+            self.batch_tuner.record(budget, work, watch.seconds)
+            self.seconds["forward"] += watch.seconds
+            for i, a in zip(batch, acts, strict=True):
+                out[i] = a
+        if not out:
+            return torch.zeros((0, len(MEANS), len(self.layers), self.model.config.hidden_size))
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _means_batch(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
+        starts, width = self.starts(seqs), max(map(len, seqs))
+        response_w = torch.zeros((len(seqs), width), device=self.device)
+        prompt_w = torch.zeros((len(seqs), width), device=self.device)
+        for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            response_w[b, starts[b] + len(p) : starts[b] + len(p) + len(r)] = 1.0 / len(r)
+            prompt_w[b, starts[b] : starts[b] + len(p)] = 1.0 / len(p)
+        last = torch.tensor(
+            [s + len(p) - 1 for s, p in zip(starts, prompts, strict=True)], device=self.device
+        )
+        rows = torch.arange(len(seqs), device=self.device)
+        # left padding masks its positions, whose states can then be NaN: zero them, never weight them by 0
+        real = (response_w + prompt_w > 0)[:, :, None] if self.settings.padding_side == "left" else None
+
+        def reduce(_layer: int, h: torch.Tensor) -> torch.Tensor:
+            h = h.float() if real is None else h.float().masked_fill(~real, 0.0)
+            return torch.stack(
+                [
+                    torch.einsum("bt,bth->bh", response_w, h),
+                    torch.einsum("bt,bth->bh", prompt_w, h),
+                    h[rows, last],
+                ],
+                dim=1,
+            )
+
+        with LayerTap(self.model, self.layers, reduce, stop=True) as tap:
+            self._teacher_forced(tap, seqs)
+            per_layer = [tap.take(layer)[0] for layer in self.layers]  # each [B, 3, H]
+        return torch.stack(per_layer, dim=2).cpu()
 
     # -- natural responses --------------------------------------------------------------------------
 

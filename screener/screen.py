@@ -1,9 +1,9 @@
 """A screen, end to end: dataset URI → samples → model work on workers → one DuckDB transaction per chunk.
 
-`prepare` resolves everything once on the driver into a `ScreenPlan` (model, device, dtype, layers, unit
-vectors, score settings, the run's identity), which the workers receive as is. Resume is by key: a run is
-identified by everything that determines its values (runs.Run), each chunk of samples is committed with
-its scores in one transaction, and a rerun skips what is stored.
+`prepare` resolves everything once on the driver into a `ScreenPlan` (model, device and dtype (`Work`),
+layers, unit vectors, score settings, the run's identity), which the workers receive as is. Resume is by
+key: a run is identified by everything that determines its values (runs.Run), each chunk of samples is
+committed with its scores in one transaction, and a rerun skips what is stored.
 
 Before any model work: the dataset is found and its first record read (a dataset with no records stops
 here), and the vectors and their sidecars are checked. A run is recorded as running, then finished (after
@@ -27,13 +27,14 @@ from screener.calibration import reference_rows
 from screener.datasets import ReadStats, canonical_uri, local_files, read_samples
 from screener.distributed import model_workers, run_stage
 from screener.errors import ScreenerError, Terminated, UserError
-from screener.models import DEFAULT_MODEL, ModelRef, pick_device, pick_dtype, resolve_model
+from screener.models import DEFAULT_MODEL, ModelRef, resolve_model
 from screener.progress import Progress
 from screener.records import MODES, TURNS, Reject, Sample, Scored
 from screener.runs import Run
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings
 from screener.store import DEFAULT_DB, Store, one_line
 from screener.vectors import Vector, layers_for, unit_vectors, vectors_for
+from screener.work import Work
 
 
 @dataclass
@@ -68,8 +69,7 @@ class ScreenPlan:
     """Everything a screen's model work needs, resolved once on the driver and sent to workers as is."""
 
     model: ModelRef
-    device: torch.device
-    dtype: torch.dtype
+    work: Work  # device and dtype
     vectors: tuple[Vector, ...]
     units: dict[int, torch.Tensor]  # {layer: [hidden, traits]} unit vectors, traits in `run.traits` order
     settings: ScoreSettings
@@ -79,6 +79,14 @@ class ScreenPlan:
     @property
     def layers(self) -> tuple[int, ...]:
         return self.settings.layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.work.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.work.dtype
 
 
 @dataclass
@@ -162,8 +170,7 @@ class ScreenStage:
         self.scorer: Scorer | None = None
 
     def setup(self) -> None:
-        model, tok = self.plan.model.load(self.plan.device, self.plan.dtype)
-        self.scorer = Scorer(model, tok, self.plan.units, self.plan.settings)
+        self.scorer = self.plan.work.scorer(self.plan.model, self.plan.units, self.plan.settings)
 
     def process(self, chunk: Chunk, report=None) -> tuple[list[Scored | Reject], dict]:
         """The chunk's results, in its order, and how the work was done (batch sizes, for the run's
@@ -214,11 +221,8 @@ def prepare(cfg: ScreenConfig) -> ScreenPlan:
     vectors = vectors_for(model, cfg.traits, cfg.vectors)
     layers = layers_for(model, vectors, cfg.layers)
     units = unit_vectors([v.tensor for v in vectors], layers, [v.path for v in vectors])
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    gpu = device.type == "cuda"
-    settings = ScoreSettings.for_device(
-        gpu,
+    work = Work.resolve(cfg.device, cfg.dtype)
+    settings = work.score_settings(
         layers=layers,
         mode=cfg.mode,
         max_tokens=cfg.max_tokens,
@@ -227,9 +231,8 @@ def prepare(cfg: ScreenConfig) -> ScreenPlan:
         compile=cfg.compile,
         generation=cfg.generation,
     )
-    run = _run(cfg, model, vectors, layers, dtype)
-    chunk_size = cfg.chunk_size or (512 if gpu else 64)
-    return ScreenPlan(model, device, dtype, tuple(vectors), units, settings, run, chunk_size)
+    run = _run(cfg, model, vectors, layers, work.dtype)
+    return ScreenPlan(model, work, tuple(vectors), units, settings, run, work.chunk_size(cfg.chunk_size))
 
 
 # -- the pipeline -----------------------------------------------------------------------------------

@@ -44,8 +44,6 @@ from screener.models import (
     is_adapter,
     load_tokenizer,
     model_config,
-    pick_device,
-    pick_dtype,
     resolve_adapter,
     resolve_model,
 )
@@ -53,6 +51,7 @@ from screener.records import Message, Sample
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings, truncate
 from screener.store import Store
 from screener.vectors import Vector, layers_for, unit_vectors, vectors_for
+from screener.work import Work
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +120,7 @@ class ShiftPlan:
 
     base: ModelRef
     finetuned: ModelRef | AdapterRef
-    device: torch.device
-    dtype: torch.dtype
+    work: Work  # device and dtype
     vectors: tuple[Vector, ...]
     units: dict[int, torch.Tensor]  # {layer: [hidden, traits]} unit vectors, traits in `vectors` order
     settings: ScoreSettings
@@ -140,6 +138,14 @@ class ShiftPlan:
         return self.settings.layers
 
     @property
+    def device(self) -> torch.device:
+        return self.work.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.work.dtype
+
+    @property
     def finetuned_kind(self) -> str:
         return "adapter" if isinstance(self.finetuned, AdapterRef) else "model"
 
@@ -152,7 +158,7 @@ class ShiftPlan:
             "vectors": {v.name: v.sha256 for v in self.vectors},
             "layers": list(self.layers),
             "prompts": {t: s.sha256 for t, s in self.prompt_sets.items()},
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": self.work.dtype_name,
             "max_tokens": self.settings.max_tokens,
             "measure": measure,
         }
@@ -201,8 +207,8 @@ class ShiftResult:
             "finetuned_kind": plan.finetuned_kind,
         }
         settings = {
-            "dtype": str(plan.dtype).removeprefix("torch."),
-            "device": str(plan.device),
+            "dtype": plan.work.dtype_name,
+            "device": str(plan.work.device),
             "max_tokens": plan.settings.max_tokens,
             "vectors": {v.name: {"path": v.path, "sha256": v.sha256} for v in plan.vectors},
             "prompts": {
@@ -381,27 +387,23 @@ def prepare(cfg: ShiftConfig) -> ShiftPlan:
     vectors = vectors_for(base, cfg.traits, cfg.vectors)
     layers = layers_for(base, vectors, cfg.layers)
     units = unit_vectors([v.tensor for v in vectors], layers, [v.path for v in vectors])
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
-    gpu = device.type == "cuda"
-    settings = ScoreSettings.for_device(
-        gpu,
+    work = Work.resolve(cfg.device, cfg.dtype)
+    # fixed, never tuned: both models must see the same batches (padding and batch shape change the
+    # kernels' rounding), so a paired difference measures the weights and nothing else
+    settings = work.score_settings(
+        tuned=False,
         layers=layers,
         mode="natural" if cfg.generate else "proxy",
         max_tokens=cfg.max_tokens,
-        # fixed, never tuned: both models must see the same batches (padding and batch shape change the
-        # kernels' rounding), so a paired difference measures the weights and nothing else
-        batch_tokens=cfg.batch_tokens or (65536 if gpu else 4096),
-        generate_batch_size=64 if gpu else 16,
+        batch_tokens=cfg.batch_tokens,
         max_batch_size=cfg.max_batch_size,
         generation=cfg.generation,
     )
     per_trait = prompt_messages(cfg, [v.name for v in vectors])
     prompts, sets = tokenize_prompts(tokenizer, per_trait, cfg.max_tokens)
     return ShiftPlan(
-        base, finetuned, device, dtype, tuple(vectors), units, settings, prompts, sets, cfg.generate,
-        512 if gpu else 64,
-    )  # fmt: skip
+        base, finetuned, work, tuple(vectors), units, settings, prompts, sets, cfg.generate, work.chunk_size()
+    )
 
 
 # -- the model work ---------------------------------------------------------------------------------
@@ -433,8 +435,7 @@ class ShiftStage:
         self.scorer: Scorer | None = None
 
     def setup(self) -> None:
-        model, tok = self.model.load(self.plan.device, self.plan.dtype)
-        self.scorer = Scorer(model, tok, self.plan.units, self.plan.settings)
+        self.scorer = self.plan.work.scorer(self.model, self.plan.units, self.plan.settings)
 
     def process(self, batch: PromptBatch, report: Callable[[int], None] | None = None) -> Projected:
         assert self.scorer is not None, "setup() first"

@@ -69,7 +69,7 @@ def tiny_ref(folder: Path):
 def plain_hidden_states(model, ids: list[int]) -> torch.Tensor:
     """`[num_layers+1, T, H]` from an unpadded full-model forward: the reference for everything."""
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        out = model(input_ids=torch.tensor([ids], device=model.device), output_hidden_states=True)
     return torch.stack(out.hidden_states)[:, 0].float()
 
 

@@ -132,8 +132,10 @@ def test_the_stored_scores_are_the_mean_and_the_last_prompt_token(proxy, capsys)
     assert ids == ["esc", "long", "multi#0", "multi#1", "single", "uni"]
     truncated = {s.sample_id for s in stored[1] if s.truncated}
     assert truncated == {"long"}
+    explained = explain_samples(run, stored, dict.fromkeys(LAYERS, TRAITS))  # every layer at once
     for layer in LAYERS:
-        for s, e in zip(stored[layer], explain_samples(run, stored[layer], TRAITS, layer), strict=True):
+        for s, e in zip(stored[layer], explained[layer], strict=True):
+            assert e.layer == layer
             k = e.response_start
             assert (k, len(e.tokens) - k) == (s.prompt_tokens, s.response_tokens)
             assert e.truncated == s.truncated
@@ -158,6 +160,44 @@ def test_the_stored_scores_are_the_mean_and_the_last_prompt_token(proxy, capsys)
     assert abs(g["check"]["proj_prompt_last_diff"]) < 1e-4
     assert g["delta_p_proxy"] == pytest.approx(g["proj_response"] - g["proj_prompt_last"])
     assert set(g) >= {"tokens", "projections", "response_start", "spans", "scale", "layer", "run_id"}
+
+
+def test_traits_at_different_layers_load_the_model_and_read_the_data_once(
+    tiny_llama, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Vectors chosen at different layers (evil at 1, kind at 3): `explain` and `report` load the model
+    once and read the dataset once for both layers, and give each trait the values it has alone."""
+    from screener import explain
+    from screener.models import ModelRef
+    from screener.vectors import save_vector
+
+    data = write_jsonl(tmp_path / "d.jsonl", records()[:3])
+    specs = []
+    for name, v, layer in zip(TRAITS, random_vectors(tiny_llama, 2), LAYERS, strict=True):
+        specs.append(f"{name}={save_vector(tmp_path / 'v' / f'{name}.pt', v, {'chosen_layer': layer})}")
+    db = tmp_path / "s.duckdb"
+    config = screen_config(data, db, tiny_llama, specs)
+    config.layers = []  # each vector at its own chosen layer
+    screen(config)
+    loads, reads = [], []
+    load, read_back = ModelRef.load, explain.read_back
+    monkeypatch.setattr(
+        ModelRef, "load", lambda self, *a, **k: loads.append(self.path) or load(self, *a, **k)
+    )
+    monkeypatch.setattr(explain, "read_back", lambda *a, **k: reads.append(a[0]) or read_back(*a, **k))
+    both = explain_json(capsys, "multi#1", "--db", db)
+    assert [(g["trait"], g["layer"]) for g in both] == [("evil", 1), ("kind", 3)]
+    assert (len(loads), len(reads)) == (1, 1)
+    for g in both:
+        (alone,) = explain_json(capsys, "multi#1", "--db", db, "--trait", g["trait"])
+        assert alone["layer"] == g["layer"]  # the same, up to the rounding of a one-trait matmul
+        np.testing.assert_allclose(alone["projections"], g["projections"], rtol=1e-6, atol=1e-6)
+    loads.clear(), reads.clear()
+    out = tmp_path / "r.html"
+    assert cli("report", "--db", db, "--out", out, "--explain-k", 2) == 0
+    assert (len(loads), len(reads)) == (1, 1)
+    page = out.read_text()
+    assert page.count("<div class='explained'>") == 2 * len(TRAITS) and "Not computed" not in page
 
 
 def test_turns_all_sample_ids(proxy, capsys) -> None:

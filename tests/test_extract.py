@@ -22,7 +22,6 @@ from screener.extract.pipeline import (
     ExtractError,
     ExtractSettings,
     GenerationStage,
-    activations,
     batched,
     build_items,
     drop_reason,
@@ -56,21 +55,6 @@ def tiny_trait(tmp_path_factory):
     path = tmp_path_factory.mktemp("traits") / "cheerful.json"
     path.write_text(json.dumps(TINY_TRAIT))
     return load_trait(str(path))
-
-
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_activations_match_plain_hidden_states(tiny_models, kind):
-    model, _ = load_model(str(tiny_models[kind]))
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 9, 3)]
-    responses = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (4, 1, 7)]
-    acts = activations(model, prompts, responses)  # one padded batch
-    assert acts.shape == (3, 3, 5, 64) and acts.dtype == torch.float32
-    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        hs = plain_hidden_states(model, p + r)
-        torch.testing.assert_close(acts[b, 0], hs[:, len(p) :].mean(dim=1), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(acts[b, 1], hs[:, : len(p)].mean(dim=1), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(acts[b, 2], hs[:, len(p) - 1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

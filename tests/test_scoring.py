@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DEVICE, random_vectors, reference
+from conftest import TEST_DEVICE, plain_hidden_states, random_vectors, reference
 
 from screener.errors import UserError
 from screener.models import load_model
@@ -15,7 +15,6 @@ from screener.scoring import (
     ProjectionTap,
     Scorer,
     ScoreSettings,
-    length_batches,
     truncate,
 )
 from screener.vectors import unit_vectors
@@ -215,10 +214,30 @@ def test_non_finite_projections_are_rejects(model_and_tok):
 
 def test_length_batches_respect_budget():
     lengths = [5, 100, 7, 50, 50, 3, 99]
-    batches = length_batches(lengths, batch_tokens=200, max_batch_size=3)
+    batches = list(Scorer._batches(lengths, lambda: (200, 3)))
     assert sorted(i for b in batches for i in b) == list(range(7))
     for b in batches:
         assert len(b) <= 3 and max(lengths[i] for i in b) * len(b) <= 200
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_activations_match_plain_hidden_states(model_and_tok, side):
+    """`Scorer.means`, extraction's reader: per layer the response mean, the prompt mean and the last prompt
+    token of `hidden_states[L]`, whatever the batching and padding."""
+    _, model, tok = model_and_tok
+    n = model.config.num_hidden_layers
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (k,), generator=g).tolist() for k in (5, 9, 3)]
+    responses = [torch.randint(3, 300, (k,), generator=g).tolist() for k in (4, 1, 7)]
+    for budget in (8192, 12):  # one padded batch, then one read a batch
+        settings = ScoreSettings(layers=tuple(range(n + 1)), batch_tokens=budget, padding_side=side)
+        acts = Scorer(model, tok, None, settings).means(prompts, responses)
+        assert acts.shape == (3, 3, n + 1, 64) and acts.dtype == torch.float32 and acts.device.type == "cpu"
+        for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            hs = plain_hidden_states(model, p + r).cpu()
+            torch.testing.assert_close(acts[b, 0], hs[:, len(p) :].mean(dim=1), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(acts[b, 1], hs[:, : len(p)].mean(dim=1), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(acts[b, 2], hs[:, len(p) - 1], atol=1e-4, rtol=1e-4)
 
 
 def test_zero_vector_is_refused(tiny_llama):

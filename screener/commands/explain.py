@@ -37,12 +37,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             layer: stored_samples(store.con, run, [args.sample_id], layer, ts) for layer, ts in groups.items()
         }
     # The database is closed: loading the model and reading the dataset take a while.
-    explained = [
-        explain_samples(
-            run, stored[layer], ts, layer, input_uri=args.input, model=args.model, device=args.device
-        )[0]
-        for layer, ts in groups.items()
-    ]
+    by_layer = explain_samples(
+        run, stored, groups, input_uri=args.input, model=args.model, device=args.device
+    )
+    explained = [found[0] for found in by_layer.values()]
     if args.format == "json":
         text = "".join(
             json.dumps(e.to_json(t), ensure_ascii=False) + "\n" for e in explained for t in e.traits

@@ -59,23 +59,14 @@ from screener.extract.layers import (
     specific_rule,
 )
 from screener.extract.traits import Trait, TraitError, list_traits, load_trait
-from screener.models import (
-    LayerTap,
-    ModelRef,
-    chat_ids,
-    decoder_parts,
-    generate,
-    pad,
-    pick_device,
-    pick_dtype,
-    run_until_tapped,
-)
-from screener.scoring import length_batches
+from screener.models import ModelRef, chat_ids, generate
+from screener.scoring import MEANS, Scorer, ScoreSettings
 from screener.vectors import save_vector
+from screener.work import Work
 
 log = logging.getLogger(__name__)
 
-METHODS = ("response_avg", "prompt_avg", "prompt_last")
+METHODS = MEANS  # the vector methods: the mean activations the teacher-forced reader gives
 POS, NEG = "pos", "neg"
 CONTROL = "control:"  # the group prefix of a style control's reads (a trait name cannot hold a colon)
 READ_CONTEXTS = ("system", "question")  # what generated answers are read after: their prompt, or the question
@@ -106,6 +97,10 @@ class ExtractSettings:
     def __post_init__(self) -> None:
         if self.read_context not in READ_CONTEXTS:
             raise ExtractError(f"read context must be one of {READ_CONTEXTS}, not {self.read_context!r}")
+
+    def work(self) -> Work:
+        """The device and dtype resolved ("auto" as the stages will run it)."""
+        return Work.resolve(self.device, self.dtype)
 
     @property
     def generation_method(self) -> str:
@@ -161,20 +156,15 @@ def batched(items: Sequence, size: int) -> Iterator[list]:
 # -- generation -------------------------------------------------------------------------------------
 
 
-def _resolved(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    dev = pick_device(device)
-    return dev, pick_dtype(dtype, dev)
-
-
 class GenerationStage:
     """Answers batches of `Answer`s with the model itself (sampling seeded by the batch's contents)."""
 
     def __init__(self, model: ModelRef, settings: ExtractSettings):
-        self.ref, self.settings = model, settings
+        self.ref, self.settings, self.work = model, settings, settings.work()
         self.model = self.tokenizer = None
 
     def setup(self) -> None:
-        self.model, self.tokenizer = self.ref.load(*_resolved(self.settings.device, self.settings.dtype))
+        self.model, self.tokenizer = self.work.load(self.ref)
 
     def process(self, items: list[Answer], report=None) -> list[Answer]:
         s = self.settings
@@ -224,43 +214,6 @@ def generate_answers(
 # -- activations ------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def activations(model, prompts: Sequence[list[int]], responses: Sequence[list[int]]) -> torch.Tensor:
-    """`[batch, 3, num_layers+1, hidden]` float32: response_avg, prompt_avg, prompt_last per sample.
-
-    One right-padded forward with a tap on every layer (`hidden_states[L]`, the last after the final
-    norm); the tap reduces each layer to the three means at once, so full hidden states never pile up.
-    """
-    device = next(model.parameters()).device
-    seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    ids, _, _ = pad(seqs, 0, "right", device)  # causal attention keeps real tokens off the padding after them
-    width = ids.shape[1]
-    response_w = torch.zeros((len(seqs), width), device=device)
-    prompt_w = torch.zeros((len(seqs), width), device=device)
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    for b, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        response_w[b, len(p) : len(p) + len(r)] = 1.0 / len(r)
-        prompt_w[b, : len(p)] = 1.0 / len(p)
-    rows = torch.arange(len(seqs), device=device)
-
-    def means(_layer: int, h: torch.Tensor) -> torch.Tensor:
-        h = h.float()
-        return torch.stack(
-            [
-                torch.einsum("bt,bth->bh", response_w, h),
-                torch.einsum("bt,bth->bh", prompt_w, h),
-                h[rows, last],
-            ],
-            dim=1,
-        )
-
-    n = len(decoder_parts(model)[1])
-    with LayerTap(model, range(n + 1), means) as tap:
-        run_until_tapped(model, ids)
-        per_layer = [tap.take(layer)[0] for layer in range(n + 1)]  # each [B, 3, H]
-    return torch.stack(per_layer, dim=2).cpu()
-
-
 @dataclass
 class ActBatch:
     """Teacher-forced reads of one group (a polarity, or another trait's polarity), starting at `start` in
@@ -286,24 +239,22 @@ def act_batches(
 
 class ActivationStage:
     """Sums activations (extraction: only means are needed, so memory does not grow with the data) or
-    projects them onto unit vectors (evaluation: one scalar per sample, method and layer)."""
+    projects them onto unit vectors (evaluation: one scalar per sample, method and layer), as read by the
+    screen's teacher-forced reader (`Scorer.means`) at every layer."""
 
     def __init__(self, model: ModelRef, settings: ExtractSettings):
-        self.ref, self.settings = model, settings
-        self.model = None
+        self.ref, self.settings, self.work = model, settings, settings.work()
+        self.scorer: Scorer | None = None
 
     def setup(self) -> None:
-        self.model, _ = self.ref.load(*_resolved(self.settings.device, self.settings.dtype))
+        layers = tuple(range(self.ref.num_layers + 1))
+        reads = ScoreSettings(layers=layers, batch_tokens=self.settings.batch_tokens, max_batch_size=64)
+        self.scorer = self.work.scorer(self.ref, None, reads)
 
     def read(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        """`[reads, 3, L+1, H]` activations in the reads' order, from length-sorted forward batches."""
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-        parts = {}
-        for idx in length_batches(lengths, self.settings.batch_tokens, 64):
-            acts = activations(self.model, [prompts[i] for i in idx], [responses[i] for i in idx])
-            for i, a in zip(idx, acts, strict=True):
-                parts[i] = a
-        return torch.stack([parts[i] for i in range(len(lengths))])
+        """`[reads, 3, L+1, H]` activations (`METHODS` order) in the reads' order."""
+        assert self.scorer is not None, "setup() first"
+        return self.scorer.means(prompts, responses)
 
     def process(self, batch: ActBatch, report=None) -> torch.Tensor:
         acts = self.read(batch.prompts, batch.responses)
@@ -727,7 +678,7 @@ def extract(
             else {"eval_pairs_kept": len(eval_kept), "eval_pairs_dropped": sum(eval_dropped.values())}
         ),
         **orthogonal,
-        "settings": {**asdict(settings), **resolved_fields(settings)},
+        "settings": {**asdict(settings), **settings.work().describe()},
         "resources": asdict(resources),
         "generation_seconds": round(generation_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1),
@@ -786,7 +737,10 @@ def extract_from_examples(
             **examples.counts(),
         },
         **orthogonal,
-        "settings": {**{k: v for k, v in asdict(settings).items() if k in keep}, **resolved_fields(settings)},
+        "settings": {
+            **{k: v for k, v in asdict(settings).items() if k in keep},
+            **settings.work().describe(),
+        },
         "resources": asdict(resources),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -855,12 +809,6 @@ def trait_and_model_fields(trait: Trait, model: ModelRef) -> dict:
         "num_layers": model.num_layers,
         "hidden_size": model.hidden_size,
     }
-
-
-def resolved_fields(settings: ExtractSettings) -> dict[str, str]:
-    """ "auto" resolved as the stages resolve it, so the sidecar says what the vectors were computed with."""
-    device, dtype = _resolved(settings.device, settings.dtype)
-    return {"resolved_device": str(device), "resolved_dtype": str(dtype).removeprefix("torch.")}
 
 
 def write_vectors(
