@@ -156,3 +156,13 @@ def test_load_controls(tmp_path, dirs):
     (tmp_path / "two.json").write_text(json.dumps(control("dup", "x", "y")))
     with pytest.raises(TraitError, match="'dup' is also used by"):
         load_controls(tmp_path)
+
+
+def test_the_builtin_control_sets():
+    """Issue 21's six shipped sets, at least 45 pairs each; side `a` is the first nuisance the name says."""
+    controls = load_controls()
+    names = {"direct_hedged", "long_short", "refusal_compliance", "narrative_list", "formal_casual"}
+    assert set(controls) == names | {"confident_uncertain"}
+    for name, control in controls.items():
+        assert len(control.pairs) >= 45, name
+        assert (control.a, control.b) == tuple(name.split("_")), name
