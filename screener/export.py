@@ -69,6 +69,7 @@ class ExportResult:
     per_trait: dict[str, dict[str, int]]
     created_at: str
     unreadable: dict[str, str] = field(default_factory=dict)  # file → why it could not be read
+    ignored: list[str] = field(default_factory=list)  # files of the input folder that are not data: not read
 
     def manifest(self, run: Run, flt: DropFilter) -> dict:
         return {
@@ -84,6 +85,7 @@ class ExportResult:
             **asdict(self.counts),
             "per_trait": self.per_trait,
             "unreadable": self.unreadable,
+            "ignored_files": self.ignored,
             "created_at": self.created_at,
         }
 
@@ -142,6 +144,7 @@ def export_records(
             per_trait=_per_trait(run, selection, counts),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             unreadable=dict(stats.unreadable),
+            ignored=list(stats.ignored),
         )
     return result
 

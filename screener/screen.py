@@ -147,6 +147,12 @@ class Summary:
             out.append(f"warning: {path}: {reason}")
         if empty := r.empty_files:
             out.append(f"warning: {_plural(len(empty), 'empty file')}: {', '.join(empty[:10])}")
+        if r.ignored:
+            more = ", ..." if len(r.ignored) > 10 else ""
+            out.append(
+                f"warning: {_plural(len(r.ignored), 'file')} not read, not data by their name: "
+                f"{', '.join(r.ignored[:10])}{more}"
+            )
         return out
 
 

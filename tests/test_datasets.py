@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
 import hashlib
 import importlib.util
 import json
+import lzma
 import time
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -793,3 +796,64 @@ def test_sample_ids_are_unique_over_the_read(tmp_path):
         tmp_path / "e.jsonl", [{**chat(6), "id": "y@2"}, {**chat(7), "id": "y"}, {**chat(8), "id": "y"}]
     )
     assert [s.sample_id for s in samples(tmp_path / "e.jsonl")] == ["y@2", "y", "y@2.1"]
+
+
+# ---- compression, TSV, and containers known by their bytes ---------------------------------------------
+
+
+COMPRESS = {
+    ".gz": gzip.compress,
+    ".zst": lambda b: __import__("zstandard").ZstdCompressor().compress(b),
+    ".bz2": bz2.compress,
+    ".xz": lzma.compress,
+    ".lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE),
+}
+
+
+@pytest.mark.parametrize("compression", list(COMPRESS))
+def test_every_compression_reads_as_the_plain_file(tmp_path, compression):
+    """jsonl, a JSON array (read after a look at its start) and a CSV whose quote is never closed (read
+    again from its second line): the same rows as uncompressed."""
+    compress = COMPRESS[compression]
+    plain = write_jsonl(tmp_path / "p.jsonl", [chat(i) for i in range(5)])
+    array = tmp_path / "p.json"
+    array.write_text(json.dumps([chat(i) for i in range(5)])[:-40])  # truncated mid-record
+    pairs = write_pairs_csv(tmp_path / "p.csv", 6)
+    pairs.write_text(pairs.read_text().replace("question 1", '"question 1'))
+    for path in (plain, array, pairs):
+        packed = tmp_path / f"z{path.suffix}{compression}"
+        packed.write_bytes(compress(path.read_bytes()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the truncated array's warning
+            want = [(o.sample_id, o.source_row, type(o).__name__) for o in read_samples(str(path))]
+            got = [(o.sample_id, o.source_row, type(o).__name__) for o in read_samples(str(packed))]
+        assert got == want and len(want) >= 4
+
+
+def test_a_folder_of_compressed_and_tsv_shards_is_read_whole_and_lists_what_is_not_data(tmp_path):
+    """.zst, .bz2, .xz and .tsv shards were skipped silently; a file that is not data is listed."""
+    shards = [chat(i) for i in range(8)]
+    for i, compression in enumerate((".zst", ".bz2", ".xz")):
+        text = "".join(json.dumps(r) + "\n" for r in shards[2 * i : 2 * i + 2])
+        (tmp_path / f"part{i}.jsonl{compression}").write_bytes(COMPRESS[compression](text.encode()))
+    (tmp_path / "part3.tsv").write_text("id\tprompt\tresponse\nr6\tq6\tfine\nr7\tq7\tfine\n")
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "part4.jsonl.7z").write_bytes(b"7z")
+    stats = ReadStats()
+    got = [(s.sample_id, s.source_row) for s in samples(tmp_path, stats=stats)]
+    assert got == [(f"r{i}", i) for i in range(8)]
+    assert stats.ignored == [str(tmp_path / "notes.txt"), str(tmp_path / "part4.jsonl.7z")]
+    assert stats.formats[str(tmp_path / "part3.tsv")] == "prompt_response"
+    (tmp_path / "part5.jsonl.zst").write_bytes(COMPRESS[".zst"](b"x" * 100)[:-5])
+    reasons = [o.reason for o in read_samples(str(tmp_path)) if isinstance(o, Reject)]
+    assert len(reasons) == 1 and reasons[0].startswith("unreadable file: corrupt compressed data: ")
+
+
+def test_the_container_comes_from_the_bytes_when_the_name_lies(tmp_path):
+    """A parquet file named .jsonl gave one 'invalid JSON' reject per line and a finished run."""
+    records = [chat(i) for i in range(21)]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.jsonl")
+    assert [s.sample_id for s in samples(tmp_path / "d.jsonl")] == [f"r{i}" for i in range(21)]
+    write_jsonl(tmp_path / "e.jsonl", records)
+    (tmp_path / "f.jsonl").write_bytes(gzip.compress((tmp_path / "e.jsonl").read_bytes()))  # gzip, no .gz
+    assert [s.sample_id for s in samples(tmp_path / "f.jsonl")] == [f"r{i}" for i in range(21)]

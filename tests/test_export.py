@@ -345,6 +345,16 @@ def test_a_reused_id_is_scored_and_filtered_like_any_record(tmp_path: Path) -> N
     assert manifest(out)["dropped"] == 9 - len(REJECTED_ROWS)
 
 
+def test_the_manifest_lists_the_files_of_the_input_that_are_not_data(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", openai_records(6))
+    (data / "notes.txt").write_text("not data")
+    screen = make_screen(tmp_path / "s.duckdb", data, mode="proxy")
+    assert cli("export", tmp_path / "o.jsonl", "--db", screen.db) == 0
+    assert manifest(tmp_path / "o.jsonl")["ignored_files"] == [str(data / "notes.txt")]
+
+
 def test_bad_arguments_and_changed_input(screen: FakeScreen, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--threshold", 1, "--drop-top", "5%")

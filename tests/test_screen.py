@@ -17,11 +17,11 @@ from conftest import random_vectors, reference
 from helpers import write_jsonl
 
 from screener.cli import main
-from screener.datasets import DatasetFormatError
+from screener.datasets import DatasetFormatError, ReadStats, read_samples
 from screener.models import load_model
 from screener.records import Sample
 from screener.scoring import GenerationSettings
-from screener.screen import ScreenConfig, screen
+from screener.screen import ScreenConfig, Summary, screen
 from screener.vectors import VectorError
 
 CONVERSATIONS = [
@@ -665,4 +665,17 @@ def test_database_paths_and_a_missing_input(tmp_path, tiny_llama, vector_files, 
     assert main(args(tmp_path / "s.duckdb", missing)) == 2
     assert one_error_line(capsys) == (
         f"error: {missing}: no such file or directory, and not a hub dataset name (org/name)"
+    )
+
+
+def test_the_summary_lists_the_files_of_a_folder_that_are_not_data(tmp_path) -> None:
+    """Files that are not data by their name are listed, never dropped unseen."""
+    write_jsonl(tmp_path / "a.jsonl", openai_rows()[:1])
+    (tmp_path / "README.md").write_text("about the data")
+    (tmp_path / "b.jsonl.7z").write_bytes(b"7z")
+    stats = ReadStats()
+    list(read_samples(str(tmp_path), stats=stats))
+    lines = Summary("r", False, 1, 0, 1, 0, 1.0, stats).lines()
+    assert f"warning: 2 files not read, not data by their name: {tmp_path / 'README.md'}, " in "\n".join(
+        lines
     )

@@ -35,6 +35,7 @@ class ReadStats:
     per_file: dict[str, int] = field(default_factory=dict)  # rows read from each file
     formats: dict[str, str] = field(default_factory=dict)  # each file's row format (from its first record)
     unreadable: dict[str, str] = field(default_factory=dict)  # file → why it could not be read (to its end)
+    ignored: list[str] = field(default_factory=list)  # files of a folder or glob that are not data (by name)
     truncated: list[tuple[str, int, int]] = field(default_factory=list)  # (file, byte, records recovered)
     # the last truncated JSON file: where its last complete record ends, and how many were recovered
     truncated_file: str | None = None

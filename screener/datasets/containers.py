@@ -9,10 +9,13 @@ make a reader raise is `CONTENT_ERRORS`: the reader turns it into a file-level r
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
 import gzip
+import io
 import json
+import lzma
 import os
 import re
 import warnings
@@ -22,6 +25,7 @@ from typing import IO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zstandard
 
 from screener.datasets.base import (
     BadRecord,
@@ -33,18 +37,36 @@ from screener.datasets.base import (
 )
 
 CHUNK_BYTES = 1 << 20  # read size for streamed JSON; a record larger than this costs a few re-reads
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # .jsonl/.json/.csv may also end in .gz
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")  # all but .parquet may be compressed
+COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz", ".lzma")
+# The first bytes of each kind of file: they win over the name, so a parquet file named .jsonl, or a
+# gzip file without .gz, is read as what it is.
+MAGIC = {
+    b"\x1f\x8b": ".gz",
+    b"\x28\xb5\x2f\xfd": ".zst",
+    b"BZh": ".bz2",
+    b"\xfd7zXZ\x00": ".xz",
+    b"\x5d\x00\x00": ".lzma",  # the legacy .lzma header (its usual properties byte and dictionary size)
+}
+PARQUET_MAGIC = b"PAR1"
 
 
 def data_suffix(path: str) -> str | None:
-    """The data suffix of a file name, or None for a file that is not data."""
+    """The data suffix of a file name (after any compression suffix), or None for a file that is not data."""
     name = path.lower()
-    suffix = next((s for s in SUFFIXES if name.removesuffix(".gz").endswith(s)), None)
-    return None if suffix == ".parquet" and name.endswith(".gz") else suffix
+    compressed = name.endswith(COMPRESSIONS)
+    if compressed:
+        name = name.rpartition(".")[0]
+    suffix = next((s for s in SUFFIXES if name.endswith(s)), None)
+    return None if suffix == ".parquet" and compressed else suffix
 
 
-# What a file's bytes can make a reader raise. OSErrors count only without an errno: gzip's BadGzipFile
-# and Arrow's IO errors have none, while a missing file, a permission or a disk error has one.
+class CorruptCompression(ValueError):
+    """The decompressor refused the file's bytes (or they end mid-stream)."""
+
+
+# What a file's bytes can make a reader raise. OSErrors count only without an errno: Arrow's IO errors and
+# some decompressors' have none, while a missing file, a permission or a disk error has one.
 CONTENT_ERRORS = (ValueError, EOFError, zlib.error, csv.Error, RecursionError, pa.ArrowException, OSError)
 
 
@@ -52,7 +74,7 @@ def file_reason(e: Exception, path: str, n_read: int) -> str:
     """A one-line reason for a file-level reject: what failed, and what was read before it."""
     message = str(e).removeprefix(f"{path}: ").strip().splitlines()
     what = message[0] if message else type(e).__name__
-    if isinstance(e, gzip.BadGzipFile | zlib.error | EOFError):
+    if isinstance(e, CorruptCompression):
         what = f"corrupt compressed data: {what}"
     elif isinstance(e, pa.ArrowException) or (isinstance(e, OSError) and data_suffix(path) == ".parquet"):
         what = f"not a readable parquet file: {what}"
@@ -65,24 +87,109 @@ def file_reason(e: Exception, path: str, n_read: int) -> str:
 
 
 def read_file(path: str, stats: ReadStats) -> Iterator[RawRow]:
-    suffix = data_suffix(path)
-    if suffix == ".parquet":
-        with pq.ParquetFile(path) as parquet:
-            size, rows, done = os.path.getsize(path), max(parquet.metadata.num_rows, 1), 0
-            stats.position = lambda: size * done // rows
-            for batch in parquet.iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
-                done += batch.num_rows
-        return
-    with gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb") as f:
-        raw = f.fileobj if isinstance(f, gzip.GzipFile) else f  # compressed bytes, to compare with the size
-        stats.position = raw.tell
-        if suffix == ".jsonl":
-            yield from _read_jsonl(f)
-        elif suffix == ".csv":
-            yield from _read_csv(f)
-        else:
-            yield from _read_json(f, path, stats)
+    """The raw rows of one local file. Its compression and whether it is parquet come from its first
+    bytes when they say (else from its name); the row container (jsonl, json, csv, tsv) from its name."""
+    with open(path, "rb") as raw:
+        head = raw.read(8)
+        raw.seek(0)
+        compression = next((c for magic, c in MAGIC.items() if head.startswith(magic)), None)
+        if compression is None and not head.startswith(PARQUET_MAGIC):
+            compression = next((c for c in COMPRESSIONS if path.lower().endswith(c)), None)
+        if head.startswith(PARQUET_MAGIC) or (compression is None and data_suffix(path) == ".parquet"):
+            yield from _read_parquet(raw, stats)
+            return
+        stats.position = raw.tell  # compressed bytes, to compare with the file's size
+        f = _decompressed(raw, compression) if compression else raw
+        try:
+            suffix = data_suffix(path)
+            if suffix == ".jsonl":
+                yield from _read_jsonl(f)
+            elif suffix in (".csv", ".tsv"):
+                yield from _read_csv(f, "\t" if suffix == ".tsv" else ",")
+            else:
+                yield from _read_json(f, path, stats)
+        except (EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError, OSError) as e:
+            if compression is None or (isinstance(e, OSError) and e.errno is not None):
+                raise
+            raise CorruptCompression(str(e) or type(e).__name__) from e
+
+
+def _read_parquet(raw: IO[bytes], stats: ReadStats) -> Iterator[RawRow]:
+    with pq.ParquetFile(raw) as parquet:
+        size, rows, done = os.fstat(raw.fileno()).st_size, max(parquet.metadata.num_rows, 1), 0
+        stats.position = lambda: size * done // rows
+        for batch in parquet.iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+            done += batch.num_rows
+
+
+def _decompressed(raw: IO[bytes], compression: str) -> IO[bytes]:
+    if compression == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == ".bz2":
+        return bz2.BZ2File(raw)
+    if compression == ".zst":
+        return io.BufferedReader(_Zstd(raw), CHUNK_BYTES)
+    return lzma.LZMAFile(raw)  # .xz, .lzma
+
+
+class _Zstd(io.RawIOBase):
+    """A zstd stream (frames one after another) that says when it ends mid-frame (zstandard's stream
+    reader returns what it has, silently) and can seek back (the CSV and JSON readers do, to read a row
+    again): by decompressing again from the start, as gzip, bz2 and lzma files do."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw = raw
+        self._start()
+
+    def _start(self) -> None:
+        self.raw.seek(0)
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.pos, self.out, self.taken, self.fed = 0, b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self.taken == len(self.out):
+            data = self.raw.read(CHUNK_BYTES)
+            if not data:
+                if self.fed and not self.frame.eof:
+                    raise EOFError("the zstd data ends mid-frame")
+                return 0
+            self.out, self.taken = self._decompress(data), 0
+        n = min(len(b), len(self.out) - self.taken)
+        b[:n] = self.out[self.taken : self.taken + n]
+        self.taken += n
+        self.pos += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self.frame.eof:  # the next frame
+                self.frame = zstandard.ZstdDecompressor().decompressobj()
+            out.append(self.frame.decompress(data))
+            self.fed = True
+            data = self.frame.unused_data if self.frame.eof else b""
+        return b"".join(out)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self.pos
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("a zstd stream seeks from its start only")
+        if offset < self.pos:
+            self._start()
+        while self.pos < offset and self.read(min(CHUNK_BYTES, offset - self.pos)):
+            pass
+        return self.pos
 
 
 def _read_jsonl(f: IO[bytes]) -> Iterator[RawRow]:
@@ -106,7 +213,7 @@ def _read_jsonl(f: IO[bytes]) -> Iterator[RawRow]:
 _TOO_DEEP = "invalid JSON: nested too deeply to parse"
 
 
-def _read_csv(f: IO[bytes]) -> Iterator[RawRow]:
+def _read_csv(f: IO[bytes], delimiter: str = ",") -> Iterator[RawRow]:
     """CSV rows as dicts of strings, by the header. A row that does not parse is a BadRecord naming what
     is wrong: too few or too many cells, a cell that is not UTF-8, a stray quote. A quote that is never
     closed would swallow the rest of the file into one cell: that row is rejected and reading starts
@@ -115,7 +222,7 @@ def _read_csv(f: IO[bytes]) -> Iterator[RawRow]:
     # easily passes its default 128 KiB field limit.
     csv.field_size_limit(2**31 - 1)
     lines = _Lines(f)
-    reader = csv.reader(lines, strict=True)
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
     try:
         header = next(reader, [])
     except csv.Error as e:
@@ -136,7 +243,7 @@ def _read_csv(f: IO[bytes]) -> Iterator[RawRow]:
                 if last > first:  # read the lines it swallowed again, as rows
                     yield BadRecord(f"{span} (it ran to the end of the file, line {last})", key)
                     lines.restart_at_second_line()
-                    reader = csv.reader(lines, strict=True)
+                    reader = csv.reader(lines, delimiter=delimiter, strict=True)
                 else:
                     yield BadRecord(span, key)
                 continue

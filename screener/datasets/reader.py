@@ -45,7 +45,8 @@ def read_rows(
     known row format (a dataset of one such file stops with the columns it has). A file that cannot be
     opened or read at all stops the read (see the package docstring). `split` applies to hub datasets only.
     The URI is resolved now, so a bad one fails at the call rather than at the first `next()`."""
-    return _numbered(sources(data, split), stats if stats is not None else ReadStats(), formats)
+    stats = stats if stats is not None else ReadStats()
+    return _numbered(sources(data, split, stats.ignored), stats, formats)
 
 
 class Rebuild:

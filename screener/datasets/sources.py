@@ -18,10 +18,11 @@ from functools import partial
 from pathlib import Path
 
 from screener.datasets.base import DatasetFormatError, DatasetNotFoundError, RawRow, ReadStats
-from screener.datasets.containers import SUFFIXES, data_suffix, not_an_object, read_file
+from screener.datasets.containers import COMPRESSIONS, SUFFIXES, data_suffix, not_an_object, read_file
 from screener.errors import QueryError
 
 MEMORY = "<memory>"  # the source name (Sample.source_file) of in-memory data
+_SUPPORTED = f"{', '.join(SUFFIXES)}, each but .parquet also compressed ({', '.join(COMPRESSIONS)})"
 
 # What a reader takes: a URI (or path), or the records themselves.
 Data = str | os.PathLike | Iterable[Mapping]
@@ -51,8 +52,9 @@ def canonical_uri(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def sources(data: Data, split: str | None) -> list[Source]:
-    """The sources behind a URI (or in-memory data), each a name and a reader to call lazily."""
+def sources(data: Data, split: str | None, ignored: list[str] | None = None) -> list[Source]:
+    """The sources behind a URI (or in-memory data), each a name and a reader to call lazily; the files
+    of a folder or glob that are not data are added to `ignored`."""
     if isinstance(data, Mapping):  # iterating it would read its keys as records
         raise DatasetFormatError("data: one mapping, not a collection of records; pass a list of records")
     if not isinstance(data, str | os.PathLike):
@@ -66,22 +68,21 @@ def sources(data: Data, split: str | None) -> list[Source]:
         return [Source(uri, partial(_read_hub, repo, data_files, split), local=False)]
     if is_hub_name(uri) and not Path(uri).exists():
         return [Source(uri, partial(_read_hub, uri, None, split), local=False)]
-    return [Source(p, partial(read_file, p)) for p in local_files(uri)]
+    return [Source(p, partial(read_file, p)) for p in local_files(uri, ignored)]
 
 
-def local_files(uri: str) -> list[str]:
-    """The data files behind a local URI (a file, a folder or a glob), sorted; raises if there are none."""
+def local_files(uri: str, ignored: list[str] | None = None) -> list[str]:
+    """The data files behind a local URI (a file, a folder or a glob), sorted; raises if there are none.
+    The other files of a folder or glob (not data by their name) are added to `ignored`, so a caller can
+    list them: nothing is dropped unseen. Hidden entries (.git, .cache) are never data, and not listed."""
     path = Path(uri)
     if path.is_dir():
-        # Hidden entries (.git, .cache) are never data.
         paths = sorted(
             str(p) for p in path.rglob("*") if not any(s.startswith(".") for s in p.relative_to(path).parts)
         )
     elif path.is_file():
         if not data_suffix(uri):
-            raise DatasetFormatError(
-                f"{uri}: unsupported file type; supported: {', '.join(SUFFIXES)} (and .gz)"
-            )
+            raise DatasetFormatError(f"{uri}: unsupported file type; supported: {_SUPPORTED}")
         paths = [uri]
     elif is_glob(uri):
         paths = sorted(glob.glob(uri, recursive=True))
@@ -89,7 +90,9 @@ def local_files(uri: str) -> list[str]:
         raise DatasetNotFoundError(f"{uri}: no such file or directory, and not a hub dataset name (org/name)")
     files = [p for p in paths if data_suffix(p) and Path(p).is_file()]
     if not files:
-        raise DatasetFormatError(f"{uri}: no data files ({', '.join(SUFFIXES)}, and .gz) found")
+        raise DatasetFormatError(f"{uri}: no data files ({_SUPPORTED}) found")
+    if ignored is not None:
+        ignored.extend(p for p in paths if not data_suffix(p) and Path(p).is_file())
     return files
 
 
