@@ -13,7 +13,7 @@ from conftest import plain_hidden_states, tiny_ref
 
 from screener.commands.extract import add_commands
 from screener.distributed import Resources
-from screener.extract import pipeline
+from screener.extract import generation
 from screener.extract.judges import NoJudge
 from screener.extract.layers import LayerStats, auroc, choose_layer, cohens_d, layer_report
 from screener.extract.pipeline import (
@@ -154,7 +154,7 @@ def no_generation(*_args, **_kwargs):
 
 
 def test_extract_fails_fast_when_the_judge_gives_no_score(tiny_llama, tiny_trait, tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "run_stage", no_generation)
+    monkeypatch.setattr(generation, "run_stage", no_generation)
     judge = ScriptedJudge(None)
     with pytest.raises(ExtractError, match="no 0-100 trait score") as err:
         extract(tiny_trait, tiny_ref(tiny_llama), judge, ExtractSettings(), IN_PROCESS, tmp_path)
@@ -168,7 +168,7 @@ def test_extract_fails_fast_when_the_judge_gives_no_score(tiny_llama, tiny_trait
 def test_extract_fails_fast_when_the_judge_gives_no_coherence_score(
     tiny_llama, tiny_trait, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(pipeline, "run_stage", no_generation)
+    monkeypatch.setattr(generation, "run_stage", no_generation)
 
     class TraitOnly(ScriptedJudge):
         def score(self, prompts):
@@ -181,7 +181,7 @@ def test_extract_fails_fast_when_the_judge_gives_no_coherence_score(
 
 @pytest.mark.parametrize("scores", [(80.0,), (None, 20.0)])  # one score of the two is enough
 def test_a_judge_that_scores_passes_the_probe(tiny_llama, tiny_trait, tmp_path, monkeypatch, scores):
-    monkeypatch.setattr(pipeline, "run_stage", no_generation)
+    monkeypatch.setattr(generation, "run_stage", no_generation)
     judge = ScriptedJudge(*scores)
     with pytest.raises(ReachedGeneration):
         extract(tiny_trait, tiny_ref(tiny_llama), judge, ExtractSettings(), IN_PROCESS, tmp_path)

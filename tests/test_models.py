@@ -219,7 +219,7 @@ def test_device_and_dtype_resolution():
         assert pick_dtype("auto", cuda) == torch.bfloat16
 
 
-def test_models_and_scoring_import_without_ray_duckdb_or_polars():
+def test_models_scoring_and_work_import_without_ray_duckdb_or_polars():
     """benchmarks/gpu_check.py runs the scorer on a machine that has none of them."""
     code = (
         "import sys\n"
@@ -228,6 +228,6 @@ def test_models_and_scoring_import_without_ray_duckdb_or_polars():
         "        if name.split('.')[0] in ('ray', 'duckdb', 'polars'):\n"
         "            raise ImportError(f'blocked: {name}')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import screener.models, screener.scoring\n"
+        "import screener.models, screener.scoring, screener.work\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
