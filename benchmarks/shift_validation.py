@@ -130,13 +130,19 @@ def read_file(path: Path) -> list[Sample]:
     return out
 
 
-def sharegpt_pool(tokenizer, n: int, max_tokens: int) -> list[Sample]:
-    """The first `n` first exchanges of the packaged ShareGPT file that are a lone English user message
-    (>= 95% ASCII) and a whole answer of at least 40 tokens that fits `max_tokens` with its prompt and the
-    end-of-turn token, as the data files' answers do (a cut answer would teach the model never to stop)."""
+def sharegpt_pool(
+    tokenizer, n: int, max_tokens: int, start: int = 0, single_turn: bool = False
+) -> list[Sample]:
+    """The first `n` first exchanges of the packaged ShareGPT file (from record `start` on) that are a lone
+    English user message (>= 95% ASCII) and a whole answer of at least 40 tokens that fits `max_tokens` with
+    its prompt and the end-of-turn token, as the data files' answers do (a cut answer would teach the model
+    never to stop); with `single_turn`, only conversations of that one exchange."""
     out = []
-    for s in read_samples(str(packaged_sharegpt()), turns="all"):
-        if not isinstance(s, Sample) or s.turn != 0 or len(s.prompt) != 1 or s.prompt[0]["role"] != "user":
+    # the last exchange of a conversation is its first only when it has one (turn 0 of the last turns)
+    for s in read_samples(str(packaged_sharegpt()), turns="last" if single_turn else "all"):
+        if not isinstance(s, Sample) or s.source_row < start or s.turn != 0 or len(s.prompt) != 1:
+            continue
+        if s.prompt[0]["role"] != "user":
             continue
         text = s.prompt[0]["content"] + s.response
         if sum(c.isascii() for c in text) < 0.95 * len(text):

@@ -1,0 +1,238 @@
+"""Does the ranking pick the samples that shift a model? The persona-vectors paper's sample-level experiment
+(its §6.3: the top, a random and the bottom 500 samples of LMSYS-Chat-1M by ΔP, each fine-tuned on, shift
+the trait in that order), small, on SmolLM2 and real ShareGPT chat.
+
+    python benchmarks/subset_validation.py --pool 200 --k 16 --json subset.json    # ~40 min on 2 cores
+    python benchmarks/subset_validation.py --pool 40 --k 4 --metrics proxy          # a quick check
+
+1. Pool. `--pool` N single-turn conversations of the packaged ShareGPT file from record `--start` (default
+   5,000: the first 5,000 are kept for independent checks) on: one English user message and a whole answer
+   of at least 40 tokens that fits the recipe's token budget (benchmarks/shift_validation.py's filter).
+2. Rank. `screener.screen.screen` screens the pool with the vectors (proxy mode: `delta_p_proxy`; natural
+   mode: the natural `delta_p`, the model answering each prompt itself, as the paper ranks), each trait
+   read at its vector's chosen layer.
+3. Subsets. Per trait and metric, the top k and the bottom k samples; one seeded random k for all.
+4. Fine-tune and measure. shift_validation's one recipe (LoRA, plain AdamW, 2 epochs, fp32) on each
+   distinct subset, then `screener.shift.measure`: the shift at the last prompt token over the trait's 20
+   evaluation questions, at the vector's layer.
+5. Report. Per trait and metric: top, random, bottom shifts ± standard error, whether top > random >
+   bottom, and top − bottom in combined standard errors (the target: ≥ 2). `--json` writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import torch
+
+# this checkout's screener, whichever one the environment has installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from machine import header  # benchmarks/, this script's folder
+from shift_validation import Recipe, TrainingSet, fine_tune, machine, progress, sharegpt_pool, write_set
+
+from screener.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from screener.scoring import GenerationSettings
+from screener.screen import ScreenConfig, screen
+from screener.shift import ShiftConfig, measure
+from screener.vectors import builtin_vector_path, load_vector
+
+TRAITS = ("evil", "hallucinating")
+METRICS = {"proxy": "delta_p_proxy", "natural": "delta_p"}
+
+
+def vector_specs(folder: Path | None, model_name: str) -> tuple[list[str], dict[str, int]]:
+    """`NAME=PATH` for each trait's vector (in `folder`, else the built-in one) and its chosen layer."""
+    specs, layers = [], {}
+    for t in TRAITS:
+        path = folder / f"{t}_response_avg_diff.pt" if folder else builtin_vector_path(model_name, t)
+        vec = load_vector(path, t)
+        if vec.default_layer is None:
+            sys.exit(f"{path}: no chosen layer in its sidecar")
+        specs.append(f"{t}={path}")
+        layers[t] = vec.default_layer
+    return specs, layers
+
+
+def scores(db: str, run_id: str, metric: str, layers: dict[str, int]) -> dict[str, dict[str, float]]:
+    """`{trait: {sample_id: value}}` at each trait's layer; NULL values (an empty natural answer) left out."""
+    with duckdb.connect(db, read_only=True) as con:
+        rows = con.execute(
+            f"SELECT trait, layer, sample_id, {metric} FROM scores WHERE run_id = ? AND {metric} IS NOT NULL",
+            [run_id],
+        ).fetchall()
+    out: dict[str, dict[str, float]] = {t: {} for t in TRAITS}
+    for trait, layer, sample_id, value in rows:
+        if layers.get(trait) == layer:
+            out[trait][sample_id] = value
+    return out
+
+
+def ends(values: dict[str, float], k: int) -> tuple[list[str], list[str]]:
+    """The top k and bottom k sample ids, ties broken by id (deterministic)."""
+    order = sorted(values, key=lambda s: (-values[s], s))
+    return order[:k], order[-k:][::-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pool", type=int, default=200, help="conversations screened (N)")
+    p.add_argument("--k", type=int, default=16, help="samples per subset")
+    p.add_argument("--start", type=int, default=5000, help="first record of the packaged ShareGPT file")
+    p.add_argument("--metrics", default="proxy,natural", help="rank by: proxy, natural or both")
+    p.add_argument("--natural-tokens", type=int, default=64, help="length of the natural answers")
+    p.add_argument("--vectors", type=Path, help="folder with <trait>_response_avg_diff.pt (default built-in)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "auto", "bfloat16"))
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--work-dir", type=Path, help="keep the pool, subsets, adapters and DuckDB here")
+    args = p.parse_args(argv)
+    if args.start < 5000:
+        sys.exit("--start: the packaged ShareGPT file's first 5,000 records are kept for independent checks")
+    metrics = [m for m in args.metrics.split(",") if m]
+    if unknown := set(metrics) - set(METRICS):
+        sys.exit(f"--metrics: unknown {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    recipe = Recipe()
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    started, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    m = machine()
+    print(f"{header()}; load avg {m['load_average']:.1f}", flush=True)
+    print(
+        f"recipe: {json.dumps(asdict(recipe))}; pool {args.pool}, k {args.k}, ranked by {metrics}", flush=True
+    )
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="subset-validation-"))
+    work.mkdir(parents=True, exist_ok=True)
+    db = str(work / "subsets.duckdb")
+    results: dict = {}
+    try:
+        base = resolve_model(DEFAULT_MODEL)
+        specs, layers = vector_specs(args.vectors, base.name)
+        tok = load_tokenizer(base.path)
+        pool = sharegpt_pool(tok, args.pool, recipe.max_tokens, start=args.start, single_turn=True)
+        pool_set = TrainingSet("pool", f"{len(pool)} single-turn ShareGPT conversations", pool)
+        write_set(pool_set, work / "sets")
+        by_id = {f"pool-{i}": s for i, s in enumerate(pool)}  # write_set's record ids
+        progress(
+            f"pool: {len(pool)} conversations from row {pool[0].source_row} to {pool[-1].source_row}", started
+        )
+
+        common = {"db": db, "vectors": specs, "max_tokens": recipe.max_tokens, "dtype": args.dtype}
+        common |= {"device": "cpu", "actors": 0, "progress": False, "turns": "last"}
+        ranked: dict[str, dict[str, dict[str, float]]] = {}
+        for metric in metrics:
+            t = time.perf_counter()
+            gen = GenerationSettings(max_new_tokens=args.natural_tokens)
+            summary = screen(ScreenConfig(pool_set.path, mode=metric, generation=gen, **common))
+            ranked[metric] = scores(db, summary.run_id, METRICS[metric], layers)
+            progress(
+                f"screen ({metric}): {summary.total_scored} samples in {time.perf_counter() - t:.0f} s",
+                started,
+            )
+
+        subsets: dict[str, list[str]] = {}  # name -> sample ids
+        rng = random.Random(recipe.seed)
+        subsets["random"] = sorted(rng.sample(sorted(by_id), args.k))
+        for metric in metrics:
+            for trait in TRAITS:
+                top, bottom = ends(ranked[metric][trait], args.k)
+                subsets[f"{trait}_{metric}_top"], subsets[f"{trait}_{metric}_bottom"] = top, bottom
+        distinct: dict[tuple[str, ...], str] = {}  # the same samples are fine-tuned on once
+        for name, ids in subsets.items():
+            distinct.setdefault(tuple(sorted(ids)), name)
+        progress(f"{len(subsets)} subsets of {args.k}, {len(distinct)} distinct fine-tunes", started)
+
+        measured: dict[str, dict[str, tuple[float, float]]] = {}
+        for ids, name in distinct.items():
+            ts = TrainingSet(name, f"{args.k} samples", [by_id[i] for i in ids])
+            write_set(ts, work / "sets")
+            t = time.perf_counter()
+            adapter = fine_tune(ts, base.path, work / "adapters", recipe, dtype)
+            cfg = ShiftConfig(
+                DEFAULT_MODEL, str(adapter), db=db, vectors=specs, dtype=args.dtype, device="cpu", actors=0
+            )
+            shifts = measure(cfg).shifts
+            measured[name] = {
+                s.trait: (s.shift, s.stderr)
+                for s in shifts
+                if s.measure == "prompt_last" and s.layer == layers.get(s.trait)
+            }
+            got = ", ".join(f"{tr} {v[0]:+.3f} ± {v[1]:.3f}" for tr, v in measured[name].items())
+            progress(
+                f"{name}: loss {ts.loss[0]:.3f} -> {ts.loss[1]:.3f}; shift {got} "
+                f"({time.perf_counter() - t:.0f} s)",
+                started,
+            )
+        for name, ids in subsets.items():
+            measured[name] = measured[distinct[tuple(sorted(ids))]]
+
+        print()
+        lines = [
+            f"| trait (layer) | ranked by | top {args.k} | random {args.k} | bottom {args.k} "
+            "| top > random > bottom | (top − bottom) / combined se |",
+            "|---|---|---:|---:|---:|---|---:|",
+        ]
+        for trait in TRAITS:
+            for metric in metrics:
+                top, rnd, bot = (
+                    measured[n][trait]
+                    for n in (f"{trait}_{metric}_top", "random", f"{trait}_{metric}_bottom")
+                )
+                ordered = top[0] > rnd[0] > bot[0]
+                z = (top[0] - bot[0]) / float(np.hypot(top[1], bot[1]))
+                results[f"{trait}/{metric}"] = {
+                    "top": top,
+                    "random": rnd,
+                    "bottom": bot,
+                    "ordered": ordered,
+                    "z": z,
+                }
+                lines.append(
+                    f"| {trait} ({layers[trait]}) | {METRICS[metric]} | {top[0]:+.2f} ± {top[1]:.2f} | "
+                    f"{rnd[0]:+.2f} ± {rnd[1]:.2f} | {bot[0]:+.2f} ± {bot[1]:.2f} | "
+                    f"{'yes' if ordered else 'no'} | {z:.1f} |"
+                )
+        print("\n".join(lines))
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
+    wall = time.perf_counter() - started
+    print(
+        f"\nwall time {wall / 60:.1f} min; CPU time {cpu / 60:.1f} min; "
+        f"load average at the end {os.getloadavg()[0]:.1f}"
+    )
+    if args.json:
+        payload = {
+            "results": results,
+            "subsets": subsets,
+            "layers": layers,
+            "vectors": specs,
+            "pool": args.pool,
+            "k": args.k,
+            "start": args.start,
+            "recipe": asdict(recipe),
+            "machine": m,
+            "wall_seconds": wall,
+            "cpu_seconds": cpu,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
