@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from screener.datasets import ReadStats, canonical_uri, packaged_sharegpt, read_samples
@@ -54,6 +54,7 @@ class CalibrateConfig:
     model: str = DEFAULT_MODEL
     layers: list[int] = field(default_factory=list)  # empty: each vector's chosen layer
     natural: bool = False  # also the natural delta_p (the model answers each prompt itself)
+    natural_limit: int | None = None  # natural delta_p on the first N reference samples (default: all)
     turns: str = "all"
     max_tokens: int = 2048
     batch_tokens: int | None = None
@@ -154,53 +155,57 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, dict]:
         "file_sha256": sha256_file(Path(uri)) if Path(uri).is_file() else None,
         **read,
     }
-    mode = "natural" if cfg.natural else "proxy"
+    modes = ["proxy", "natural"] if cfg.natural else ["proxy"]
+    values: dict[tuple[str, int, str], list] = {}  # (trait, layer, metric) -> the reference's values
     with _scratch(cfg.db) as (folder, db):
         data = folder / "reference.jsonl"
         source["samples_sha256"] = write_reference(samples, data)
-        screen_cfg = ScreenConfig(
-            dataset=str(data),
-            db=db,
-            model=cfg.model,
-            vectors=[f"{v.name}={v.path}" for v in vectors],
-            layers=list(cfg.layers),
-            mode=mode,
-            turns="last",
-            max_tokens=cfg.max_tokens,
-            batch_tokens=cfg.batch_tokens,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            actors=cfg.actors,
-            address=cfg.address,
-            generation=cfg.generation,
-            progress=cfg.progress,
-        )
-        summary = screen(screen_cfg)
-        with Store(db, read_only=True) as store:
-            rows = store.con.execute(
-                "SELECT trait, layer, list(delta_p_proxy), list(delta_p) FROM scores WHERE run_id = ? "
-                "GROUP BY ALL",
-                [summary.run_id],
-            ).fetchall()
-            dtype = store.con.execute(
-                "SELECT settings->>'dtype' FROM runs WHERE run_id = ?", [summary.run_id]
-            ).fetchone()[0]
-    source["scored"] = summary.total_scored
+        for mode in modes:  # the proxy on every sample; the natural delta_p on the first natural_limit
+            screen_cfg = ScreenConfig(
+                dataset=str(data),
+                db=db,
+                model=cfg.model,
+                vectors=[f"{v.name}={v.path}" for v in vectors],
+                layers=list(cfg.layers),
+                mode=mode,
+                turns="last",
+                limit=cfg.natural_limit if mode == "natural" else None,
+                max_tokens=cfg.max_tokens,
+                batch_tokens=cfg.batch_tokens,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                actors=cfg.actors,
+                address=cfg.address,
+                generation=cfg.generation,
+                progress=cfg.progress,
+            )
+            summary = screen(screen_cfg)
+            metric = METRIC_OF_MODE[mode]
+            with Store(db, read_only=True) as store:
+                for trait, layer, got in store.con.execute(
+                    f"SELECT trait, layer, list({metric}) FROM scores WHERE run_id = ? GROUP BY ALL",
+                    [summary.run_id],
+                ).fetchall():
+                    values[(trait, layer, metric)] = got
+                dtype = store.con.execute(
+                    "SELECT settings->>'dtype' FROM runs WHERE run_id = ?", [summary.run_id]
+                ).fetchone()[0]
+            source[f"scored_{mode}"] = summary.total_scored
     out = {}
     for v in vectors:
         metrics: dict[str, dict] = {}
-        for trait, layer, proxy, natural in rows:
-            if trait != v.name:
-                continue
-            metrics.setdefault("delta_p_proxy", {})[str(layer)] = distribution(proxy)
-            if mode == "natural":
-                metrics.setdefault("delta_p", {})[str(layer)] = distribution(natural)
+        for (trait, layer, metric), got in sorted(values.items()):
+            if trait == v.name:
+                metrics.setdefault(metric, {})[str(layer)] = distribution(got)
+        settings = {"max_tokens": cfg.max_tokens, "dtype": dtype, "turns": cfg.turns}
+        if cfg.natural:
+            settings["natural"] = {"samples": cfg.natural_limit, "generation": asdict(cfg.generation)}
         calibration = {
             "reference": source,
             "model": cfg.model,
             "model_sha256": model.sha256,
             "vector_sha256": v.sha256,
-            "settings": {"mode": mode, "max_tokens": cfg.max_tokens, "dtype": dtype},
+            "settings": settings,
             "percentiles": "0..100 in steps of 1, linear interpolation (numpy's default)",
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "distributions": metrics,

@@ -24,6 +24,7 @@ from screener.calibration import (
 from screener.datasets import packaged_sharegpt
 from screener.reference import distribution, percentile_of
 from screener.results import open_db
+from screener.scoring import GenerationSettings
 from screener.screen import ScreenConfig, screen
 from screener.store import Store
 from screener.vectors import load_vector
@@ -78,6 +79,30 @@ def test_calibration_is_the_reference_screens_distribution(calibrated):
             got = cal["distributions"]["delta_p_proxy"][str(layer)]
             np.testing.assert_allclose(got["quantiles"], np.percentile(values, np.arange(101)), atol=1e-5)
     assert "delta_p" not in cal["distributions"]  # proxy only without --natural
+
+
+def test_natural_delta_p_on_the_first_samples(tiny_llama, tmp_path):
+    vec = tmp_path / "a.pt"
+    torch.save(random_vectors(tiny_llama, 1)[0], vec)
+    ref = write_chat_jsonl(tmp_path / "ref.jsonl", 6)
+    cfg = CalibrateConfig(
+        vectors=[str(vec)], reference=str(ref), limit=5, natural=True, natural_limit=3, model=str(tiny_llama),
+        layers=[2], dtype="float32", actors=0, db=str(tmp_path / "ref.duckdb"), progress=False,
+        generation=GenerationSettings(max_new_tokens=4),
+    )  # fmt: skip
+    cal = calibrate(cfg)[str(vec)]
+    assert cal["distributions"]["delta_p_proxy"]["2"]["n"] == 5 and cal["reference"]["scored_natural"] == 3
+    with duckdb.connect(str(tmp_path / "ref.duckdb"), read_only=True) as con:
+        natural = con.execute(
+            "SELECT delta_p FROM scores JOIN runs USING (run_id) "
+            "WHERE mode = 'natural' AND delta_p IS NOT NULL"
+        ).fetchall()
+    got = cal["distributions"]["delta_p"]["2"]
+    assert got["n"] == len(natural) > 0
+    np.testing.assert_allclose(
+        got["quantiles"], np.percentile([r[0] for r in natural], np.arange(101)), atol=1e-5
+    )
+    assert cal["settings"]["natural"]["samples"] == 3
 
 
 def test_a_screen_gives_ref_percentile(calibrated, tiny_llama, tmp_path, capsys):

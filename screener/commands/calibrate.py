@@ -22,7 +22,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         limit=args.limit,
         model=args.model,
         layers=args.layer,
-        natural=args.natural,
+        natural=args.natural or args.natural_limit is not None,
+        natural_limit=args.natural_limit,
         turns=args.turns,
         max_tokens=args.max_tokens,
         batch_tokens=args.batch_tokens,
@@ -68,6 +69,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--natural", action="store_true", help="also the natural delta_p (the model answers each prompt)"
+    )
+    p.add_argument(
+        "--natural-limit",
+        type=int,
+        metavar="N",
+        help="the natural delta_p on the first N reference samples only (generation is slow); implies "
+        "--natural",
     )
     p.add_argument("--turns", choices=("all", "last"), default="all", help="which assistant turns to score")
     p.add_argument("--max-tokens", type=int, default=2048)
