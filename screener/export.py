@@ -259,7 +259,14 @@ def _jsonl_writer(
     out: Path, manifest: Manifest, protected: Protected, force: bool, _cache_dir: str | None
 ) -> Iterator[Write]:
     with output_file(out, protected, force=force) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        yield lambda record: f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+        def write(record: dict) -> None:
+            try:  # the text is encoded here, before any of it is written
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            except UnicodeEncodeError:  # a lone surrogate, which the input's JSON carried as an escape:
+                f.write(json.dumps(record) + "\n")  # escaped again, the line parses to the same record
+
+        yield write
     _write_manifest(out, "jsonl", manifest, protected, force)
 
 

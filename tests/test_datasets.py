@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import lzma
+import re
 import time
 import warnings
 from pathlib import Path
@@ -268,6 +269,8 @@ def test_bad_lines_and_other_shapes_become_rejects_and_the_run_goes_on(tmp_path)
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="turns"):
         read_samples(str(write_jsonl(tmp_path / "d.jsonl", [chat(0)])), turns="first")
+    with pytest.raises(ValueError, match="limit must be a number of samples, 0 or more"):
+        read_samples(str(tmp_path / "d.jsonl"), limit=-1)
     with pytest.raises(FileNotFoundError):
         read_samples(str(tmp_path / "missing.jsonl"))
     (tmp_path / "notes.txt").write_text("x")
@@ -361,6 +364,7 @@ def test_hub_uris_go_through_datasets_streaming(tmp_path, monkeypatch):
         return real_load("json", data_files=str(data), split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr(sd.sources, "check_hub", lambda repo, uri: None)  # no network here
     stats = ReadStats()
     got = samples("org/name", split="test", stats=stats)
     assert [(s.sample_id, s.source_row, s.source_file) for s in got] == [
@@ -857,3 +861,64 @@ def test_the_container_comes_from_the_bytes_when_the_name_lies(tmp_path):
     write_jsonl(tmp_path / "e.jsonl", records)
     (tmp_path / "f.jsonl").write_bytes(gzip.compress((tmp_path / "e.jsonl").read_bytes()))  # gzip, no .gz
     assert [s.sample_id for s in samples(tmp_path / "f.jsonl")] == [f"r{i}" for i in range(21)]
+
+
+def test_invalid_unicode_rejects_its_record_only(tmp_path):
+    """A lone surrogate (JSON `"\\ud800"`) in an id killed the screen; in content it gave a cryptic reject."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps(chat(0)),
+                '{"id": "bad\\ud800", "messages": [{"role": "user", "content": "q"}, '
+                '{"role": "assistant", "content": "a"}]}',
+                '{"id": "c", "messages": [{"role": "user", "content": "q\\udc00"}, '
+                '{"role": "assistant", "content": "a"}]}',
+                json.dumps(chat(1)),
+            ]
+        )
+    )
+    out = list(read_samples(str(path)))
+    assert [(type(o).__name__, o.source_row) for o in out] == [
+        ("Sample", 0),
+        ("Reject", 1),
+        ("Reject", 2),
+        ("Sample", 3),
+    ]
+    assert out[1].reason == "id: invalid Unicode (a lone surrogate, U+D800, at character 3)"
+    assert out[2].reason == "messages[0].content: invalid Unicode (a lone surrogate, U+DC00, at character 1)"
+    assert out[2].sample_id == "c"
+    for o in out:  # every id and reason can be stored and printed
+        assert o.sample_id.encode("utf-8") and getattr(o, "reason", "").encode("utf-8") is not None
+
+
+def test_a_mistyped_path_is_a_missing_path_at_once(tmp_path, monkeypatch):
+    """`data/train.jsonl` (missing) was tried as a hub id: 33 s of retries, then a traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+
+    def no_hub(repo, uri):
+        raise AssertionError(f"{uri} was looked up on the hub")
+
+    monkeypatch.setattr(sd.sources, "check_hub", no_hub)
+    for uri in ("data/train.jsonl", "data/train", "shards/part.jsonl.zst", "org/name.csv"):
+        with pytest.raises(sd.DatasetNotFoundError, match=f"^{re.escape(uri)}: no such file or directory"):
+            read_samples(uri)
+
+
+def test_a_hub_id_that_cannot_be_read_fails_in_seconds_in_one_line(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline (conftest)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    started = time.monotonic()
+    with pytest.raises(sd.DatasetNotFoundError) as unreachable:
+        read_samples("someorg/somename")
+    assert "the Hugging Face hub cannot be reached" in str(unreachable.value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(sd.DatasetNotFoundError) as offline:
+        list(read_samples("someorg/somename"))
+    assert str(offline.value).startswith("someorg/somename: cannot load it from the Hugging Face hub: ")
+    assert time.monotonic() - started < 10
+    assert "\n" not in str(unreachable.value) + str(offline.value)

@@ -355,6 +355,21 @@ def test_the_manifest_lists_the_files_of_the_input_that_are_not_data(tmp_path: P
     assert manifest(tmp_path / "o.jsonl")["ignored_files"] == [str(data / "notes.txt")]
 
 
+def test_invalid_unicode_is_a_reject_and_exports_as_it_was_read(tmp_path: Path) -> None:
+    """A lone surrogate in an id or in content: the record is rejected alone, stored, and an export writes
+    it back (as a JSON escape) instead of a traceback."""
+    path = tmp_path / "in.jsonl"
+    lines = [json.dumps(r) for r in openai_records(6)]
+    lines[1] = lines[1].replace('"r001"', '"r001\\ud800"')
+    lines[2] = lines[2].replace("Answer 2", "Answer \\udc00 2")
+    path.write_text("\n".join(lines) + "\n")
+    screen = make_screen(tmp_path / "s.duckdb", path, mode="proxy")
+    assert [r.source_row for r in screen.rejects] == [1, 2, 3, 5]
+    out = tmp_path / "o.jsonl"
+    assert cli("export", out, "--db", screen.db) == 0
+    assert read_jsonl(out) == [json.loads(line) for line in lines]
+
+
 def test_bad_arguments_and_changed_input(screen: FakeScreen, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--threshold", 1, "--drop-top", "5%")

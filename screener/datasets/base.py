@@ -84,5 +84,6 @@ def content_hash(data: bytes) -> str:
 
 
 def canonical_json(value: object) -> bytes:
-    """A value's JSON with sorted keys, as bytes: what a record without an id is keyed by."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    """A value's JSON with sorted keys, as bytes: what a record without an id is keyed by (a lone
+    surrogate, which JSON can carry, kept as its own bytes rather than refused)."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")

@@ -4,6 +4,8 @@ reason names the field. OpenAI `messages`, ShareGPT `conversations`, LMSYS `conv
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 from screener.datasets.base import DatasetFormatError, canonical_json, content_hash
@@ -58,8 +60,9 @@ def record_to_samples(
         raise ValueError(f"unknown format {fmt!r}; supported: {SUPPORTED}")
     if isinstance(parsed, str):
         return [Reject(source_row, record_id, parsed, source_file)]
-
     messages, paths = parsed
+    if (invalid := _invalid_text(record, messages, paths)) is not None:  # the record alone is rejected
+        return [Reject(source_row, record_id, invalid, source_file)]
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     scored = list(enumerate(assistant))
     out: list[Sample | Reject] = []
@@ -178,9 +181,47 @@ def _parse_prompt_response(record: dict) -> tuple[list[Message], list[str]] | st
 
 
 def own_id(record: dict) -> str:
-    """The record's own id, else a hash of its content: stable across runs, and the same for a reject."""
+    """The record's own id, else a hash of its content: stable across runs, and the same for a reject.
+    An id that is not valid Unicode (the record is rejected for it) is replaced by the hash too: every
+    id must be storable."""
+    found = _id_field(record)
+    if found is not None and _lone_surrogate(found[1]) is None:
+        return found[1]
+    return content_hash(canonical_json(record))
+
+
+def _id_field(record: dict) -> tuple[str, str] | None:
     for key in ("id", "conversation_id"):
         value = record.get(key)
         if value is not None and str(value).strip():
-            return str(value)
-    return content_hash(canonical_json(record))
+            return key, str(value)
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """Where a string is not valid Unicode (JSON can carry a lone surrogate, `"\\ud800"`, that no UTF-8
+    output can hold), as a phrase for a reason; None when it is valid."""
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    return f"invalid Unicode (a lone surrogate, U+{ord(found.group()):04X}, at character {found.start()})"
+
+
+def _invalid_text(record: dict, messages: list[Message], paths: list[str]) -> str | None:
+    """The reason a record holds text that is not valid Unicode, naming the field; None when it is valid."""
+    if (found := _id_field(record)) is not None and (where := _lone_surrogate(found[1])):
+        return f"{found[0]}: {where}"
+    for message, path in zip(messages, paths, strict=True):
+        if where := _lone_surrogate(message["content"]):
+            return f"{path}: {where}"
+        message_path = path.rpartition(".")[0]
+        for key in TOOL_KEYS:
+            if isinstance(message.get(key), str) and (where := _lone_surrogate(message[key])):
+                return f"{message_path}.{key}: {where}"
+        calls = message.get("tool_calls")
+        if calls and (where := _lone_surrogate(json.dumps(calls, ensure_ascii=False, default=str))):
+            return f"{message_path}.tool_calls: {where}"
+    return None

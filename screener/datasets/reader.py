@@ -119,6 +119,8 @@ def read_samples(
     """Normalised samples (and rejects) from any supported URI (or records in memory), streamed: what the
     screen scores. `limit` caps the Samples yielded (rejects don't count)."""
     rebuild = Rebuild(turns)
+    if limit is not None and limit < 0:  # --limit is checked where it is parsed; this is the library's check
+        raise ValueError(f"limit must be a number of samples, 0 or more (or None for all), got {limit}")
     stats = stats if stats is not None else ReadStats()
     return _samples(read_rows(data, split=split, stats=stats), rebuild, limit, stats)
 

@@ -65,10 +65,50 @@ def sources(data: Data, split: str | None, ignored: list[str] | None = None) -> 
         if len(parts) < 2:
             raise DatasetFormatError(f"{uri}: expected hf://datasets/org/name[/path]")
         repo, data_files = "/".join(parts[:2]), "/".join(parts[2:]) or None
+        check_hub(repo, uri)
         return [Source(uri, partial(_read_hub, repo, data_files, split), local=False)]
-    if is_hub_name(uri) and not Path(uri).exists():
+    if is_hub_name(uri) and not Path(uri).exists() and not looks_local(uri):
+        check_hub(uri, uri)
         return [Source(uri, partial(_read_hub, uri, None, split), local=False)]
     return [Source(p, partial(read_file, p)) for p in local_files(uri, ignored)]
+
+
+def looks_local(uri: str) -> bool:
+    """Whether an `org/name` URI is a local path rather than a hub dataset: it has a data or compression
+    suffix (`data/train.jsonl`), or its folder is here (`data/` exists, the file in it does not)."""
+    return bool(data_suffix(uri) or uri.lower().endswith(COMPRESSIONS) or Path(uri).parent.is_dir())
+
+
+HUB_TIMEOUT = 10  # seconds for the hub to answer whether a dataset is there
+
+
+def check_hub(repo: str, uri: str) -> None:
+    """Fail in one line, within seconds, when the hub cannot serve `repo`: it is not there, or the hub
+    cannot be reached (datasets would retry for half a minute, then raise a traceback). Offline
+    (HF_HUB_OFFLINE=1) only the local hub cache is read, and `_read_hub` says when it is not there."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        HfApi().dataset_info(repo, timeout=HUB_TIMEOUT)  # HF_TOKEN from the environment, for private ones
+    except RepositoryNotFoundError:
+        raise DatasetNotFoundError(
+            f"{uri}: no such file or directory, and no such dataset on the Hugging Face hub (or it is "
+            "private or gated: set HF_TOKEN)"
+        ) from None
+    except HfHubHTTPError as e:
+        raise DatasetNotFoundError(f"{uri}: the Hugging Face hub refused it: {_first_line(e)}") from None
+    except Exception as e:  # the hub cannot be reached (httpx's transport errors; their module varies)
+        raise DatasetNotFoundError(
+            f"{uri}: no such file or directory, and the Hugging Face hub cannot be reached to read it as a "
+            f"hub dataset ({_first_line(e)}); offline, HF_HUB_OFFLINE=1 reads the local hub cache"
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def local_files(uri: str, ignored: list[str] | None = None) -> list[str]:
@@ -107,7 +147,7 @@ def check_input(uri: str) -> None:
         problem = f"{uri} matches no files{where}"
     # `org/name` is a hub dataset; with a data suffix (`data/x.jsonl`, stored as typed by a screen run
     # from another directory) it is a local file that is not here.
-    elif is_hub_name(uri) and not data_suffix(uri):
+    elif is_hub_name(uri) and not looks_local(uri):
         return
     else:
         problem = f"{uri}: no such file or directory{where}"
@@ -129,7 +169,13 @@ def packaged_sharegpt() -> Path:
 def _read_hub(name: str, data_files: str | None, split: str | None, stats: ReadStats) -> Iterator[RawRow]:
     import datasets  # slow to import; only hub URIs need it. HF_TOKEN is read from the environment.
 
-    yield from datasets.load_dataset(name, data_files=data_files, split=split or "train", streaming=True)
+    try:
+        rows = datasets.load_dataset(name, data_files=data_files, split=split or "train", streaming=True)
+    except (ConnectionError, FileNotFoundError) as e:  # offline and not cached, or no such files in it
+        raise DatasetNotFoundError(
+            f"{name}: cannot load it from the Hugging Face hub: {_first_line(e)}"
+        ) from None
+    yield from rows
 
 
 def _read_memory(records: Iterable[Mapping], stats: ReadStats) -> Iterator[RawRow]:
