@@ -487,7 +487,7 @@ def test_a_written_pair_may_carry_a_register_label(tmp_path):
 # issue 21: the trait files rewritten without style confounds, at their floors of pairs
 REWRITTEN = {
     "evil": (150, 50), "hallucinating": (150, 50), "sycophantic": (150, 50), "impolite": (60, 50),
-    "apathetic": (60, 50), "optimistic": (60, 50),
+    "apathetic": (60, 50), "optimistic": (60, 50), "humorous": (60, 50),
 }  # fmt: skip
 
 
@@ -501,7 +501,7 @@ def test_rewritten_traits_meet_their_floors_with_matched_lengths(name):
         assert 0.75 <= len(e.positive) / len(e.negative) <= 1.33, e.question
 
 
-@pytest.mark.parametrize("name", ["evil", "sycophantic", "impolite", "apathetic", "optimistic"])
+@pytest.mark.parametrize("name", ["evil", "sycophantic", "impolite", "apathetic", "optimistic", "humorous"])
 def test_rewritten_pairs_span_six_registers_and_hold_out_theirs(name):
     """What the pairs share should be the trait, not a style: six registers, none reused by the held-out."""
     data = json.loads(Path(load_trait(name).path).read_text())
