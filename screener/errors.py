@@ -71,5 +71,5 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(signum: int, frame: object) -> None:
-    """The SIGTERM handler `cli.main` installs (and `distributed.RaySession` keeps over Ray's)."""
+    """The SIGTERM handler `cli.main` installs (and `ray_session.RaySession` keeps over Ray's)."""
     raise Terminated()

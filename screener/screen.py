@@ -33,7 +33,7 @@ from screener.records import MODES, TURNS, Reject, Sample, Scored
 from screener.runs import Run
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings
 from screener.store import DEFAULT_DB, Store, one_line
-from screener.vectors import Vector, layers_for, unit_vectors, vectors_for
+from screener.vectors import Vector, vectors_at
 from screener.work import Work
 
 
@@ -79,14 +79,6 @@ class ScreenPlan:
     @property
     def layers(self) -> tuple[int, ...]:
         return self.settings.layers
-
-    @property
-    def device(self) -> torch.device:
-        return self.work.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.work.dtype
 
 
 @dataclass
@@ -224,9 +216,7 @@ def prepare(cfg: ScreenConfig) -> ScreenPlan:
     if cfg.turns not in TURNS:
         raise UserError(f"--turns must be one of {', '.join(TURNS)}, not {cfg.turns!r}")
     model = resolve_model(cfg.model)
-    vectors = vectors_for(model, cfg.traits, cfg.vectors)
-    layers = layers_for(model, vectors, cfg.layers)
-    units = unit_vectors([v.tensor for v in vectors], layers, [v.path for v in vectors])
+    vectors, layers, units = vectors_at(model, cfg.traits, cfg.vectors, cfg.layers)
     work = Work.resolve(cfg.device, cfg.dtype)
     settings = work.score_settings(
         layers=layers,
@@ -314,7 +304,7 @@ def screen(cfg: ScreenConfig) -> Summary:
             progress.update(n)
 
         try:
-            workers = model_workers(str(plan.device), cfg.actors, address=cfg.address)
+            workers = model_workers(str(plan.work.device), cfg.actors, address=cfg.address)
             with workers as resources, progress:
                 stage = ScreenStage(plan)
                 for chunk, (results, chunk_runtime) in run_stage(stage, work(), resources, report):

@@ -50,7 +50,7 @@ from screener.models import (
 from screener.records import Message, Sample
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings, truncate
 from screener.store import Store
-from screener.vectors import Vector, layers_for, unit_vectors, vectors_for
+from screener.vectors import Vector, vectors_at
 from screener.work import Work
 
 log = logging.getLogger(__name__)
@@ -136,14 +136,6 @@ class ShiftPlan:
     @property
     def layers(self) -> tuple[int, ...]:
         return self.settings.layers
-
-    @property
-    def device(self) -> torch.device:
-        return self.work.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.work.dtype
 
     @property
     def finetuned_kind(self) -> str:
@@ -384,9 +376,7 @@ def prepare(cfg: ShiftConfig) -> ShiftPlan:
     base = resolve_model(cfg.base)
     finetuned = resolve_finetuned(cfg.finetuned, base)
     tokenizer = check_compatible(base, finetuned)
-    vectors = vectors_for(base, cfg.traits, cfg.vectors)
-    layers = layers_for(base, vectors, cfg.layers)
-    units = unit_vectors([v.tensor for v in vectors], layers, [v.path for v in vectors])
+    vectors, layers, units = vectors_at(base, cfg.traits, cfg.vectors, cfg.layers)
     work = Work.resolve(cfg.device, cfg.dtype)
     # fixed, never tuned: both models must see the same batches (padding and batch shape change the
     # kernels' rounding), so a paired difference measures the weights and nothing else
@@ -515,7 +505,7 @@ def measure(cfg: ShiftConfig) -> ShiftResult:
     """Measure the shift from `cfg.base` to `cfg.finetuned` and store it in `cfg.db`."""
     started = time.perf_counter()
     plan = prepare(cfg)
-    with model_workers(str(plan.device), cfg.actors, address=cfg.address) as resources:
+    with model_workers(str(plan.work.device), cfg.actors, address=cfg.address) as resources:
         proj = project_both(plan, resources)
     result = ShiftResult(plan, shifts_of(plan, proj), time.perf_counter() - started)
     with Store(cfg.db) as store:

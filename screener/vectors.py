@@ -242,3 +242,13 @@ def layers_for(model: ModelShape, vectors: list[Vector], layers: Sequence[int]) 
     if bad := sorted(layer for layer in set(layers) if not 0 <= layer <= model.num_layers):
         raise UserError(f"--layer {bad}: {model.name} has hidden_states layers 0..{model.num_layers}")
     return tuple(sorted(set(layers)))
+
+
+def vectors_at(
+    model: ModelShape, traits: Sequence[str], specs: Sequence[str], layers: Sequence[int]
+) -> tuple[list[Vector], tuple[int, ...], dict[int, torch.Tensor]]:
+    """What a command that projects asks for: the vectors (`vectors_for`), the layers they are read at
+    (`layers_for`) and their unit vectors there (`unit_vectors`, traits in the vectors' order)."""
+    vectors = vectors_for(model, traits, specs)
+    at = layers_for(model, vectors, layers)
+    return vectors, at, unit_vectors([v.tensor for v in vectors], at, [v.path for v in vectors])

@@ -77,7 +77,7 @@ def report(result: ShiftResult) -> list[str]:
     lines = [
         f"base        {plan.base.spec}  (sha256 {plan.base.sha256[:12]})",
         f"fine-tuned  {ft.spec}  ({kind}, sha256 {ft.sha256[:12]})",
-        f"{str(plan.dtype).removeprefix('torch.')} on {plan.device}; prompts: "
+        f"{plan.work.dtype_name} on {plan.work.device}; prompts: "
         + "; ".join(f"{t}: {s.source}" for t, s in plan.prompt_sets.items()),
         "",
         f"{'trait':<16} {'layer':>5}  {'measure':<12} {'prompts':>7}  {'shift':>9}  {'stderr':>8}  "
