@@ -23,7 +23,7 @@ from screener.extract.pipeline import (
     orthogonal_traits,
 )
 from screener.extract.traits import DRAFT_REQUEST, TraitError, list_traits, load_trait, parse_draft, scaffold
-from screener.models import DEFAULT_MODEL, pick_device, pick_dtype, resolve_model
+from screener.models import DEFAULT_MODEL, resolve_model
 from screener.vectors import VectorError, builtin_vector_path, load_vector
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,10 @@ def make_judge(kind: str, judge_model: str | None, model_spec: str, device: str,
         return OpenAIJudge.from_env()
     if kind == "none":
         return NoJudge()
+    from screener.work import Work
+
     ref = resolve_model(judge_model or model_spec)
-    dev = pick_device(device)
-    model, tok = ref.load(dev, pick_dtype(dtype, dev))
+    model, tok = Work.resolve(device, dtype).load(ref)
     log.info("judging with the local model %s (a small model judges poorly; see the sidecar)", ref.name)
     return LocalJudge(model, tok, name=f"{ref.spec} (sha256 {ref.sha256[:12]})")
 
@@ -143,7 +144,7 @@ def run_extract(args: argparse.Namespace) -> int:
         "note": args.note,
         "controls": None if args.controls is None else load_controls(args.controls, none_ok=True),
     }
-    with model_workers(str(pick_device(args.device)), args.actors, args.cpus, args.address) as resources:
+    with model_workers(str(settings.work().device), args.actors, args.cpus, args.address) as resources:
         if from_examples:
             files = args.from_examples
             result = extract_from_examples(trait, model, settings, resources, out, methods, files, **options)
@@ -291,8 +292,9 @@ def run_steer(args: argparse.Namespace) -> int:
         raise VectorError(f"{vec.path} has no chosen layer: pass --layer")
     if args.cpus:
         torch.set_num_threads(args.cpus)
-    dev = pick_device(args.device)
-    model, tok = ref.load(dev, pick_dtype(args.dtype, dev))
+    from screener.work import Work
+
+    model, tok = Work.resolve(args.device, args.dtype).load(ref)
     kind = judge_kind(args.judge)
     if kind == "local" and not args.judge_model:  # reuse the loaded model; it judges unsteered
         judge: Judge = LocalJudge(model, tok, name=f"{ref.spec} (sha256 {ref.sha256[:12]})")
