@@ -257,7 +257,7 @@ def whole_processes(data: Path, tmp: str, common: list[str]) -> dict:
     """The screen, the reference procedure and the naive loop, each timed as its own process."""
     db = Path(tmp) / "bench.duckdb"
     screen_argv = [sys.executable, "-m", "screener.cli", "screen", str(data), "--traits", ",".join(TRAITS),
-                   "--layer", str(LAYER), "--db", str(db), "--no-progress", *common]  # fmt: skip
+                   "--layer", str(LAYER), "--db", str(db), "--no-progress", "--json", *common]  # fmt: skip
     log("screen (whole process)")
     started = time.time()
     screen_s, out = timed_process(screen_argv)

@@ -10,10 +10,12 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable
+from typing import NoReturn
 
 # Each module has `add_commands(subparsers)`, which adds parsers with `set_defaults(func=...)`;
-# `func(args)` returns the exit code. Only the invoked command's module is imported, so `screener query`
-# answers in a second instead of importing torch and Ray first.
+# `func(args)` returns the exit code. The command modules import only `screener.choices` and
+# `commands.common` at the top (torch, transformers, Ray and DuckDB when a command runs), so the whole
+# parser builds in milliseconds; only the invoked command's module is imported anyway.
 COMMANDS = {
     "screen": "screener.commands.screen",
     "demo": "screener.commands.demo",
@@ -32,8 +34,16 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose refusal is one line naming the option and what it accepts, exit code 2
+    (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="screener", description="Screen LLM fine-tuning data for persona shifts with persona vectors."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

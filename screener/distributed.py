@@ -87,12 +87,17 @@ def model_workers(
     worker (a 2-core machine, one GPU) runs in this process: Ray would only add its start-up and its
     processes to the same cores. Resume and kill -9 safety come from the store, not from Ray.
     """
-    cluster = address or os.environ.get("RAY_ADDRESS")
+    cluster = on_cluster(address)
     if actors == 0 or (actors is None and not cluster and _local_workers(device, cpus) == 1):
         yield plan_resources(device, 0, cpus)
         return
     with RaySession(address):
         yield plan_resources(device, actors, cpus)
+
+
+def on_cluster(address: str | None) -> bool:
+    """Whether model workers run on a Ray cluster (`address`, `$RAY_ADDRESS`) rather than this machine."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
 def _local_workers(device: str, cpus: int | None) -> int:

@@ -1,6 +1,6 @@
 """Why did a sample score high: the per-token projections behind a stored score.
 
-`explain_samples` takes samples as a run stored them (`stored_samples`), re-reads each from the run's
+`explain_samples` takes samples as a run stored them (`results.stored_samples`), re-reads each from the run's
 dataset (as export does; `input_uri` when it moved), rebuilds it with the run's `turns` setting, and
 re-scores it with the run's own model, vectors, dtype and `max_tokens` (the same truncation), after
 checking that the model's weights and the vector files are the ones the run recorded: a changed sha256 is
@@ -35,7 +35,6 @@ counts and the difference are reported.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import numpy as np
 from screener.datasets import Rebuild, check_input, read_rows
 from screener.errors import QueryError, ScreenerError, UserError
 from screener.records import Reject, Sample
+from screener.results import SCORE_COLUMNS, StoredSample, stored_samples
 from screener.runs import Run
 
 __all__ = [
@@ -68,7 +68,6 @@ __all__ = [
     "token_pieces",
 ]
 
-SCORE_COLUMNS = ("proj_response", "proj_prompt_last", "proj_natural", "delta_p", "delta_p_proxy")
 TOP_SPANS, MIN_SPAN, MAX_SPAN = 3, 3, 48
 SCALE_QUANTILE = 0.95
 NATURAL_METHOD = "the stored natural_response, re-tokenised and read teacher-forced after the prompt"
@@ -80,70 +79,6 @@ class DriftError(UserError):
 
 
 # ---- what the run stored --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoredSample:
-    """A scored sample as the run stored it, with its scores per trait at one layer."""
-
-    sample_id: str
-    source_row: int
-    source_file: str
-    turn: int
-    prompt_tokens: int
-    response_tokens: int
-    truncated: bool
-    prompt: list[dict]
-    response: str
-    natural_response: str | None
-    natural_tokens: int | None
-    scores: dict[str, dict[str, float | None]]  # trait -> {column of SCORE_COLUMNS: value}
-
-
-def stored_samples(
-    con, run: Run, sample_ids: Sequence[str], layer: int, traits: Sequence[str]
-) -> list[StoredSample]:
-    """The samples with these ids, in order, as `StoredSample`s; a QueryError names an id the run did not
-    score (and why, when the screen rejected it)."""
-    rows = con.execute(
-        """SELECT s.sample_id, s.source_row, s.source_file, s.turn, s.prompt_tokens, s.response_tokens,
-                  s.truncated, s.prompt, s.response, s.natural_response, s.natural_tokens, c.trait,
-                  c.proj_response, c.proj_prompt_last, c.proj_natural, c.delta_p, c.delta_p_proxy
-           FROM samples s JOIN scores c USING (run_id, sample_id)
-           WHERE s.run_id = $run_id AND list_contains($ids, s.sample_id) AND c.layer = $layer
-                 AND list_contains($traits, c.trait)""",
-        {"run_id": run.run_id, "ids": list(sample_ids), "layer": layer, "traits": list(traits)},
-    ).fetchall()
-    found: dict[str, StoredSample] = {}
-    for row in rows:
-        sid = row[0]
-        if sid not in found:
-            prompt = json.loads(row[7]) if isinstance(row[7], str) else row[7]
-            found[sid] = StoredSample(*row[:7], prompt, *row[8:11], scores={})
-        found[sid].scores[row[11]] = dict(zip(SCORE_COLUMNS, row[12:17], strict=True))
-    for sid in sample_ids:
-        if sid not in found:
-            raise QueryError(_not_scored(con, run, sid))
-    return [found[sid] for sid in sample_ids]
-
-
-def _not_scored(con, run: Run, sample_id: str) -> str:
-    params = {"run_id": run.run_id, "id": sample_id}
-    reject = con.execute(
-        "SELECT source_row, reason FROM rejects WHERE run_id = $run_id AND sample_id = $id LIMIT 1", params
-    ).fetchall()
-    if reject:
-        return f"sample {sample_id!r} was rejected by run {run.run_id} (row {reject[0][0]}): {reject[0][1]}"
-    turns = [
-        r[0]
-        for r in con.execute(
-            "SELECT sample_id FROM samples WHERE run_id = $run_id AND starts_with(sample_id, $id || '#')"
-            " ORDER BY turn LIMIT 6",
-            params,
-        ).fetchall()
-    ]
-    hint = f"; this record's turns are {', '.join(turns)}" if turns else ""
-    return f"no sample {sample_id!r} in run {run.run_id}{hint}"
 
 
 def read_back(run: Run, stored: Sequence[StoredSample], input_uri: str | None = None) -> dict[str, Sample]:
@@ -554,31 +489,30 @@ class ReportExplanations:
 
 def explain_report(
     run: Run,
-    layers: dict[str, int],
+    layer: int | None,
     top: dict[str, list[StoredSample]],
     *,
     k: int,
     input_uri: str | None = None,
     device: str = "auto",
 ) -> ReportExplanations:
-    """Explain each trait's top samples at the trait's layer (`layers`), with one model load and one read
-    of the dataset for every layer (a sample in several traits' tops once per layer). A failure the user
-    can act on becomes the report's message instead of failing the whole report."""
-    groups: dict[int, list[str]] = {}
-    for trait in top:
-        groups.setdefault(layers[trait], []).append(trait)
+    """Explain each trait's top samples at `layer`, else at the trait's own vector's layer
+    (`Run.by_layer`), with one model load and one read of the dataset for every layer (a sample in
+    several traits' tops once per layer). A failure the user can act on becomes the report's message
+    instead of failing the whole report."""
+    groups = run.by_layer(list(top), layer)
+    layers = {t: at for at, traits in groups.items() for t in traits}
     stored = {
-        layer: list({s.sample_id: s for t in traits for s in top[t]}.values())
-        for layer, traits in groups.items()
+        at: list({s.sample_id: s for t in traits for s in top[t]}.values()) for at, traits in groups.items()
     }
-    stored = {layer: ss for layer, ss in stored.items() if ss}
+    stored = {at: ss for at, ss in stored.items() if ss}
     if not stored:
         return ReportExplanations(k, {t: [] for t in top})
     try:
         explained = explain_samples(run, stored, groups, input_uri=input_uri, device=device)
     except ScreenerError as e:
         return ReportExplanations(k, {}, str(e))
-    by_id = {layer: {e.sample_id: e for e in es} for layer, es in explained.items()}
+    by_id = {at: {e.sample_id: e for e in es} for at, es in explained.items()}
     return ReportExplanations(
         k, {t: [by_id[layers[t]][s.sample_id] for s in top[t]] if top[t] else [] for t in top}
     )

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from screener.choices import EXPORT_FORMATS
 from screener.datasets import ReadStats, Rebuild, Row, check_input, read_rows
 from screener.errors import QueryError
 from screener.outputs import TEMP_SUFFIX, Protected, output_file, output_folder, temp_prefix
@@ -34,7 +35,7 @@ from screener.runs import Run
 
 __all__ = ["FORMATS", "ExportCounts", "ExportResult", "export_records", "manifest_path"]
 
-FORMATS = ("jsonl", "parquet", "hf")
+FORMATS = EXPORT_FORMATS
 SPOOL_BATCH = 1000  # records per pickled batch of a spool, and per parquet row group
 
 Write = Callable[[dict], object]

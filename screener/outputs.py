@@ -22,8 +22,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import duckdb
-
 from screener.datasets import is_glob, is_hub_name
 from screener.errors import QueryError, StorageError
 
@@ -47,14 +45,11 @@ class Protected:
     globs: tuple[tuple[str, str], ...] = ()  # screened globs (absolute): no output they would match
 
     @classmethod
-    def of_database(cls, db: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> Protected:
-        """The database, its WAL, and (with `con` open on it) the input of every run stored in it."""
+    def of_database(cls, db: str | Path, inputs: Iterable[str] = ()) -> Protected:
+        """The database, its WAL, and `inputs`: the input of every run stored in it
+        (`results.dataset_uris`)."""
         out = cls().with_file(db, "the results database").with_file(f"{db}.wal", "the results database's WAL")
-        out = out.with_file(f"{_real(db)}.wal", "the results database's WAL")
-        if con is not None:
-            for (uri,) in con.execute("SELECT DISTINCT dataset_uri FROM runs ORDER BY 1").fetchall():
-                out = out.with_inputs([uri])
-        return out
+        return out.with_file(f"{_real(db)}.wal", "the results database's WAL").with_inputs(inputs)
 
     def with_file(self, path: str | Path, what: str) -> Protected:
         return replace(self, files=(*self.files, (_real(path), what)))

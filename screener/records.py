@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from screener.choices import MODES as MODES
+from screener.choices import TURNS as TURNS
+
 # {"role": "system"|"user"|"assistant"|"tool", "content": str}; an assistant message may carry
 # "tool_calls" (OpenAI's list of calls), a tool message "tool_call_id" and "name", as chat templates take them
 Message = dict[str, Any]
-MODES = ("proxy", "natural")  # ΔP against the last prompt token, or against the model's own answer
-TURNS = ("last", "all")  # which assistant turns of a record are scored
 # Why a record, turn or file has no scores (the `kind` column of `rejects`):
 #   bad      a record or turn that cannot be scored (the reason names the field)
 #   skipped  an assistant turn with nothing to score: tool calls only, no text

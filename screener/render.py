@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
+from screener.choices import OUTPUT_FORMATS
 from screener.results import Histogram
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ METRIC_LABELS = {
     "proj_response": "response projection",
 }
 BLOCKS = " ▏▎▍▌▋▊▉█"  # eighths, for smooth text bars
-OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
 CSV_NATIVE = {
     *("boolean", "varchar", "float", "double", "decimal"),
     *(f"{u}{t}" for u in ("", "u") for t in ("tinyint", "smallint", "integer", "bigint")),

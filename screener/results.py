@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from screener.choices import METRICS
 from screener.errors import QueryError
 from screener.reference import share_below
 from screener.runs import Run
@@ -28,14 +29,17 @@ __all__ = [
     "METRICS",
     "QUERIES_DIR",
     "READ_ONLY",
+    "SCORE_COLUMNS",
     "DropFilter",
     "Histogram",
     "ReportData",
     "ScreenWritingError",
     "Selection",
+    "StoredSample",
     "TraitReport",
     "canned",
     "check_read_only",
+    "dataset_uris",
     "histogram",
     "load_run",
     "open_db",
@@ -45,15 +49,16 @@ __all__ = [
     "report_data",
     "run_params",
     "run_sql",
+    "scores",
     "select_drops",
     "sql_errors",
+    "stored_samples",
     "summary",
     "top_samples",
     "unfinished_since",
 ]
 
 QUERIES_DIR = SQL_DIR / "queries"
-METRICS = ("delta_p", "delta_p_proxy", "proj_response")
 READ_ONLY = (
     "screener query is read-only: it reads this database and cannot modify it, read or write other files, "
     "or change settings"
@@ -291,12 +296,30 @@ def load_run(con: duckdb.DuckDBPyConnection, run_id: str) -> Run:
     return run
 
 
+def dataset_uris(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The input of every run stored in the database: what no output may replace (`outputs.Protected`)."""
+    return [r[0] for r in con.execute("SELECT DISTINCT dataset_uri FROM runs ORDER BY 1").fetchall()]
+
+
 def run_params(run: Run) -> dict:
     """The `$params` a run answers for a canned query: its id, its first layer and its default metric."""
     return {"run_id": run.run_id, "layer": run.layer(None), "metric": run.metric}
 
 
-# ---- what a run found: histograms, top samples, summary, percentiles ------------------------------------
+# ---- what a run found: scores, histograms, top samples, summary, percentiles -----------------------------
+
+
+def scores(con: duckdb.DuckDBPyConnection, run: Run, at: dict[str, int]):
+    """Every stored score of the traits in `at`, each at its layer there, as a polars DataFrame: one row
+    per sample and trait, in input order (file, row, turn)."""
+    params = {"run_id": run.run_id, "at": [f"{t}@{layer}" for t, layer in at.items()]}
+    sql = """SELECT sample_id, source_file, source_row, turn, trait, layer, metric, delta_p, delta_p_proxy,
+                    proj_response, proj_prompt_last, proj_natural, prompt_tokens, response_tokens, truncated
+             FROM scored WHERE run_id = $run_id AND list_contains($at, concat(trait, '@', layer))
+             ORDER BY source_file, source_row, turn, trait"""
+    with sql_errors():
+        return run_sql(con, sql, params).pl()
+
 
 
 @dataclass(frozen=True)
@@ -620,3 +643,72 @@ def _dropped_samples(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) 
             # on `open_db`'s connection, which can read the database and write nothing.
             rel = rel.filter(flt.where).project("source_row, trait")
         return rel.fetchall()
+
+
+# ---- stored samples, for explaining them ---------------------------------------------------------------
+
+SCORE_COLUMNS = ("proj_response", "proj_prompt_last", "proj_natural", "delta_p", "delta_p_proxy")
+
+
+@dataclass(frozen=True)
+class StoredSample:
+    """A scored sample as the run stored it, with its scores per trait at one layer."""
+
+    sample_id: str
+    source_row: int
+    source_file: str
+    turn: int
+    prompt_tokens: int
+    response_tokens: int
+    truncated: bool
+    prompt: list[dict]
+    response: str
+    natural_response: str | None
+    natural_tokens: int | None
+    scores: dict[str, dict[str, float | None]]  # trait -> {column of SCORE_COLUMNS: value}
+
+
+def stored_samples(
+    con, run: Run, sample_ids: Sequence[str], layer: int, traits: Sequence[str]
+) -> list[StoredSample]:
+    """The samples with these ids, in order, as `StoredSample`s; a QueryError names an id the run did not
+    score (and why, when the screen rejected it)."""
+    rows = con.execute(
+        """SELECT s.sample_id, s.source_row, s.source_file, s.turn, s.prompt_tokens, s.response_tokens,
+                  s.truncated, s.prompt, s.response, s.natural_response, s.natural_tokens, c.trait,
+                  c.proj_response, c.proj_prompt_last, c.proj_natural, c.delta_p, c.delta_p_proxy
+           FROM samples s JOIN scores c USING (run_id, sample_id)
+           WHERE s.run_id = $run_id AND list_contains($ids, s.sample_id) AND c.layer = $layer
+                 AND list_contains($traits, c.trait)""",
+        {"run_id": run.run_id, "ids": list(sample_ids), "layer": layer, "traits": list(traits)},
+    ).fetchall()
+    found: dict[str, StoredSample] = {}
+    for row in rows:
+        sid = row[0]
+        if sid not in found:
+            prompt = json.loads(row[7]) if isinstance(row[7], str) else row[7]
+            found[sid] = StoredSample(*row[:7], prompt, *row[8:11], scores={})
+        found[sid].scores[row[11]] = dict(zip(SCORE_COLUMNS, row[12:17], strict=True))
+    for sid in sample_ids:
+        if sid not in found:
+            raise QueryError(_not_scored(con, run, sid))
+    return [found[sid] for sid in sample_ids]
+
+
+def _not_scored(con, run: Run, sample_id: str) -> str:
+    params = {"run_id": run.run_id, "id": sample_id}
+    reject = con.execute(
+        "SELECT source_row, reason FROM rejects WHERE run_id = $run_id AND sample_id = $id LIMIT 1", params
+    ).fetchall()
+    if reject:
+        return f"sample {sample_id!r} was rejected by run {run.run_id} (row {reject[0][0]}): {reject[0][1]}"
+    turns = [
+        r[0]
+        for r in con.execute(
+            "SELECT sample_id FROM samples WHERE run_id = $run_id AND starts_with(sample_id, $id || '#')"
+            " ORDER BY turn LIMIT 6",
+            params,
+        ).fetchall()
+    ]
+    hint = f"; this record's turns are {', '.join(turns)}" if turns else ""
+    return f"no sample {sample_id!r} in run {run.run_id}{hint}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -94,6 +95,14 @@ class Run:
         if layer not in self.layers:
             raise QueryError(f"run {self.run_id} has layers {list(self.layers)}, not {layer}")
         return layer
+
+    def by_layer(self, traits: Sequence[str] = (), layer: int | None = None) -> dict[int, list[str]]:
+        """`traits` (default: every trait of the run), checked, grouped by the layer each is read at
+        (`layer` for all, else each its own vector's layer: `layer()`), in the run's trait order."""
+        groups: dict[int, list[str]] = {}
+        for trait in [self.check_trait(t) for t in traits] or list(self.traits):
+            groups.setdefault(self.layer(layer, trait), []).append(trait)
+        return groups
 
     def check_trait(self, trait: str) -> str:
         if trait not in self.traits:

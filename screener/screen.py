@@ -24,15 +24,16 @@ from pathlib import Path
 import torch
 
 from screener.calibration import reference_rows
+from screener.choices import DEFAULT_MAX_TOKENS
 from screener.datasets import ReadStats, canonical_uri, local_files, read_samples
-from screener.distributed import model_workers, run_stage
+from screener.distributed import model_workers, on_cluster, run_stage
 from screener.errors import ScreenerError, Terminated, UserError
 from screener.models import DEFAULT_MODEL, ModelRef, resolve_model
 from screener.progress import Progress
 from screener.records import MODES, TURNS, Reject, Sample, Scored
 from screener.runs import Run
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings
-from screener.store import DEFAULT_DB, Store, one_line
+from screener.store import DEFAULT_DB, Store, check_not_busy, one_line
 from screener.vectors import Vector, vectors_at
 from screener.work import Work
 
@@ -51,7 +52,7 @@ class ScreenConfig:
     turns: str = "all"
     split: str | None = None
     limit: int | None = None
-    max_tokens: int = 2048
+    max_tokens: int = DEFAULT_MAX_TOKENS
     batch_tokens: int | None = None  # None: a device-dependent default
     max_batch_size: int | None = None
     chunk_size: int | None = None  # samples per worker call and per commit; None: 64 on CPU, 512 on GPU
@@ -100,6 +101,35 @@ class Summary:
     # when (epoch seconds) the first model batch and the last chunk were done: the fixed costs around them
     first_batch_done: float | None = None
     last_batch_done: float | None = None
+
+    def to_json(self) -> dict:
+        """The summary for scripts (`screen --json`): counts, what was read, and when the model work began
+        and ended (epoch seconds: the fixed costs around it)."""
+        r = self.read
+        return {
+            "run_id": self.run_id,
+            "resumed": self.resumed,
+            "scored": self.scored,
+            "rejected": self.rejected,
+            "skipped": self.skipped,
+            "total_scored": self.total_scored,
+            "total_rejected": self.total_rejected,
+            "total_skipped": self.total_skipped,
+            "total_unreadable_files": self.total_unreadable_files,
+            "seconds": round(self.seconds, 3),
+            "reasons": self.reasons,
+            "paths": self.paths,
+            "read": {
+                "records": r.records,
+                "files": r.per_file,
+                "format": r.format,
+                "unreadable": r.unreadable,
+                "empty_files": r.empty_files,
+                "truncated": [list(t) for t in r.truncated],
+            },
+            "first_batch_done": self.first_batch_done,
+            "last_batch_done": self.last_batch_done,
+        }
 
     def lines(self) -> list[str]:
         rate = self.scored / self.seconds if self.seconds else 0.0
@@ -215,9 +245,10 @@ def prepare(cfg: ScreenConfig) -> ScreenPlan:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
     if cfg.turns not in TURNS:
         raise UserError(f"--turns must be one of {', '.join(TURNS)}, not {cfg.turns!r}")
+    # before the model is looked at
+    work = Work.resolve(cfg.device, cfg.dtype, here=not on_cluster(cfg.address))
     model = resolve_model(cfg.model)
     vectors, layers, units = vectors_at(model, cfg.traits, cfg.vectors, cfg.layers)
-    work = Work.resolve(cfg.device, cfg.dtype)
     settings = work.score_settings(
         layers=layers,
         mode=cfg.mode,
@@ -267,6 +298,7 @@ def screen(cfg: ScreenConfig) -> Summary:
     # The dataset first: a missing path fails here, before the model is looked at.
     items = read_samples(cfg.dataset, turns=cfg.turns, split=cfg.split, limit=cfg.limit, stats=stats)
     _check_db_is_not_input(cfg.db, cfg.dataset)
+    check_not_busy(cfg.db)
     plan = prepare(cfg)
     run = plan.run
     items = _first_checked(items, stats, cfg)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from screener.datasets import ReadStats, canonical_uri, read_samples
-from screener.distributed import Resources, model_workers, run_stage
+from screener.distributed import Resources, model_workers, on_cluster, run_stage
 from screener.errors import UserError
 from screener.extract.traits import TraitError, load_trait
 from screener.models import (
@@ -49,7 +49,7 @@ from screener.models import (
 )
 from screener.records import Message, Sample
 from screener.scoring import GenerationSettings, Scorer, ScoreSettings, truncate
-from screener.store import Store
+from screener.store import Store, check_not_busy
 from screener.vectors import Vector, vectors_at
 from screener.work import Work
 
@@ -373,11 +373,12 @@ def tokenize_prompts(
 def prepare(cfg: ShiftConfig) -> ShiftPlan:
     """Resolve both models, check they can be compared, then the vectors, layers and prompts: no weights
     load here."""
+    # before the models are looked at
+    work = Work.resolve(cfg.device, cfg.dtype, here=not on_cluster(cfg.address))
     base = resolve_model(cfg.base)
     finetuned = resolve_finetuned(cfg.finetuned, base)
     tokenizer = check_compatible(base, finetuned)
     vectors, layers, units = vectors_at(base, cfg.traits, cfg.vectors, cfg.layers)
-    work = Work.resolve(cfg.device, cfg.dtype)
     # fixed, never tuned: both models must see the same batches (padding and batch shape change the
     # kernels' rounding), so a paired difference measures the weights and nothing else
     settings = work.score_settings(
@@ -504,6 +505,7 @@ def shifts_of(plan: ShiftPlan, proj: dict[str, dict[str, np.ndarray]]) -> list[S
 def measure(cfg: ShiftConfig) -> ShiftResult:
     """Measure the shift from `cfg.base` to `cfg.finetuned` and store it in `cfg.db`."""
     started = time.perf_counter()
+    check_not_busy(cfg.db)
     plan = prepare(cfg)
     with model_workers(str(plan.work.device), cfg.actors, address=cfg.address) as resources:
         proj = project_both(plan, resources)

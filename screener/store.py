@@ -24,6 +24,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from screener.choices import DEFAULT_DB
 from screener.errors import BusyError, StorageError, UserError
 from screener.records import REJECT_KINDS, Reject, Sample, Scored
 from screener.runs import RUNTIME_KEY, Run
@@ -31,7 +32,6 @@ from screener.runs import RUNTIME_KEY, Run
 __all__ = ["DEFAULT_DB", "SQL_DIR", "DatabaseFileError", "Store", "StoreBusyError", "one_line"]
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"  # a link to the repo's top-level sql/
-DEFAULT_DB = "screen.duckdb"  # the file a screen writes and the read commands read, unless given --db
 
 
 class StoreBusyError(BusyError):
@@ -457,3 +457,12 @@ def _score_rows(layers: Sequence[int], traits: Sequence[str], scored: Sequence[S
 
 def _reject_rows(rejects: Sequence[Reject]) -> pa.Table:
     return pa.Table.from_pylist([asdict(r) for r in rejects])
+
+
+def check_not_busy(path: str | Path) -> None:
+    """Fail at once (`StoreBusyError`, exit code 3) when another process is writing the database: called
+    before a command's slow set-up (resolving and hashing the model), so a second screen on a busy file
+    stops in a second instead of after it. Opening read-only is enough: DuckDB refuses it while a writer
+    holds the file, and it creates nothing when the file is new."""
+    if Path(path).is_file():
+        Store(path, read_only=True).close()

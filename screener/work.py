@@ -28,9 +28,10 @@ class Work:
     dtype: torch.dtype
 
     @classmethod
-    def resolve(cls, device: str = "auto", dtype: str = "auto") -> Work:
-        """`--device` and `--dtype` as the user gave them (names, or "auto")."""
-        dev = pick_device(device)
+    def resolve(cls, device: str = "auto", dtype: str = "auto", here: bool = True) -> Work:
+        """`--device` and `--dtype` as the user gave them (names, or "auto"); `here`: the model runs on
+        this machine (no Ray cluster), so a CUDA device must exist here (`pick_device`)."""
+        dev = pick_device(device, here)
         return cls(dev, pick_dtype(dtype, dev))
 
     @property

@@ -52,9 +52,16 @@ def test_hist_defaults_to_the_latest_run_and_its_proxy_metric(screens, tmp_path:
 
 def test_bins_below_one_is_a_one_line_error(screens, tmp_path: Path, capsys) -> None:
     natural, _ = screens
+    # refused where the arguments are parsed (exit code 2, as for every option value), one line
     for argv in (["hist", "--bins", 0], ["report", "--bins", -1, "--out", tmp_path / "r.html"]):
-        assert cli(*argv, "--db", natural.db) == 1
-        assert capsys.readouterr().err == "error: --bins must be at least 1\n"
+        with pytest.raises(SystemExit) as e:
+            cli(*argv, "--db", natural.db)
+        assert e.value.code == 2
+        value = argv[2]
+        assert capsys.readouterr().err == (
+            f"error: screener {argv[0]}: argument --bins: takes a whole number of at least 1; not "
+            f"'{value}' (see screener {argv[0]} --help)\n"
+        )
     assert not (tmp_path / "r.html").exists()
 
 

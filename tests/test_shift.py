@@ -305,10 +305,14 @@ def test_shifts_table_round_trips(nudged, tmp_path, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "trait" in out and "stderr" in out and "evil eval_questions" in out
+    assert "{" not in out  # no JSON line among the text (--json prints one instead)
     first = read_shifts(db)
     assert len(first) == 4  # 2 traits x 2 layers x prompt_last
-    printed = json.loads(out.strip().splitlines()[-1])
+    assert cli.main([*args, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
     assert {r["shift_id"] for r in first} == set(printed["shift_ids"])
+    assert len(printed["shifts"]) == 4
+    assert {s["trait"] for s in printed["shifts"]} == {"evil", "hallucinating"}
     for r in first:
         assert r["base"] == str(base) and r["finetuned"] == str(finetuned) and r["finetuned_kind"] == "model"
         assert r["n_prompts"] == 5 and r["measure"] == "prompt_last" and r["created_at"] is not None

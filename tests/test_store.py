@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -85,7 +87,21 @@ def test_run_id_stable_and_sensitive() -> None:
     same = dataclasses.replace(
         RUN, layers=[10, 20], traits=list(TRAITS), settings={"max_tokens": 512, "dtype": "bf16"}
     )
-    assert same.run_id == RUN.run_id and len(RUN.run_id) == 16 and int(RUN.run_id, 16) >= 0
+    assert same.run_id == RUN.run_id
+    # the id is the first 16 hex digits of the sha256 of the identity's canonical JSON (runtime left out)
+    identity = {
+        "model": RUN.model,
+        "model_sha256": RUN.model_sha256,
+        "dataset_uri": RUN.dataset_uri,
+        "mode": RUN.mode,
+        "layers": list(LAYERS),
+        "traits": list(TRAITS),
+        "settings": {"dtype": "bf16", "max_tokens": 512},
+    }
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
+    assert RUN.run_id == hashlib.sha256(canonical).hexdigest()[:16]
+    with_runtime = dataclasses.replace(RUN, settings={**RUN.settings, "runtime": {"workers": 2}})
+    assert with_runtime.run_id == RUN.run_id
     changes = {
         "model": "m2",
         "model_sha256": "cd" * 32,

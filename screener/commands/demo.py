@@ -21,7 +21,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from screener.datasets import iter_records, packaged_sharegpt
+from screener.choices import MODES
+from screener.commands.common import at_least
 
 SLICE = (12, 100)  # conversations, and every how many records of the file one is taken
 FULL = (300, 1)
@@ -29,6 +30,8 @@ FULL = (300, 1)
 
 def write_slice(n: int, every: int, out: Path) -> Path:
     """Every `every`-th record of the packaged ShareGPT file, `n` of them, as jsonl at `out`."""
+    from screener.datasets import iter_records, packaged_sharegpt
+
     records = itertools.islice(iter_records(str(packaged_sharegpt())), 0, n * every, every)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -75,12 +78,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="screen real ShareGPT conversations with the defaults, in about a minute")
     p.add_argument(
         "--limit",
-        type=int,
+        type=at_least(1),
         default=None,
         help="conversations to screen (default 12, or 300 with --full)",
     )
     p.add_argument("--full", action="store_true", help="the first 300 conversations of the packaged file")
     p.add_argument("--db", default="demo.duckdb")
-    p.add_argument("--mode", choices=["proxy", "natural"], default=None)
-    p.add_argument("--top", type=int, default=5, help="top samples shown per trait")
+    p.add_argument("--mode", choices=MODES, default=None)
+    p.add_argument("--top", type=at_least(1), default=5, help="top samples shown per trait")
     p.set_defaults(func=run_demo)

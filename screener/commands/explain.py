@@ -6,10 +6,8 @@ import argparse
 import json
 import sys
 
+from screener.commands.common import DEVICE, add_read_arguments, at_least, str_list
 from screener.errors import QueryError
-from screener.outputs import Protected, output_file
-from screener.results import open_db, pick_run
-from screener.store import DEFAULT_DB
 
 __all__ = ["add_commands"]
 
@@ -17,30 +15,21 @@ FORMATS = ("text", "json", "html")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from screener.explain import explain_samples, stored_samples
+    from screener.api import open_run
+    from screener.outputs import output_file
     from screener.render import format_explanation, terminal_width, use_color
     from screener.report import explanation_page
 
     if args.format == "html" and not args.out:
         raise QueryError("--format html needs --out FILE")
-    with open_db(args.db) as store:
-        run = pick_run(store.con, args.run)
-        protected = Protected.of_database(args.db, store.con)
-        if args.out:
-            protected.check(args.out, force=args.force)
-        traits = [t.strip() for item in args.trait or [] for t in item.split(",") if t.strip()]
-        traits = [run.check_trait(t) for t in traits] or list(run.traits)
-        groups: dict[int, list[str]] = {}  # each trait at --layer, else at its own vector's layer
-        for t in traits:
-            groups.setdefault(run.layer(args.layer, t), []).append(t)
-        stored = {
-            layer: stored_samples(store.con, run, [args.sample_id], layer, ts) for layer, ts in groups.items()
-        }
-    # The database is closed: loading the model and reading the dataset take a while.
-    by_layer = explain_samples(
-        run, stored, groups, input_uri=args.input, model=args.model, device=args.device
+    run = open_run(args.db, args.run)
+    protected = run.protected()
+    if args.out:
+        protected.check(args.out, force=args.force)
+    traits = [t for item in args.trait or [] for t in item]
+    explained = run.explain(
+        args.sample_id, traits, layer=args.layer, input=args.input, model=args.model, device=args.device
     )
-    explained = [found[0] for found in by_layer.values()]
     if args.format == "json":
         text = "".join(
             json.dumps(e.to_json(t), ensure_ascii=False) + "\n" for e in explained for t in e.traits
@@ -53,7 +42,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             format_explanation(e, t, color=color, width=terminal_width()) for e in explained for t in e.traits
         )
         text += "\n"
-    layer = ", ".join(map(str, groups))
+    layer = ", ".join(str(e.layer) for e in explained)
     if args.out:
         with output_file(args.out, protected, force=args.force) as tmp:
             tmp.write_text(text, encoding="utf-8")
@@ -77,16 +66,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("sample_id", help="a sample id as `screener top` shows it (id, or id#turn)")
-    p.add_argument("--db", default=DEFAULT_DB, help=f"the screen's DuckDB file (default {DEFAULT_DB})")
-    p.add_argument("--run", metavar="RUN_ID", help="run id or unique prefix (default: the latest run)")
+    add_read_arguments(p)
     p.add_argument(
         "--trait",
         action="append",
+        type=str_list,
         metavar="TRAIT",
         help="trait to explain (repeatable or comma-separated; default: every trait of the run)",
     )
     p.add_argument(
-        "--layer", type=int, help="one of the run's layers (default: each trait's own vector layer)"
+        "--layer", type=at_least(0), help="one of the run's layers (default: each trait's own vector layer)"
     )
     p.add_argument(
         "--format",
@@ -109,5 +98,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="where the run's model is now (default: as the run recorded it); its weights must be the same",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", type=DEVICE, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.set_defaults(func=cmd_explain)

@@ -8,23 +8,23 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from screener.distributed import model_workers
-from screener.extract.controls import load_controls
-from screener.extract.judges import Judge, LocalJudge, NoJudge, OpenAIJudge, judge_kind
-from screener.extract.layers import NEAR_CHANCE, format_cross_trait, format_cross_trait_layers, format_report
-from screener.extract.pipeline import (
-    METHODS,
-    READ_CONTEXTS,
-    ExtractError,
-    ExtractSettings,
-    extract,
-    extract_from_examples,
-    orthogonal_traits,
+from screener import choices
+from screener.choices import DEFAULT_MODEL, EXTRACT_METHODS, JUDGES, READ_CONTEXTS
+from screener.commands.common import (
+    DEVICE,
+    DTYPE,
+    MAX_TOKENS,
+    add_generation_arguments,
+    add_worker_arguments,
+    at_least,
+    given,
+    number,
 )
-from screener.extract.traits import DRAFT_REQUEST, TraitError, list_traits, load_trait, parse_draft, scaffold
-from screener.models import DEFAULT_MODEL, resolve_model
-from screener.vectors import VectorError, builtin_vector_path, load_vector
+
+if TYPE_CHECKING:
+    from screener.extract.judges import Judge
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 def make_judge(kind: str, judge_model: str | None, model_spec: str, device: str, dtype: str) -> Judge:
     """`openai` (from the environment), `local` (an HF model, by default the one being extracted), `none`;
     `auto` as `judge_kind` resolves it."""
+    from screener.extract.judges import LocalJudge, NoJudge, OpenAIJudge, judge_kind
+    from screener.models import resolve_model
+
     kind = judge_kind(kind)
     if kind == "openai":
         return OpenAIJudge.from_env()
@@ -45,8 +48,25 @@ def make_judge(kind: str, judge_model: str | None, model_spec: str, device: str,
     return LocalJudge(model, tok, name=f"{ref.spec} (sha256 {ref.sha256[:12]})")
 
 
+# options whose default is ExtractSettings' own (None on the command line)
+SETTINGS = (
+    "samples",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "threshold",
+    "coherence_min",
+    "batch_size",
+    "batch_tokens",
+    "dtype",
+    "device",
+    "read_context",
+    "max_tokens",
+)
+
+
 def add_extract_arguments(p: argparse.ArgumentParser) -> None:
-    d = ExtractSettings()
     p.add_argument("trait", help="a trait name (built-in or in --traits-dir) or a trait .json file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, .gguf file, hub id, or 'default'")
     p.add_argument(
@@ -66,11 +86,14 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--read-context",
         choices=READ_CONTEXTS,
-        default=d.read_context,
-        help="generation: read the answers after their trait system prompt and question (system), or after "
-        "the question alone (question)",
+        help="generation: read the answers after their trait system prompt and question (system, the "
+        "default), or after the question alone (question)",
     )
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="examples are cut to this length")
+    p.add_argument(
+        "--max-tokens",
+        type=MAX_TOKENS,
+        help=f"examples are cut to this length (default {choices.DEFAULT_MAX_TOKENS})",
+    )
     p.add_argument(
         "--orthogonal-to",
         default="none",
@@ -88,50 +111,45 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
         "'none': no controls)",
     )
     p.add_argument("--out", help="output folder (default: vectors/<model name>)")
-    p.add_argument("--judge", choices=("auto", "openai", "local", "none"), default="auto")
+    p.add_argument("--judge", choices=JUDGES, default="auto")
     p.add_argument("--judge-model", help="HF model for --judge local (default: the model itself)")
-    p.add_argument("--samples", type=int, default=d.samples, help="responses per pair, question, polarity")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threshold", type=float, default=d.threshold, help="trait-score threshold")
-    p.add_argument("--coherence-min", type=float, default=d.coherence_min)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="generation rows per batch")
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="tokens per activation forward")
+    p.add_argument("--samples", type=at_least(1), help="responses per pair, question, polarity")
+    add_generation_arguments(p, "generation")
+    p.add_argument("--threshold", type=number(0.0, 100.0), help="trait-score threshold (0-100)")
+    p.add_argument("--coherence-min", type=number(0.0, 100.0), help="least coherence score kept (0-100)")
+    p.add_argument("--batch-size", type=at_least(1), help="generation rows per batch")
+    p.add_argument("--batch-tokens", type=at_least(1), help="tokens per activation forward")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
+        "--methods",
+        default=",".join(EXTRACT_METHODS),
+        help="comma-separated subset of " + ",".join(EXTRACT_METHODS),
     )
     p.add_argument("--note", default="", help="free text kept in the sidecar (e.g. why this method)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype)
-    p.add_argument("--actors", type=int, help="0: no Ray; default one per GPU, or one per 2 CPU cores")
-    p.add_argument("--cpus", type=int, help="CPU cores to use (default all); 1 is fastest on a busy machine")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a private local Ray)")
+    add_worker_arguments(p, cpus=True)
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    from screener.distributed import model_workers, on_cluster
+    from screener.extract.controls import load_controls
+    from screener.extract.pipeline import (
+        ExtractError,
+        ExtractSettings,
+        extract,
+        extract_from_examples,
+        orthogonal_traits,
+    )
+    from screener.extract.traits import load_trait
+    from screener.models import resolve_model
+    from screener.work import Work
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(EXTRACT_METHODS)
+    if unknown:
+        raise ExtractError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(EXTRACT_METHODS)}")
+    work = Work.resolve(args.device, args.dtype, here=not on_cluster(args.address))  # before the model
     trait = load_trait(args.trait, args.traits_dir)
     model = resolve_model(args.model)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ExtractError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    settings = ExtractSettings(
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        threshold=args.threshold,
-        coherence_min=args.coherence_min,
-        batch_size=args.batch_size,
-        batch_tokens=args.batch_tokens,
-        dtype=args.dtype,
-        device=args.device,
-        read_context=args.read_context,
-        max_tokens=args.max_tokens,
-    )
+    settings = ExtractSettings(**given(args, SETTINGS))
     from_examples = args.from_examples is not None
     judge = None  # examples need none
     if not from_examples:
@@ -144,7 +162,7 @@ def run_extract(args: argparse.Namespace) -> int:
         "note": args.note,
         "controls": None if args.controls is None else load_controls(args.controls, none_ok=True),
     }
-    with model_workers(str(settings.work().device), args.actors, args.cpus, args.address) as resources:
+    with model_workers(str(work.device), args.actors, args.cpus, args.address) as resources:
         if from_examples:
             files = args.from_examples
             result = extract_from_examples(trait, model, settings, resources, out, methods, files, **options)
@@ -171,6 +189,13 @@ def extraction_counts(side: dict) -> str:
 
 def print_reports(side: dict, per_layer: bool = False) -> None:
     """The layer report, then the specificity table at the chosen layer (or at every layer)."""
+    from screener.extract.layers import (
+        NEAR_CHANCE,
+        format_cross_trait,
+        format_cross_trait_layers,
+        format_report,
+    )
+
     chosen = side.get("chosen_layer")
     held = side.get("eval_examples") or {}
     count = held.get("pairs") or side.get("eval_pairs_kept")
@@ -212,6 +237,8 @@ def labelled_controls(spec: dict) -> dict[str, dict]:
 
 
 def run_traits_list(args: argparse.Namespace) -> int:
+    from screener.extract.traits import TraitError, list_traits, load_trait
+
     for name, path in list_traits(args.traits_dir):
         try:
             t = load_trait(str(path))
@@ -226,6 +253,9 @@ def run_traits_list(args: argparse.Namespace) -> int:
 
 
 def run_traits_new(args: argparse.Namespace) -> int:
+    from screener.extract.judges import OpenAIJudge
+    from screener.extract.traits import DRAFT_REQUEST, TraitError, load_trait, parse_draft, scaffold
+
     path = Path(args.traits_dir) / f"{args.name}.json"
     if path.exists() and not args.force:
         print(f"error: {path} exists (use --force to overwrite)", file=sys.stderr)
@@ -247,6 +277,8 @@ def run_traits_new(args: argparse.Namespace) -> int:
 
 
 def run_vectors_show(args: argparse.Namespace) -> int:
+    from screener.vectors import load_vector
+
     vec = load_vector(args.file)
     s = vec.sidecar
     print(f"{vec.path}: {vec.name}, shape {tuple(vec.tensor.shape)}, sha256 {vec.sha256[:16]}")
@@ -282,8 +314,14 @@ def run_vectors_show(args: argparse.Namespace) -> int:
 def run_steer(args: argparse.Namespace) -> int:
     import torch
 
+    from screener.extract.judges import LocalJudge, judge_kind
     from screener.extract.steer import steer_check
+    from screener.extract.traits import load_trait
+    from screener.models import resolve_model
+    from screener.vectors import VectorError, builtin_vector_path, load_vector
+    from screener.work import Work
 
+    work = Work.resolve(args.device, args.dtype)  # before the model is looked at
     trait = load_trait(args.trait, args.traits_dir)
     ref = resolve_model(args.model)
     vec = load_vector(args.vector or builtin_vector_path(ref.name, trait.name), trait.name)
@@ -292,9 +330,7 @@ def run_steer(args: argparse.Namespace) -> int:
         raise VectorError(f"{vec.path} has no chosen layer: pass --layer")
     if args.cpus:
         torch.set_num_threads(args.cpus)
-    from screener.work import Work
-
-    model, tok = Work.resolve(args.device, args.dtype).load(ref)
+    model, tok = work.load(ref)
     kind = judge_kind(args.judge)
     if kind == "local" and not args.judge_model:  # reuse the loaded model; it judges unsteered
         judge: Judge = LocalJudge(model, tok, name=f"{ref.spec} (sha256 {ref.sha256[:12]})")
@@ -361,15 +397,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     st.add_argument("trait")
     st.add_argument("--model", default=DEFAULT_MODEL)
     st.add_argument("--vector", help="vector file (default: the built-in one for the model)")
-    st.add_argument("--layer", type=int, help="default: the vector's chosen layer")
+    st.add_argument("--layer", type=at_least(0), help="default: the vector's chosen layer")
     st.add_argument("--coef", type=float, nargs="+", default=[0.0, 2.0, 4.0, 8.0])
-    st.add_argument("--questions", type=int, default=5, help="how many evaluation questions")
-    st.add_argument("--max-new-tokens", type=int, default=96)
+    st.add_argument("--questions", type=at_least(1), default=5, help="how many evaluation questions")
+    st.add_argument("--max-new-tokens", type=at_least(1), default=96)
     st.add_argument("--traits-dir")
-    st.add_argument("--judge", choices=("auto", "openai", "local", "none"), default="auto")
+    st.add_argument("--judge", choices=JUDGES, default="auto")
     st.add_argument("--judge-model")
-    st.add_argument("--device", default="auto")
-    st.add_argument("--dtype", default="auto")
-    st.add_argument("--cpus", type=int, help="torch threads on CPU (default all)")
+    st.add_argument("--device", type=DEVICE, default="auto", help="auto, cpu, cuda or cuda:N")
+    st.add_argument("--dtype", type=DTYPE, default="auto")
+    st.add_argument("--cpus", type=at_least(1), help="torch threads on CPU (default all)")
     st.add_argument("--out", help="write the results as JSON")
     st.set_defaults(func=run_steer)

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from screener.commands.screen import _int_list, _str_list, add_worker_arguments
-from screener.scoring import GenerationSettings
-from screener.shift import ShiftConfig, ShiftResult, measure
+from screener import choices
+from screener.commands.common import (
+    LIMIT,
+    add_batch_arguments,
+    add_generation_arguments,
+    add_vector_arguments,
+    add_worker_arguments,
+    generation_settings,
+)
+
+if TYPE_CHECKING:
+    from screener.shift import ShiftConfig, ShiftResult
 
 
 def add_shift_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,19 +26,10 @@ def add_shift_arguments(p: argparse.ArgumentParser) -> None:
         "finetuned",
         help="the fine-tuned model: HF folder, .gguf file, hub id, or a PEFT (LoRA) adapter folder for BASE",
     )
-    p.add_argument("--db", default="screen.duckdb", help="DuckDB file for the results (default: %(default)s)")
     p.add_argument(
-        "--traits", type=_str_list, default=[], help="built-in vectors of BASE, e.g. evil,sycophantic"
+        "--db", default=choices.DEFAULT_DB, help="DuckDB file for the results (default: %(default)s)"
     )
-    p.add_argument(
-        "--vector", action="append", default=[], metavar="NAME=PATH", help="a vector file (repeatable)"
-    )
-    p.add_argument(
-        "--layer",
-        type=_int_list,
-        default=[],
-        help="hidden_states layers (default: each vector's chosen layer)",
-    )
+    add_vector_arguments(p, of="BASE")
     p.add_argument(
         "--questions",
         metavar="DATA",
@@ -36,7 +37,7 @@ def add_shift_arguments(p: argparse.ArgumentParser) -> None:
         "default: each trait's evaluation questions from its trait file",
     )
     p.add_argument("--split", default=None, help="split of a hub dataset for --questions")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--limit", type=LIMIT, default=None, help="use only the first N prompts")
     p.add_argument(
         "--traits-dir", help="folder of trait files (eval questions), searched before the built-ins"
     )
@@ -45,23 +46,23 @@ def add_shift_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also compare the projection averaged over each model's own answer (response_avg)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=128, help="--generate: length of the answers")
-    p.add_argument("--temperature", type=float, default=0.0, help="--generate: 0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=2048, help="longer prompts lose their head")
-    p.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per forward batch")
-    p.add_argument(
-        "--batch-size", type=int, default=None, dest="max_batch_size", help="max prompts per batch"
-    )
+    add_generation_arguments(p, "--generate")
+    add_batch_arguments(p, "prompts", "longer prompts lose their head")
     add_worker_arguments(p, "; with two or more, both models run at once")
+    p.add_argument(
+        "--json", action="store_true", help="print a machine-readable summary (one JSON object) instead"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ShiftConfig:
-    gen = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    from screener.shift import ShiftConfig
+
     keys = ShiftConfig.__dataclass_fields__.keys() - {"generation", "vectors", "layers"}
     return ShiftConfig(
-        **{k: getattr(args, k) for k in keys}, vectors=args.vector, layers=args.layer, generation=gen
+        **{k: getattr(args, k) for k in keys},
+        vectors=args.vector,
+        layers=args.layer,
+        generation=generation_settings(args),
     )
 
 
@@ -99,11 +100,23 @@ def report(result: ShiftResult) -> list[str]:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from screener.shift import measure
+
     result = measure(config_from_args(args))
-    for line in report(result):
-        print(line)
     ids = sorted({result.plan.shift_id(s.measure) for s in result.shifts})
-    print(json.dumps({"shift_ids": ids, "db": args.db}))
+    if args.json:
+        rows = [
+            {k: getattr(s, k) for k in ("trait", "layer", "measure", "n_prompts", "shift", "stderr")}
+            for s in result.shifts
+        ]
+        print(
+            json.dumps(
+                {"shift_ids": ids, "db": args.db, "shifts": rows, "seconds": result.seconds}, default=float
+            )
+        )
+    else:
+        for line in report(result):
+            print(line)
     return 0
 
 

