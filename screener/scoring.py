@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from screener.choices import EXTRACT_METHODS
 from screener.errors import UserError
 from screener.models import LayerTap, chat_ids, decoder_parts, generate, pad, pad_id, run_until_tapped
 from screener.records import MODES, Reject, Sample, Scored
@@ -48,7 +49,7 @@ class GenerationSettings:
 
 
 # what `Scorer.means` reads per layer, in this order (extraction's methods)
-MEANS = ("response_avg", "prompt_avg", "prompt_last")
+MEANS = EXTRACT_METHODS
 # a score needs the last prompt token and one response token
 MIN_TOKENS = 2
 

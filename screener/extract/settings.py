@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from screener.choices import READ_CONTEXTS
 from screener.errors import UserError
 from screener.scoring import MEANS
 from screener.work import Work
@@ -18,7 +19,6 @@ POS, NEG = "pos", "neg"
 CONTROL = "control:"  # the group prefix of a style control's reads (a trait name cannot hold a colon)
 
 
-READ_CONTEXTS = ("system", "question")  # what generated answers are read after: their prompt, or the question
 
 
 Read = tuple[list[int], list[int]]  # (prompt ids, response ids): one teacher-forced read
