@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from screener.choices import CALIBRATE_LIMIT, CALIBRATE_START
 from screener.datasets import ReadStats, canonical_uri, packaged_sharegpt, read_samples
 from screener.errors import UserError
 from screener.models import DEFAULT_MODEL, resolve_model, sha256_file
@@ -36,8 +37,8 @@ from screener.vectors import Vector, builtin_vector_path, check_vector, load_vec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_START = 5000  # the packaged ShareGPT file's first 5,000 records are for independent checks only
-DEFAULT_LIMIT = 2000
+DEFAULT_START = CALIBRATE_START  # the packaged ShareGPT file's first 5,000 records: independent checks only
+DEFAULT_LIMIT = CALIBRATE_LIMIT
 METRIC_OF_MODE = {"proxy": "delta_p_proxy", "natural": "delta_p"}
 
 

@@ -23,6 +23,9 @@ EXTRACT_METHODS = ("response_avg", "prompt_avg", "prompt_last")
 # what generated answers are read after in extraction: their system prompt and question, or the question
 READ_CONTEXTS = ("system", "question")
 JUDGES = ("auto", "openai", "local", "none")
+# `screener calibrate`'s reference: the packaged ShareGPT file from this record on (the records before it
+# are for independent checks only, never for calibrating), this many samples
+CALIBRATE_START, CALIBRATE_LIMIT = 5000, 2000
 # the dtype names accepted, by torch name
 DTYPES = {
     "bfloat16": "bfloat16",

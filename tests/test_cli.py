@@ -19,7 +19,7 @@ from screener.errors import UserError
 
 HEAVY = ("torch", "transformers", "ray", "duckdb", "polars", "datasets", "pyarrow", "numpy")
 COMMANDS = ("screen", "demo", "query", "hist", "top", "export", "report", "explain", "extract", "traits")
-COMMANDS += ("vectors", "steer", "shift")
+COMMANDS += ("vectors", "steer", "shift", "calibrate")
 
 
 def imported_by(code: str) -> list[str]:

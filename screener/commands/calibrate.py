@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from screener.calibration import DEFAULT_LIMIT, DEFAULT_START, CalibrateConfig, calibrate
-from screener.commands.screen import add_worker_arguments
-from screener.models import DEFAULT_MODEL
-from screener.scoring import GenerationSettings
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+from screener.choices import CALIBRATE_LIMIT, CALIBRATE_START, DEFAULT_MAX_TOKENS, DEFAULT_MODEL, TURNS
+from screener.commands.common import MAX_TOKENS, add_worker_arguments, at_least, int_list
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from screener.calibration import CalibrateConfig, calibrate
+    from screener.scoring import GenerationSettings
+
     cfg = CalibrateConfig(
         vectors=args.vector,
         reference=args.reference,
@@ -57,30 +54,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--reference",
         metavar="DATA",
         help="ordinary chat turns, in any format the screen reads (default: the packaged ShareGPT file "
-        f"from record {DEFAULT_START:,} on; its first {DEFAULT_START:,} are kept for independent checks)",
+        f"from record {CALIBRATE_START:,} on; its first {CALIBRATE_START:,} are kept for independent checks)",
     )
-    p.add_argument("--start", type=int, help="skip the records before this row (default: 0 for --reference)")
     p.add_argument(
-        "--limit", type=int, default=DEFAULT_LIMIT, help="reference samples to score (default %(default)s)"
+        "--start", type=at_least(0), help="skip the records before this row (default: 0 for --reference)"
+    )
+    p.add_argument(
+        "--limit",
+        type=at_least(1),
+        default=CALIBRATE_LIMIT,
+        help="reference samples to score (default %(default)s)",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model the vectors screen (default: default)")
     p.add_argument(
-        "--layer", type=_int_list, default=[], help="layers, e.g. 12,20 (default: each vector's chosen layer)"
+        "--layer", type=int_list, default=[], help="layers, e.g. 12,20 (default: each vector's chosen layer)"
     )
     p.add_argument(
         "--natural", action="store_true", help="also the natural delta_p (the model answers each prompt)"
     )
     p.add_argument(
         "--natural-limit",
-        type=int,
+        type=at_least(1),
         metavar="N",
         help="the natural delta_p on the first N reference samples only (generation is slow); implies "
         "--natural",
     )
-    p.add_argument("--turns", choices=("all", "last"), default="all", help="which assistant turns to score")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--max-new-tokens", type=int, default=128, help="--natural: length of the model's answer")
-    p.add_argument("--batch-tokens", type=int, default=None)
+    p.add_argument("--turns", choices=TURNS, default="all", help="which assistant turns to score")
+    p.add_argument("--max-tokens", type=MAX_TOKENS, default=DEFAULT_MAX_TOKENS)
+    p.add_argument(
+        "--max-new-tokens", type=at_least(1), default=128, help="--natural: length of the model's answer"
+    )
+    p.add_argument("--batch-tokens", type=at_least(1), default=None)
     p.add_argument("--db", help="keep the reference screen in this DuckDB file (default: a scratch file)")
     add_worker_arguments(p)
     p.add_argument("--no-progress", action="store_false", dest="progress")
