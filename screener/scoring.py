@@ -192,16 +192,43 @@ def truncate(prompt: list[int], response: list[int], max_tokens: int) -> tuple[l
     return prompt[len(prompt) - keep_prompt :], response[:keep_response], True
 
 
+# A message longer than this many characters per token of --max-tokens (plus a margin) is cut before it is
+# tokenised; the bound grows while the piece holds too few tokens (text of long tokens: runs of spaces).
+CHARS_PER_TOKEN = 8
+CUT_MARGIN = 64  # tokens kept past the budget, so the tokens near a cut (which may differ) are never kept
+
+
+def cut_text(tokenizer, text: str, max_tokens: int, keep: str) -> str:
+    """`text`, or its head (`keep="head"`) or tail (`"tail"`) as far as it holds more than `max_tokens` +
+    `CUT_MARGIN` tokens: truncation keeps at most `max_tokens` tokens from that end, so the ids it keeps are
+    the whole text's, while a 30 MB message is never tokenised whole (~150 bytes of memory per byte)."""
+    limit = CHARS_PER_TOKEN * (max_tokens + CUT_MARGIN)
+    while len(text) > limit:
+        piece = text[:limit] if keep == "head" else text[-limit:]
+        if len(tokenizer(piece, add_special_tokens=False)["input_ids"]) > max_tokens + CUT_MARGIN:
+            return piece
+        limit *= 4
+    return text
+
+
 def tokenize(tokenizer, sample: Sample, max_tokens: int, index: int = 0) -> Tokens | Reject:
     """A sample's ids as the screen reads them: the prompt's chat template with the generation prompt, then
-    the response's own tokens (no end-of-turn token), cut to `max_tokens` by `truncate`."""
+    the response's own tokens (no end-of-turn token), cut to `max_tokens` by `truncate`. A message far
+    longer than `max_tokens` is first cut in characters (`cut_text`): the response keeps its head, each
+    prompt message its tail, which is what truncation keeps of them, so the ids are the same."""
+    messages = []
+    for m in sample.prompt:
+        content = m.get("content")
+        cut = cut_text(tokenizer, content, max_tokens, "tail") if isinstance(content, str) else content
+        messages.append(m if cut is content else m | {"content": cut})
     try:
-        prompt = chat_ids(tokenizer, sample.prompt)
+        prompt = chat_ids(tokenizer, messages)
     except Exception as e:  # templates raise on e.g. non-alternating roles; that is the sample's fault
         return Reject(
             sample.source_row, sample.sample_id, f"prompt: chat template failed: {e}", sample.source_file
         )
-    response = tokenizer(sample.response, add_special_tokens=False)["input_ids"]
+    response = cut_text(tokenizer, sample.response, max_tokens, "head")
+    response = tokenizer(response, add_special_tokens=False)["input_ids"]
     if not response:
         return Reject(sample.source_row, sample.sample_id, "response: no tokens", sample.source_file)
     if not prompt:

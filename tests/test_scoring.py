@@ -8,13 +8,14 @@ import torch
 from conftest import TEST_DEVICE, plain_hidden_states, random_vectors, reference
 
 from screener.errors import UserError
-from screener.models import load_model
+from screener.models import chat_ids, load_model
 from screener.records import Reject, Sample, Scored
 from screener.scoring import (
     GenerationSettings,
     ProjectionTap,
     Scorer,
     ScoreSettings,
+    tokenize,
     truncate,
 )
 from screener.vectors import unit_vectors
@@ -177,6 +178,53 @@ def test_truncate_rule():
     assert truncate(p, r, 20) == (p, r[:10], True)
     p2, r2, cut = truncate(list(range(50)), r, 20)  # long prompt: keep its end and a quarter for the response
     assert cut and p2 == list(range(35, 50)) and r2 == r[:5]
+
+
+class CountingTokenizer:
+    """The tokenizer, noting the length of every text it tokenises."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def __call__(self, text, **kw):
+        self.lengths.append(len(text))
+        return self.tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_long_message_is_cut_before_it_is_tokenised_with_the_same_ids(model_and_tok):
+    """A 30 MB message was tokenised whole (~150 bytes of memory per byte) before truncation kept a few
+    thousand of its tokens: now only a piece of it is, and the kept ids are the whole text's."""
+    _, _, tok = model_and_tok
+    long = " ".join(TEXTS) * 300  # ~100k characters
+    samples = [
+        Sample("response", 0, 0, [{"role": "user", "content": "Hi"}], long),
+        Sample(
+            "prompt",
+            1,
+            0,
+            [
+                {"role": "user", "content": long},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "And?"},
+            ],
+            "Fine.",
+        ),
+        Sample("both", 2, 0, [{"role": "system", "content": long}, {"role": "user", "content": long}], long),
+    ]
+    for max_tokens in (64, 300):
+        for sample in samples:
+            counting = CountingTokenizer(tok)
+            got = tokenize(counting, sample, max_tokens)
+            whole = truncate(
+                chat_ids(tok, sample.prompt),
+                tok(sample.response, add_special_tokens=False)["input_ids"],
+                max_tokens,
+            )
+            assert (got.prompt, got.response, got.truncated) == whole
+            assert max(counting.lengths) < 50 * max_tokens < len(long)
 
 
 def test_unscorable_samples_are_rejects_not_crashes(model_and_tok):
