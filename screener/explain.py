@@ -4,7 +4,9 @@
 dataset (as export does; `input_uri` when it moved), rebuilds it with the run's `turns` setting, and
 re-scores it with the run's own model, vectors, dtype and `max_tokens` (the same truncation), after
 checking that the model's weights and the vector files are the ones the run recorded: a changed sha256 is
-refused (`DriftError`), never explained with other weights. `Scorer.project_tokens` gives h_L · v̂ at every
+refused (`DriftError`), never explained with other weights. One `Explainer` serves every layer asked
+for (traits whose vectors were chosen at different layers): the model loads once, the dataset is read
+once, and one pass per sample reads all the layers. `Scorer.project_tokens` gives h_L · v̂ at every
 position of prompt + response, one sample at a time (no padding), so
 
     mean(projections[response_start:])  = the stored proj_response
