@@ -27,7 +27,7 @@ from pathlib import Path
 
 from screener.choices import EXPORT_FORMATS
 from screener.datasets import ReadStats, Rebuild, Row, check_input, read_rows
-from screener.errors import QueryError
+from screener.errors import QueryError, UserError
 from screener.outputs import TEMP_SUFFIX, Protected, output_file, output_folder, temp_prefix
 from screener.records import Reject
 from screener.results import DropFilter, Selection
@@ -133,7 +133,7 @@ def export_records(
         return json.dumps(result.manifest(run, flt), indent=2, ensure_ascii=False) + "\n"
 
     writer = WRITERS[fmt](out, manifest, protected, force, hf_cache_dir)
-    with writer as write:
+    with _utf8_only(uri, fmt), writer as write:
         counts = _write_chosen(rows, selection, flt, run.settings.get("turns") or "last", write, stats)
         result = ExportResult(
             run_id=run.run_id,
@@ -148,6 +148,25 @@ def export_records(
             ignored=list(stats.ignored),
         )
     return result
+
+
+@contextmanager
+def _utf8_only(uri: str, fmt: str) -> Iterator[None]:
+    """Columnar outputs hold UTF-8 text only (jsonl escapes what is not): one line instead of Arrow's
+    error (which `datasets` wraps in its own)."""
+    try:
+        yield
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, UnicodeEncodeError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise UserError(
+            f"{uri} holds text that is not valid Unicode (a lone surrogate; the screen rejected those "
+            f"records, naming the field), which {fmt} cannot store: export as jsonl, or leave them out with "
+            "--drop-unscored"
+        ) from None
 
 
 def _write_chosen(

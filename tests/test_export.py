@@ -355,7 +355,7 @@ def test_the_manifest_lists_the_files_of_the_input_that_are_not_data(tmp_path: P
     assert manifest(tmp_path / "o.jsonl")["ignored_files"] == [str(data / "notes.txt")]
 
 
-def test_invalid_unicode_is_a_reject_and_exports_as_it_was_read(tmp_path: Path) -> None:
+def test_invalid_unicode_is_a_reject_and_exports_as_it_was_read(tmp_path: Path, capsys) -> None:
     """A lone surrogate in an id or in content: the record is rejected alone, stored, and an export writes
     it back (as a JSON escape) instead of a traceback."""
     path = tmp_path / "in.jsonl"
@@ -368,6 +368,11 @@ def test_invalid_unicode_is_a_reject_and_exports_as_it_was_read(tmp_path: Path) 
     out = tmp_path / "o.jsonl"
     assert cli("export", out, "--db", screen.db) == 0
     assert read_jsonl(out) == [json.loads(line) for line in lines]
+    parquet = tmp_path / "o.parquet"  # parquet holds UTF-8 only: one line, and nothing written
+    assert cli("export", parquet, "--db", screen.db, "--format", "parquet") == 2
+    assert "which parquet cannot store: export as jsonl" in capsys.readouterr().err and not parquet.exists()
+    assert cli("export", parquet, "--db", screen.db, "--format", "parquet", "--drop-unscored") == 0
+    assert pq.read_table(parquet).num_rows == 2
 
 
 def test_bad_arguments_and_changed_input(screen: FakeScreen, tmp_path: Path, capsys) -> None:
