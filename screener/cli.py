@@ -65,11 +65,33 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        quiet_third_parties()
     # SIGTERM (timeout, `ray job stop`, Kubernetes, systemd) stops a command as Ctrl-C does
     from screener.errors import raise_terminated
 
     signal.signal(signal.SIGTERM, raise_terminated)
     return run(args.func, args)
+
+
+# the libraries' own progress bars (loading weights, converting GGUF tensors, writing shards, downloads)
+# and their advisory logs: between the screen's phase lines and bar they are noise; --verbose shows them
+QUIET = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+THIRD_PARTY = r"(torch|transformers|accelerate|datasets|huggingface_hub|ray|gguf|peft|pyarrow|polars)(\.|$)"
+
+
+def quiet_third_parties() -> None:
+    """No third-party progress bars or warnings (set before those libraries are imported; Ray's local
+    workers inherit the environment). The user's own settings of these variables win."""
+    for name, value in QUIET.items():
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", module=THIRD_PARTY)
 
 
 def run(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:

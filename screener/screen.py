@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -326,7 +327,10 @@ def screen(cfg: ScreenConfig) -> Summary:
                 else:  # nothing left to score (a resume): commit its rejects, send nothing to a worker
                     commit(chunk, [])
 
-        progress = Progress(total=cfg.limit, enabled=cfg.progress, fraction=stats.fraction)
+        progress = Progress(enabled=cfg.progress, fraction=stats.fraction)
+        if cfg.progress:
+            done_before = store.counts(run.run_id)[0] if resumed else 0
+            _count_ahead(cfg, progress, done_before)
         runtime: dict = {}  # the last chunk's: by then the batch sizes are settled
         times: dict[str, float] = {}
         model_seconds: Counter[str] = Counter()  # summed over chunks (and workers)
@@ -338,6 +342,11 @@ def screen(cfg: ScreenConfig) -> Summary:
         try:
             workers = model_workers(str(plan.work.device), cfg.actors, address=cfg.address)
             with workers as resources, progress:
+                where = "in this process" if not resources.actors else f"on {resources.actors} Ray workers"
+                progress.phase(
+                    f"loading the model {plan.model.name} ({plan.run.settings['dtype']} on {plan.device}) "
+                    f"{where}; the first batches also tune the batch size"
+                )
                 stage = ScreenStage(plan)
                 for chunk, (results, chunk_runtime) in run_stage(stage, work(), resources, report):
                     commit(chunk, results)
@@ -373,6 +382,26 @@ def screen(cfg: ScreenConfig) -> Summary:
         first_batch_done=times.get("first"),
         last_batch_done=times.get("last"),
     )
+
+
+def _count_ahead(cfg: ScreenConfig, progress: Progress, done_before: int) -> None:
+    """Count the input's samples in a thread beside the screen and give the progress its total, so its
+    ETA is the work left over the rate (the share of bytes read runs ahead of the model: the reader reads
+    a chunk ahead, and a small input is read whole before the first batch). Local files only: a hub
+    dataset would be downloaded twice."""
+    try:
+        local_files(cfg.dataset)
+    except ScreenerError:
+        return
+
+    def count() -> None:
+        try:
+            items = read_samples(cfg.dataset, turns=cfg.turns, split=cfg.split, limit=cfg.limit)
+            progress.set_total(sum(isinstance(item, Sample) for item in items), initial=done_before)
+        except Exception:  # the screen's own read reports what is wrong with the input
+            return
+
+    threading.Thread(target=count, name="count-samples", daemon=True).start()
 
 
 def _first_checked(items: Iterator[Sample | Reject], stats: ReadStats, cfg: ScreenConfig) -> Iterator:

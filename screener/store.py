@@ -372,7 +372,7 @@ class Store:
             "SELECT (SELECT count(*) FROM samples WHERE run_id = $r),"
             " (SELECT count(*) FROM rejects WHERE run_id = $r AND kind = 'bad')",
             {"r": run_id},
-        ).fetchone()
+        ).fetchall()[0]  # all: a result left unread keeps the connection busy
 
     def reject_counts(self, run_id: str) -> dict[str, int]:
         """{kind: rejects stored} for a run, every kind of records.REJECT_KINDS."""

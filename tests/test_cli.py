@@ -4,6 +4,7 @@ before any model work, and a busy database refused before the model is prepared.
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import time
@@ -126,7 +127,7 @@ def test_cuda_without_cuda_is_one_line_before_the_model_loads(
 def test_a_busy_database_is_refused_before_the_model_is_prepared(tmp_path, tiny_llama, monkeypatch, capsys):
     """A second screen on a database another process writes spent ~30 s preparing the model before it
     exited 3."""
-    import screener.screen as screen_module
+    screen_module = importlib.import_module("screener.screen")  # `screener.screen` is the API's
 
     monkeypatch.setattr(screen_module, "prepare", lambda cfg: pytest.fail("the model was prepared"))
     db = tmp_path / "busy.duckdb"

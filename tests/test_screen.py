@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 from pathlib import Path
@@ -527,7 +528,7 @@ def test_empty_input_is_an_error_and_records_no_run(tmp_path, tiny_llama, vector
 def test_a_failed_screen_is_recorded_and_a_rerun_finishes_it(
     tmp_path, tiny_llama, vector_files, capsys, monkeypatch
 ):
-    import screener.screen as screen_module
+    screen_module = importlib.import_module("screener.screen")  # `screener.screen` is the API's
 
     data = write_jsonl(tmp_path / "d.jsonl", openai_rows())
     db = tmp_path / "f.duckdb"
