@@ -344,7 +344,7 @@ def screen(cfg: ScreenConfig) -> Summary:
             with workers as resources, progress:
                 where = "in this process" if not resources.actors else f"on {resources.actors} Ray workers"
                 progress.phase(
-                    f"loading the model {plan.model.name} ({plan.run.settings['dtype']} on {plan.device}) "
+                    f"loading the model {plan.model.name} ({plan.work.dtype_name} on {plan.work.device}) "
                     f"{where}; the first batches also tune the batch size"
                 )
                 stage = ScreenStage(plan)
