@@ -5,7 +5,9 @@ For each sample and layer L (the `hidden_states[L]` convention of records.py) an
     proj_prompt_last = h_L[last prompt token] · v̂
     delta_p_proxy    = proj_response - proj_prompt_last          (computed in the store)
 In natural mode the base model also answers the prompt itself; `proj_natural` is the mean of h_L · v̂ over
-that answer's tokens, collected by hooks while it is generated (no second forward pass).
+that answer's tokens, collected by hooks while it is generated (no second forward pass). Each prompt is run
+once, with a KV cache: the dataset's response is read teacher-forced from that cache (up to the deepest
+layer needed) and the answer is generated from it, so the prompt is never read twice.
 
 Hidden states are read with hooks on the decoder blocks, so the forward pass stops after the deepest
 layer needed and never runs the LM head. Only `[batch, tokens, traits]` projections leave the hooks.
@@ -25,7 +27,22 @@ import torch
 
 from screener.choices import EXTRACT_METHODS
 from screener.errors import UserError
-from screener.models import LayerTap, chat_ids, decoder_parts, generate, pad, pad_id, run_until_tapped
+from screener.models import (
+    LayerTap,
+    Prefill,
+    chat_ids,
+    decode,
+    decoder_parts,
+    eos_ids,
+    generate,
+    pad,
+    pad_id,
+    picker,
+    plain_cache,
+    prefill,
+    read,
+    run_until_tapped,
+)
 from screener.records import MODES, Reject, Sample, Scored
 from screener.tuning import (
     CPU_GENERATE_ROWS,
@@ -72,6 +89,10 @@ class ScoreSettings:
     # torch.compile the decoder blocks of the teacher-forced pass: it fuses the memory-bound norms, RoPE
     # and SiLU of a forward, for a one-off compile per process (what it gains: benchmarks/bench.py)
     compile: bool = False
+    # natural mode: one prefill per prompt serves the dataset response's read and the generation (exact);
+    # False reads prompt + response in passes of their own, then HF `generate` re-reads each prompt (the
+    # reference the shared path is tested against; models whose cache is not plain always take it)
+    shared_prefill: bool = True
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def __post_init__(self) -> None:
@@ -282,6 +303,8 @@ class Scorer:
         # overhead (start-up, reading, writing) from its model work
         self.seconds: Counter[str] = Counter()
         self._compiled: dict[int, Callable] = {}
+        self.shared_prefill = settings.shared_prefill and plain_cache(model)
+        self.stops = eos_ids(model, tokenizer)
         if settings.compile:
             # the forward only, so the hooks (and their early stop) stay outside the compiled graph
             self._compiled = {i: torch.compile(blocks[i].forward, dynamic=True) for i in range(run)}
@@ -541,6 +564,9 @@ class Scorer:
             else:
                 toks.append(t)
         st = self.settings
+        if st.mode == "natural" and self.shared_prefill:
+            self._score_natural(toks, results, report)
+            return results  # type: ignore[return-value]
         plan = plan_passes(toks, st.share_passes)
         lengths = [len(p.ids) for p in plan.passes]
         for batch in self._batches(
@@ -558,27 +584,8 @@ class Scorer:
             self.seconds["forward"] += watch.seconds
             for p, p_resp, p_last in zip(passes, resp, last, strict=True):
                 for t, r, lp in zip(p.reads, p_resp, p_last, strict=True):
-                    if not (np.isfinite(r).all() and np.isfinite(lp).all()):
-                        results[t.index] = Reject(
-                            t.sample.source_row,
-                            t.sample.sample_id,
-                            "projection is not finite (the activations overflowed the dtype)",
-                            t.sample.source_file,
-                        )
-                        continue
                     path = plan.paths.get((t.sample.source_file, t.sample.source_row))
-                    results[t.index] = Scored(
-                        sample_id=t.sample.sample_id,
-                        source_row=t.sample.source_row,
-                        turn=t.sample.turn,
-                        prompt_tokens=len(t.prompt),
-                        response_tokens=len(t.response),
-                        truncated=t.truncated,
-                        proj_response=r,
-                        proj_prompt_last=lp,
-                        source_file=t.sample.source_file,
-                        extra={"path": path} if path else {},
-                    )
+                    results[t.index] = self._result(t, r, lp, path)
             if report is not None and st.mode == "proxy":
                 report(sum(len(p.reads) for p in passes))
         if st.mode == "natural":
@@ -604,12 +611,15 @@ class Scorer:
             lambda: (1 << 62, min(st.max_batch_size, self.generate_tuner.size())),
             self.generate_tuner,
         ):
-            seed = st.generation.seed + int(hashlib.sha256(keys[batch[0]].encode()).hexdigest()[:8], 16)
-            size = self.generate_tuner.size()
+            seed, size = self._seed(keys[batch[0]]), self.generate_tuner.size()
             with Stopwatch(self.device) as watch:
-                proj, got = self.generate_natural([list(prompts[i]) for i in batch], seed=seed)
+                if self.shared_prefill:
+                    _, _, proj, got = self._prefilled([list(prompts[i]) for i in batch], None, seed)
+                else:
+                    proj, got = self.generate_natural([list(prompts[i]) for i in batch], seed=seed)
             self.generate_tuner.record(size, sum(map(len, got)) + len(batch), watch.seconds)
-            self.seconds["generate"] += watch.seconds
+            if not self.shared_prefill:  # `_prefilled` times its parts itself
+                self.seconds["generate"] += watch.seconds
             for k, i in enumerate(batch):
                 out[i], answers[i] = proj[k], got[k]
             if report is not None:
@@ -619,7 +629,113 @@ class Scorer:
     def _add_natural(self, toks: list[Tokens], results: list, report: Callable[[int], None] | None) -> None:
         proj, answers = self.natural([t.prompt for t in toks], [t.sample.sample_id for t in toks], report)
         for k, t in enumerate(toks):
-            r: Scored = results[t.index]
-            r.proj_natural = proj[k]
-            r.natural_tokens = len(answers[k])
-            r.natural_response = self.tokenizer.decode(answers[k], skip_special_tokens=True)
+            self._with_natural(results[t.index], proj[k], answers[k])
+
+    def _with_natural(self, r: Scored | Reject, proj: np.ndarray, answer: list[int]) -> None:
+        if isinstance(r, Scored):
+            r.proj_natural = proj
+            r.natural_tokens = len(answer)
+            r.natural_response = self.tokenizer.decode(answer, skip_special_tokens=True)
+
+    @staticmethod
+    def _result(t: Tokens, resp: np.ndarray, last: np.ndarray, path: str | None) -> Scored | Reject:
+        """A read's `Scored`, or a reject when its projections are not finite."""
+        if not (np.isfinite(resp).all() and np.isfinite(last).all()):
+            return Reject(
+                t.sample.source_row,
+                t.sample.sample_id,
+                "projection is not finite (the activations overflowed the dtype)",
+                t.sample.source_file,
+            )
+        return Scored(
+            sample_id=t.sample.sample_id,
+            source_row=t.sample.source_row,
+            turn=t.sample.turn,
+            prompt_tokens=len(t.prompt),
+            response_tokens=len(t.response),
+            truncated=t.truncated,
+            proj_response=resp,
+            proj_prompt_last=last,
+            source_file=t.sample.source_file,
+            extra={"path": path} if path else {},
+        )
+
+    # -- natural mode from one prefill per prompt ------------------------------------------------------
+
+    def _seed(self, key: str) -> int:
+        """A batch's sampling seed, from the id of its first member (not from which actor ran it)."""
+        return self.settings.generation.seed + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+
+    def _natural_limits(self) -> tuple[int, int]:
+        """(padded tokens, rows) of a batch read and generated from one prefill: the rows tuned for
+        generation, within the teacher-forced token budget (its largest candidate until it is chosen)."""
+        tuner = self.batch_tuner
+        tokens = tuner.size() if tuner.done else max(tuner.candidates)
+        return tokens, min(self.settings.max_batch_size, self.generate_tuner.size())
+
+    def _score_natural(self, toks: list[Tokens], results: list, report: Callable[[int], None] | None) -> None:
+        """Natural mode, one prefill per prompt: each batch's prompts are run once, their responses read
+        teacher-forced from the cache and their answers generated from it (`_prefilled`). Every turn has a
+        prompt of its own to answer, so turns are read per turn, never from a shared pass."""
+        lengths = [len(t.prompt) + len(t.response) for t in toks]
+        for batch in self._batches(lengths, self._natural_limits, self.generate_tuner):
+            ts = [toks[i] for i in batch]
+            size = self.generate_tuner.size()
+            with Stopwatch(self.device) as watch:
+                last, resp, natural, answers = self._prefilled(
+                    [t.prompt for t in ts], [t.response for t in ts], self._seed(ts[0].sample.sample_id)
+                )
+            self.generate_tuner.record(size, sum(map(len, answers)) + len(batch), watch.seconds)
+            for k, t in enumerate(ts):
+                results[t.index] = self._result(t, resp[k], last[k], None)
+                self._with_natural(results[t.index], natural[k], answers[k])
+            if report is not None:
+                report(len(batch))
+
+    @torch.inference_mode()
+    def _prefilled(
+        self, prompts: list[list[int]], responses: list[list[int]] | None, seed: int
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[list[int]]]:
+        """One batch from one prefill: `proj_prompt_last`, `proj_response` of `responses` (None without
+        them) and the natural answers' projections, each `[batch, layers, traits]` (NaN for an empty
+        answer), and the answers' ids. Times the prefill with the read ("prefill") and the decoding
+        ("generate") apart."""
+        units, layers, g = self.units, self.layers, self.settings.generation
+
+        def at_last(layer: int, h: torch.Tensor) -> torch.Tensor:
+            return h[:, -1].float() @ units[layer]
+
+        with Stopwatch(self.device) as watch:
+            with LayerTap(self.model, layers, at_last) as tap:
+                state = prefill(self.model, prompts, self.pad_id)
+                last = torch.stack([tap.take(layer)[0] for layer in layers], dim=1)  # [B, L, K]
+            resp = None if responses is None else self._read_responses(state, responses)
+        self.seconds["prefill"] += watch.seconds
+        sums = torch.zeros_like(last)
+        with Stopwatch(self.device) as watch, LayerTap(self.model, layers, at_last) as tap:
+
+            def add(rows: torch.Tensor) -> None:
+                sums[rows] += torch.stack([tap.take(layer)[0] for layer in layers], dim=1)
+
+            answers = decode(self.model, state, self.stops, g.max_new_tokens, self._pick(seed), add)
+        self.seconds["generate"] += watch.seconds
+        counts = torch.tensor([len(a) for a in answers], device=self.device, dtype=sums.dtype)
+        natural = (sums / counts[:, None, None]).double().cpu().numpy()
+        natural[(counts == 0).cpu().numpy()] = np.nan
+        return last.double().cpu().numpy(), resp, natural, answers
+
+    def _read_responses(self, state: Prefill, responses: list[list[int]]) -> np.ndarray:
+        """`proj_response` `[batch, layers, traits]`: the mean over each response's tokens, read
+        teacher-forced after its prompt's cache up to the deepest layer needed."""
+        with ProjectionTap(self.model, self.units, stop=True) as tap:
+            read(self.model, state, responses, self.pad_id)
+            proj = torch.stack([tap.take(layer) for layer in self.layers], dim=1)  # [B, L, R, K]
+        n = torch.tensor([len(r) for r in responses], device=proj.device)
+        real = torch.arange(proj.shape[2], device=proj.device)[None] < n[:, None]
+        # padded positions of the read see real tokens only, but select anyway: never weight by a mask
+        summed = proj.masked_fill(~real[:, None, :, None], 0.0).sum(dim=2)
+        return (summed / n[:, None, None].to(summed.dtype)).double().cpu().numpy()
+
+    def _pick(self, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        g = self.settings.generation
+        return picker(g.temperature, g.top_p, seed, self.device)

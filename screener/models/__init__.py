@@ -6,7 +6,8 @@
 - `chat`: chat prompts as token ids (`chat_ids`), padding (`pad`, `pad_id`), end-of-turn ids (`eos_ids`).
 - `hooks`: decoder blocks and final norm (`decoder_parts`), block outputs, reading `hidden_states[L]` with
   hooks and an early stop (`LayerTap`, `run_until_tapped`).
-- `generation`: batched generation that cuts each answer at its first end-of-turn token (`generate`).
+- `generation`: batched generation that cuts each answer at its first end-of-turn token (`generate`), and
+  one prefill per prompt continued by a teacher-forced read and a decode loop (`prefill`, `read`, `decode`).
 
 Layer convention (records.py): layer L is `hidden_states[L]` as transformers returns it. Import from
 `screener.models`; the submodules say where each piece lives.
@@ -20,7 +21,16 @@ from screener.models.adapters import (
     resolve_adapter,
 )
 from screener.models.chat import chat_ids, eos_ids, pad, pad_id
-from screener.models.generation import Generated, generate
+from screener.models.generation import (
+    Generated,
+    Prefill,
+    decode,
+    generate,
+    picker,
+    plain_cache,
+    prefill,
+    read,
+)
 from screener.models.hooks import (
     LayerTap,
     StopForward,
@@ -56,12 +66,14 @@ __all__ = [
     "LayerTap",
     "ModelError",
     "ModelRef",
+    "Prefill",
     "StopForward",
     "adapter_mismatches",
     "block_output",
     "cache_dir",
     "chat_ids",
     "convert_gguf",
+    "decode",
     "decoder_parts",
     "default_gguf",
     "eos_ids",
@@ -74,6 +86,10 @@ __all__ = [
     "pad_id",
     "pick_device",
     "pick_dtype",
+    "picker",
+    "plain_cache",
+    "prefill",
+    "read",
     "resolve_adapter",
     "resolve_model",
     "run_until_tapped",
