@@ -27,7 +27,9 @@ this run on this machine; the first line says which machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -50,7 +52,14 @@ LAYER = 20
 TRAITS = ("evil", "sycophantic", "hallucinating")
 MAX_PROMPT_TOKENS = 512
 SHAPES = {"q/o": (576, 576), "k/v": (576, 192), "up": (576, 1536), "down": (1536, 576)}  # [in, out]
-TARGETS = {"speedup": 4.0, "mfu": 0.70, "overhead_s": 10.0, "first_s": 15.0, "natural": 3.0}
+TARGETS = {
+    "speedup": 4.0,
+    "mfu": 0.70,
+    "overhead_s": 10.0,
+    "first_s": 15.0,
+    "natural": 3.5,
+    "natural_whole": 1.6,
+}
 
 
 def log(msg: str) -> None:
@@ -133,11 +142,17 @@ def child(args: argparse.Namespace) -> None:
     np.save(args.out, run(model, tok, samples, units, device))
 
 
-def timed_process(argv: list[str]) -> tuple[float, str]:
-    """(wall seconds from start to exit, stdout) of a process."""
+def timed_process(argv: list[str], cpu: bool = False) -> tuple:
+    """(wall seconds from start to exit, stdout) of a process; with `cpu`, its CPU seconds (user + system,
+    its children included) too."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.time()
     done = subprocess.run(argv, check=True, capture_output=True, text=True)
-    return time.time() - started, done.stdout
+    wall = time.time() - started
+    if not cpu:
+        return wall, done.stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, done.stdout, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 # -- in-process measurements ------------------------------------------------------------------------------
@@ -186,9 +201,9 @@ def natural_baseline(
 ) -> float:
     """Seconds for what natural ΔP needs, the plain way, per sample: greedy `generate` at batch 1, a
     teacher-forced pass over prompt + its own answer (proj_natural) and one over prompt + the dataset's
-    response (proj_response)."""
+    response (proj_response); and their CPU seconds (all threads)."""
     stops = eos_ids(model, tokenizer)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for p, r in zip(prompts, responses, strict=True):
         model(input_ids=torch.tensor([p + r], device=device), output_hidden_states=True)
         ids = torch.tensor([p], device=device)
@@ -197,47 +212,88 @@ def natural_baseline(
         n = next((j for j, t in enumerate(seq) if t in stops), len(seq))
         if n:
             model(input_ids=torch.tensor([p + seq[:n]], device=device), output_hidden_states=True)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def natural_figures(model, tok, units, samples: list[Sample], args: argparse.Namespace, device) -> dict:
-    """Natural mode on the first `--natural-samples` samples at its tuned generation rows, and the
-    baseline; the seconds it spent in forward batches and in generation."""
+    """Natural mode on the first `--natural-samples` samples at its tuned (or `--generate-rows`) rows, one
+    prefill per prompt and, before it, two passes with HF `generate` (`shared_prefill=False`), against the
+    baseline: wall and CPU seconds, and the seconds each spent in its parts."""
     n_nat = min(args.natural_samples, len(samples))
     log(f"natural mode: {n_nat} samples, {args.max_new_tokens} new tokens, and its baseline")
     gen = GenerationSettings(max_new_tokens=args.max_new_tokens)
     settings = ScoreSettings.for_device(
-        device.type == "cuda", layers=(LAYER,), mode="natural", generation=gen
+        device.type == "cuda",
+        layers=(LAYER,),
+        mode="natural",
+        generation=gen,
+        generate_batch_size=args.generate_rows,
     )
-    # the generation rows are tuned first, on other samples of the slice (a long screen settles in its
-    # first minutes), then cached: the timed Scorer starts at the tuned size, as a user's next run does
-    Scorer(model, tok, units, settings).score(samples[n_nat:])
-    natural = Scorer(model, tok, units, settings)
-    natural.score(samples[:2])  # warm-up
-    natural.seconds.clear()
-    started = time.perf_counter()
-    natural.score(samples[:n_nat])
-    natural_s = time.perf_counter() - started
+    if args.generate_rows is None and len(samples) > n_nat:
+        # the generation rows are tuned first, on other samples of the slice (a long screen settles in its
+        # first minutes), then cached: the timed Scorer starts at the tuned size, as a user's next run does
+        Scorer(model, tok, units, settings).score(samples[n_nat:])
+    out: dict = {}
+    for name, shared in (("two passes", False), ("one prefill", True)):
+        natural = Scorer(model, tok, units, dataclasses.replace(settings, shared_prefill=shared))
+        natural.score(samples[:2])  # warm-up
+        natural.seconds.clear()
+        started, cpu = time.perf_counter(), time.process_time()
+        natural.score(samples[:n_nat])
+        out[name] = {
+            "s": time.perf_counter() - started,
+            "cpu_s": time.process_time() - cpu,
+            "rows": natural.generate_tuner.describe(),
+            "split": dict(natural.seconds),
+        }
+        log(f"natural, {name}: {out[name]['s']:.1f} s, {out[name]['cpu_s']:.1f} s CPU")
     prompts = [chat_ids(tok, s.prompt) for s in samples[:n_nat]]
     responses = [tok(s.response, add_special_tokens=False)["input_ids"] for s in samples[:n_nat]]
-    return {
-        "s": natural_s,
-        "base_s": natural_baseline(model, tok, prompts, responses, args.max_new_tokens, device),
-        "rows": natural.generate_tuner.describe(),
-        "split": dict(natural.seconds),
-    }
-
-
-def natural_row(nat: dict) -> tuple:
-    ratio = nat["base_s"] / nat["s"]
-    split = ", ".join(f"{k} {v:.1f} s" for k, v in nat["split"].items())
-    return (
-        f"Natural, generation rows {nat['rows']['value']} ({nat['rows']['source']}): project ({split}) vs "
-        "baseline (s)",
-        f"{nat['s']:.1f} vs {nat['base_s']:.1f} = {ratio:.2f}x",
-        f">= {TARGETS['natural']}x",
-        ratio >= TARGETS["natural"],
+    out["base_s"], out["base_cpu_s"] = natural_baseline(
+        model, tok, prompts, responses, args.max_new_tokens, device
     )
+    return out
+
+
+def natural_rows(nat: dict) -> list[tuple]:
+    rows = [("Natural, the plain way: wall / CPU (s)", f"{nat['base_s']:.1f} / {nat['base_cpu_s']:.1f}")]
+    for name in ("two passes", "one prefill"):
+        n = nat[name]
+        split = ", ".join(f"{k} {v:.1f} s" for k, v in n["split"].items())
+        wall, cpu = nat["base_s"] / n["s"], nat["base_cpu_s"] / n["cpu_s"]
+        rows.append(
+            (
+                f"Natural, {name}, generation rows {n['rows']['value']} ({n['rows']['source']}; {split}): "
+                "wall / CPU (s), and the plain way's over it",
+                f"{n['s']:.1f} / {n['cpu_s']:.1f}: {wall:.2f}x / {cpu:.2f}x",
+                f">= {TARGETS['natural']}x",
+                min(wall, cpu) >= TARGETS["natural"],
+            )
+        )
+    return rows
+
+
+def natural_whole(samples: list[Sample], tmp: str, args: argparse.Namespace) -> list[tuple]:
+    """`screener screen` on the natural slice as whole processes, natural against proxy: wall and CPU."""
+    data = Path(tmp) / "natural.jsonl"
+    n = min(args.natural_samples, len(samples))
+    lines = Path(tmp, "slice.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    data.write_text("".join(lines[:n]), encoding="utf-8")  # one single-turn sample a record
+    got = {}
+    for mode in ("proxy", "natural"):
+        argv = [sys.executable, "-m", "screener.cli", "screen", str(data), "--traits", ",".join(TRAITS),
+                "--layer", str(LAYER), "--db", f"{tmp}/{mode}.duckdb", "--no-progress", "--mode", mode,
+                "--max-new-tokens", str(args.max_new_tokens), "--device", args.device,
+                "--dtype", args.dtype]  # fmt: skip
+        log(f"screen --mode {mode} (whole process)")
+        got[mode] = timed_process(argv, cpu=True)
+    (pw, _, pc), (nw, _, nc) = got["proxy"], got["natural"]
+    return [
+        (f"Screen of those {n} samples, whole process, proxy: wall / CPU (s)", f"{pw:.1f} / {pc:.1f}"),
+        ("Screen, natural mode, whole process: wall / CPU (s), and over the proxy's",
+         f"{nw:.1f} / {nc:.1f}: {nw / pw:.2f}x / {nc / pc:.2f}x", f"<= {TARGETS['natural_whole']}x",
+         max(nw / pw, nc / pc) <= TARGETS["natural_whole"]),
+    ]  # fmt: skip
 
 
 def print_table(rows: list[tuple], args: argparse.Namespace, device, dtype_name: str) -> None:
@@ -288,7 +344,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", help="also write the figures here")
-    ap.add_argument("--natural-only", action="store_true", help="only the natural-mode row")
+    ap.add_argument("--natural-only", action="store_true", help="only the natural-mode rows")
+    ap.add_argument("--no-whole", action="store_true", help="--natural-only: no whole-process screens")
+    ap.add_argument("--generate-rows", type=int, help="natural mode: fixed generation rows (default: tuned)")
     ap.add_argument("--child", choices=("reference", "naive"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -309,8 +367,9 @@ def main() -> None:
     if args.natural_only:
         with tempfile.TemporaryDirectory(prefix="screener-bench-") as tmp:
             samples = write_slice(tok, args.samples, Path(tmp) / "slice.jsonl")
+            whole = [] if args.no_whole else natural_whole(samples, tmp, args)
         nat = natural_figures(model, tok, units, samples, args, device)
-        return print_table([natural_row(nat)], args, device, dtype_name)
+        return print_table([*natural_rows(nat), *whole], args, device, dtype_name)
     with tempfile.TemporaryDirectory(prefix="screener-bench-") as tmp:
         data = Path(tmp) / "slice.jsonl"
         samples = write_slice(tok, args.samples, data)
@@ -358,7 +417,7 @@ def main() -> None:
         (f"Matmul at the model's shapes, 4096 rows, {dtype_name} (GFLOP/s)",
          ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())),
         ("Scorer share of the best of those", f"{mfu:.0%}", ">= 70%", mfu >= TARGETS["mfu"]),
-        natural_row(nat),
+        *natural_rows(nat),
         ("Max abs(screen - reference), proj_response and prompt_last", f"{diff:.3g}"),
     ]  # fmt: skip
     print_table(rows, args, device, dtype_name)
