@@ -800,6 +800,10 @@ def test_sample_ids_are_unique_over_the_read(tmp_path):
         tmp_path / "e.jsonl", [{**chat(6), "id": "y@2"}, {**chat(7), "id": "y"}, {**chat(8), "id": "y"}]
     )
     assert [s.sample_id for s in samples(tmp_path / "e.jsonl")] == ["y@2", "y", "y@2.1"]
+    # a rejected record's id does not count (as in the packaged ShareGPT file): the scored one keeps it
+    no_answer = {"id": "z", "messages": [{"role": "user", "content": "q"}]}
+    got = [o.sample_id for o in read_samples([no_answer, {**chat(9), "id": "z"}, {**chat(9), "id": "z"}])]
+    assert got == ["z", "z", "z@2"]
 
 
 # ---- compression, TSV, and containers known by their bytes ---------------------------------------------

@@ -55,31 +55,35 @@ class Rebuild:
     or all), or Rejects that name the field; a row that did not parse is its own Reject.
 
     Sample ids are unique over the read, so every record is scored under an id of its own: a record
-    keeps its own id unless one of its ids was already given to an earlier row (a reused id, or a literal
-    `x#0` before turn 0 of a record `x`); it is then `<id>@<row>` (with its `#<turn>` suffixes), `row`
-    being its row over the whole dataset (`.1`, `.2`... appended in the unlikely case that is taken too).
-    So a sample id is a function of the rows read before it and its own (file, row, turn, id), the same on
-    every read of the same input: the screen, export and explain all rebuild every row in order."""
+    keeps its own id unless one of its samples' ids was already given to a sample of an earlier row (a
+    reused id, or a literal `x#0` before turn 0 of a record `x`); it is then `<id>@<row>` (with its
+    `#<turn>` suffixes), `row` being its row over the whole dataset (`.1`, `.2`... appended in the
+    unlikely case that is taken too). Only samples count: a rejected record's id may repeat (the
+    `rejects` table is keyed by row too), so a dataset whose reused ids were never both scored keeps the
+    ids it had before. A sample id is a function of the rows read before it and its own (file, row, turn,
+    id), the same on every read of the same input: the screen, export and explain all rebuild every row
+    in order."""
 
     def __init__(self, turns: str):
         if turns not in TURNS:
             raise ValueError(f"turns must be 'last' or 'all', got {turns!r}")
         self.turns = turns
-        self._given: set[int] = set()  # 8-byte digests of the ids given so far: a tenth of the strings
+        self._given: set[int] = set()  # 8-byte digests of the sample ids given so far: a tenth of the strings
 
     def __call__(self, row: Row) -> list[Sample | Reject]:
         base, items = self._items(row)
         if row.row < 0:  # a file-level reject: its id is the file
             return items
         ids = [item.sample_id for item in items]
+        scored = [isinstance(item, Sample) for item in items]
         k = 0
-        while any(_digest(i) in self._given for i in ids):
+        while any(s and _digest(i) in self._given for i, s in zip(ids, scored, strict=True)):
             renamed = f"{base}@{row.row}" + (f".{k}" if k else "")
             ids = [renamed + item.sample_id[len(base) :] for item in items]
             k += 1
         for item, sample_id in zip(items, ids, strict=True):
             item.sample_id = sample_id
-        self._given.update(map(_digest, ids))
+        self._given.update(_digest(i) for i, s in zip(ids, scored, strict=True) if s)
         return items
 
     def _items(self, row: Row) -> tuple[str, list[Sample | Reject]]:
