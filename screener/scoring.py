@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from screener.choices import EXTRACT_METHODS
-from screener.errors import UserError
+from screener.choices import EXTRACT_METHODS, check_max_tokens, checked
 from screener.models import (
     LayerTap,
     Prefill,
@@ -67,8 +66,6 @@ class GenerationSettings:
 
 # what `Scorer.means` reads per layer, in this order (extraction's methods)
 MEANS = EXTRACT_METHODS
-# a score needs the last prompt token and one response token
-MIN_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -100,11 +97,9 @@ class ScoreSettings:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {self.padding_side!r}")
-        if self.max_tokens < MIN_TOKENS:
-            raise UserError(
-                f"--max-tokens must be at least {MIN_TOKENS} (the last prompt token and one response token), "
-                f"not {self.max_tokens}"
-            )
+        # the command line's rule (choices.MIN_MAX_TOKENS): `truncate` then keeps response tokens, and a
+        # mean over none (NaN) is never a score
+        checked("--max-tokens", check_max_tokens, self.max_tokens)
 
     @classmethod
     def for_device(cls, gpu: bool, tuned: bool = True, **overrides) -> ScoreSettings:
@@ -255,13 +250,6 @@ def tokenize(tokenizer, sample: Sample, max_tokens: int, index: int = 0) -> Toke
     if not prompt:
         return Reject(sample.source_row, sample.sample_id, "prompt: no tokens", sample.source_file)
     prompt, response, cut = truncate(prompt, response, max_tokens)
-    if not response:  # a mean over no token is NaN: never a score
-        return Reject(
-            sample.source_row,
-            sample.sample_id,
-            f"response: no token left within --max-tokens {max_tokens} after the prompt's last token",
-            sample.source_file,
-        )
     return Tokens(index, sample, prompt, response, cut)
 
 

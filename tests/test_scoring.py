@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import TEST_DEVICE, plain_hidden_states, random_vectors, reference
 
+from screener.choices import MIN_MAX_TOKENS
 from screener.errors import UserError
 from screener.models import chat_ids, load_model
 from screener.records import Reject, Sample, Scored
@@ -236,18 +237,19 @@ def test_unscorable_samples_are_rejects_not_crashes(model_and_tok):
     assert isinstance(res[1], Reject) and res[1].reason.startswith("prompt:")
 
 
-def test_a_sample_too_short_to_score_is_a_reject_never_a_nan(model_and_tok):
-    """A budget that leaves no response token after the prompt's end gives a reject with its reason, and a
-    budget below the last prompt token plus one response token is refused (no NaN ever reaches the store)."""
+def test_a_budget_too_small_to_score_is_refused_never_a_nan(model_and_tok):
+    """A budget below the command line's minimum is refused by the settings themselves (the Python API
+    too): at the minimum, a sample whose prompt is longer than the budget still keeps response tokens, so
+    no mean over no token (NaN) reaches the store."""
     folder, model, tok = model_and_tok
     units = unit_vectors(random_vectors(folder, 1), (1,))
-    sample = make_samples(1)[0]  # its prompt is longer than 3 tokens
-    res = Scorer(model, tok, units, ScoreSettings(layers=(1,), max_tokens=3)).score([sample])
-    assert isinstance(res[0], Reject) and "no token left within --max-tokens 3" in res[0].reason
-    ok = Scorer(model, tok, units, ScoreSettings(layers=(1,), max_tokens=4)).score([sample])[0]
-    assert isinstance(ok, Scored) and ok.response_tokens == 1 and np.isfinite(ok.proj_response).all()
-    for bad in (1, 0, -5):
-        with pytest.raises(UserError, match=f"--max-tokens must be at least 2 .*not {bad}"):
+    long_prompt = Sample("p", 0, 0, [{"role": "user", "content": TEXTS[1] * 3}], TEXTS[3])
+    settings = ScoreSettings(layers=(1,), max_tokens=MIN_MAX_TOKENS)
+    ok = Scorer(model, tok, units, settings).score([long_prompt])[0]
+    assert isinstance(ok, Scored) and ok.truncated and ok.response_tokens == MIN_MAX_TOKENS // 4
+    assert np.isfinite(ok.proj_response).all() and np.isfinite(ok.proj_prompt_last).all()
+    for bad in (MIN_MAX_TOKENS - 1, 3, 1, 0, -5):
+        with pytest.raises(UserError, match=f"--max-tokens takes a whole number of at least 16.*not {bad}"):
             ScoreSettings(layers=(1,), max_tokens=bad)
 
 
