@@ -57,8 +57,11 @@ __all__ = [
     "DriftError",
     "Explainer",
     "Explanation",
+    "ExplanationView",
+    "NaturalView",
     "ReportExplanations",
     "Span",
+    "SpanView",
     "StoredSample",
     "TraitExplanation",
     "colour_scale",
@@ -253,6 +256,42 @@ class Explanation:
     natural_tokens: tuple[str, ...] | None = None  # the stored natural answer, re-tokenised
     natural_tokens_stored: int | None = None  # how many tokens the model generated
 
+    def view(self, trait: str) -> ExplanationView:
+        """One trait's explanation as the terminal and the HTML pages show it (`ExplanationView`)."""
+        t = self.traits[trait]
+        k = self.response_start
+        levels = t.normalised(t.projections)
+        metric = "delta_p" if self.mode == "natural" else "delta_p_proxy"
+        natural = None
+        if self.natural_tokens is not None and t.natural_projections is not None:
+            natural = NaturalView(
+                self.natural_tokens,
+                t.natural_projections,
+                t.normalised(t.natural_projections),
+                self.natural_tokens_stored,
+                t.proj_natural,
+                t.stored.get("proj_natural"),
+                t.diff("proj_natural"),
+            )
+        return ExplanationView(
+            explanation=self,
+            trait=trait,
+            metric=metric,
+            stored={c: t.stored.get(c) for c in ("proj_response", "proj_prompt_last", metric)},
+            recomputed={c: (getattr(t, c), t.diff(c)) for c in ("proj_response", "proj_prompt_last")},
+            last_prompt_token=self.tokens[k - 1],
+            prompt=(self.tokens[:k], t.projections[:k], levels[:k]),
+            response=(self.tokens[k:], t.projections[k:], levels[k:]),
+            scale=(t.centre, t.centre_is, t.half_range),
+            centre_what="the last prompt token"
+            if t.centre_is == "proj_prompt_last"
+            else "the natural answer's mean",
+            spans=tuple(
+                SpanView(s.mean, s.start, s.end, "".join(self.tokens[s.start : s.end])) for s in t.spans
+            ),
+            natural=natural,
+        )
+
     def to_json(self, trait: str) -> dict:
         """One trait's explanation as plain JSON values (NaN as null)."""
         t = self.traits[trait]
@@ -297,6 +336,47 @@ class Explanation:
                 "proj_natural_diff": _float(t.diff("proj_natural")),
             }
         return out
+
+
+@dataclass(frozen=True)
+class SpanView:
+    mean: float
+    start: int  # token indices into the sample's tokens (prompt + response)
+    end: int
+    text: str
+
+
+@dataclass(frozen=True)
+class NaturalView:
+    """The stored natural answer, re-tokenised and read teacher-forced (natural mode)."""
+
+    tokens: tuple[str, ...]
+    values: np.ndarray
+    levels: np.ndarray  # (value − centre) / half_range, clipped to [-1, 1]
+    generated: int | None  # how many tokens the model generated
+    proj_natural: float | None  # recomputed
+    stored: float | None
+    diff: float | None
+
+
+@dataclass(frozen=True)
+class ExplanationView:
+    """One trait's explanation as every view shows it, computed once (`Explanation.view`): `render.py`
+    draws it as terminal text, `report.py` as HTML. Tokens come with their projections and their colour
+    levels; `prompt` and `response` are (tokens, values, levels)."""
+
+    explanation: Explanation
+    trait: str
+    metric: str  # the run's headline score column
+    stored: dict[str, float | None]  # proj_response, proj_prompt_last and the metric, as the run stored them
+    recomputed: dict[str, tuple[float, float | None]]  # proj_response, proj_prompt_last: (value, − stored)
+    last_prompt_token: str
+    prompt: tuple[tuple[str, ...], np.ndarray, np.ndarray]
+    response: tuple[tuple[str, ...], np.ndarray, np.ndarray]
+    scale: tuple[float, str, float]  # (centre: white, the column it is, |value − centre| at full colour)
+    centre_what: str  # the centre in words
+    spans: tuple[SpanView, ...]
+    natural: NaturalView | None  # None in proxy mode, or when no natural answer was stored
 
 
 def _float(x: float | None) -> float | None:

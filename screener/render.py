@@ -15,7 +15,7 @@ from screener.choices import OUTPUT_FORMATS
 from screener.results import Histogram
 
 if TYPE_CHECKING:
-    from screener.explain import Explanation, TraitExplanation
+    from screener.explain import Explanation, ExplanationView
 
 __all__ = [
     "METRIC_LABELS",
@@ -281,16 +281,16 @@ def mark_plain(pieces: Sequence[str], levels: Sequence[float], level: float = PL
     return "".join(out)
 
 
-def _legend(t: TraitExplanation, color: bool, truecolor: bool) -> str:
-    lo, hi = t.centre - t.half_range, t.centre + t.half_range
-    what = "the last prompt token" if t.centre_is == "proj_prompt_last" else "the natural answer's mean"
+def _legend(v: ExplanationView, color: bool, truecolor: bool) -> str:
+    centre, centre_is, half = v.scale
+    lo, hi = centre - half, centre + half
     if color:
         cells = "".join(f"{_ansi_bg(diverging_rgb(i / 7 - 1), truecolor)} {RESET}" for i in range(15))
-        return f"scale: ≤ {lo:.4g} {cells} ≥ {hi:.4g}; white = {t.centre:.4g}, {what} ({t.centre_is})"
-    lo_mark, hi_mark = t.centre - PLAIN_LEVEL * t.half_range, t.centre + PLAIN_LEVEL * t.half_range
+        return f"scale: ≤ {lo:.4g} {cells} ≥ {hi:.4g}; white = {centre:.4g}, {v.centre_what} ({centre_is})"
+    lo_mark, hi_mark = centre - PLAIN_LEVEL * half, centre + PLAIN_LEVEL * half
     return (
-        f"marks: {{+…+}} ≥ {hi_mark:.4g}, [-…-] ≤ {lo_mark:.4g}, around {t.centre:.4g} = {what} "
-        f"({t.centre_is}); full scale {lo:.4g} … {hi:.4g}"
+        f"marks: {{+…+}} ≥ {hi_mark:.4g}, [-…-] ≤ {lo_mark:.4g}, around {centre:.4g} = {v.centre_what} "
+        f"({centre_is}); full scale {lo:.4g} … {hi:.4g}"
     )
 
 
@@ -305,42 +305,39 @@ def _stored(x: float | None) -> str:
 def format_explanation(
     e: Explanation, trait: str, *, color: bool, truecolor: bool = True, width: int = 100
 ) -> str:
-    """One trait's explanation for the terminal: the scores (stored and recomputed, with their
-    differences), the scale, the shaded response, the top spans and, in natural mode, the natural answer."""
-    t = e.traits[trait]
-    k = e.response_start
-    levels = t.normalised(t.projections)
+    """One trait's explanation for the terminal (`Explanation.view`): the scores (stored and recomputed,
+    with their differences), the scale, the shaded response, the top spans and, in natural mode, the
+    natural answer."""
+    v = e.view(trait)
     where = f"row {e.source_row}" + (f", assistant turn {e.turn + 1}" if "#" in e.sample_id else "")
-    metric = "delta_p" if e.mode == "natural" else "delta_p_proxy"
+    (resp, resp_diff), (last, last_diff) = v.recomputed["proj_response"], v.recomputed["proj_prompt_last"]
+    tokens, _, levels = v.response
     lines = [
         f"== {trait} · layer {e.layer} · sample {e.sample_id} ({where}) · run {e.run_id}",
-        "stored:     "
-        + "  ".join(f"{c} {_stored(t.stored.get(c))}" for c in ("proj_response", "proj_prompt_last", metric)),
-        f"recomputed: proj_response {t.proj_response:.6g} (diff {_diff(t.diff('proj_response'))})  "
-        f"proj_prompt_last {t.proj_prompt_last:.6g} (diff {_diff(t.diff('proj_prompt_last'))})  "
+        "stored:     " + "  ".join(f"{c} {_stored(x)}" for c, x in v.stored.items()),
+        f"recomputed: proj_response {resp:.6g} (diff {_diff(resp_diff)})  "
+        f"proj_prompt_last {last:.6g} (diff {_diff(last_diff)})  "
         f"[{e.dtype}, one sequence, unpadded]",
-        f"last prompt token {_printable(repr(e.tokens[k - 1]))} = {t.proj_prompt_last:.6g}; "
-        f"mean over the response = {t.proj_response:.6g}",
-        _legend(t, color, truecolor),
-        f"response ({len(e.tokens) - k} tokens{'; truncated to --max-tokens' if e.truncated else ''}):",
+        f"last prompt token {_printable(repr(v.last_prompt_token))} = {last:.6g}; "
+        f"mean over the response = {resp:.6g}",
+        _legend(v, color, truecolor),
+        f"response ({len(tokens)} tokens{'; truncated to --max-tokens' if e.truncated else ''}):",
     ]
-    body = shade_ansi(e.tokens[k:], levels[k:], truecolor) if color else mark_plain(e.tokens[k:], levels[k:])
+    body = shade_ansi(tokens, levels, truecolor) if color else mark_plain(tokens, levels)
     lines += [body, "", "top spans (sentences or lines, highest mean projection first):"]
-    for i, s in enumerate(t.spans, 1):
-        text = excerpt(_printable("".join(e.tokens[s.start : s.end])), max(20, width - 32))
+    for i, s in enumerate(v.spans, 1):
+        text = excerpt(_printable(s.text), max(20, width - 32))
         lines.append(f"  {i}. {s.mean:>9.4g}  tokens {s.start}-{s.end - 1}  {text}")
     if e.mode == "natural":
         lines.append("")
-        if e.natural_tokens is None or t.natural_projections is None:
+        if (n := v.natural) is None:
             lines.append("natural answer: none stored (empty)")
         else:
             lines.append(
-                f"natural answer ({len(e.natural_tokens)} tokens re-tokenised, {e.natural_tokens_stored} "
-                f"generated; read teacher-forced): proj_natural {t.proj_natural:.6g} "
-                f"(stored {_stored(t.stored.get('proj_natural'))}, diff {_diff(t.diff('proj_natural'))})"
+                f"natural answer ({len(n.tokens)} tokens re-tokenised, {n.generated} "
+                f"generated; read teacher-forced): proj_natural {n.proj_natural:.6g} "
+                f"(stored {_stored(n.stored)}, diff {_diff(n.diff)})"
             )
-            nat = t.normalised(t.natural_projections)
-            lines.append(
-                shade_ansi(e.natural_tokens, nat, truecolor) if color else mark_plain(e.natural_tokens, nat)
-            )
+            shaded = shade_ansi(n.tokens, n.levels, truecolor) if color else mark_plain(n.tokens, n.levels)
+            lines.append(shaded)
     return "\n".join(lines)

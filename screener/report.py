@@ -25,7 +25,7 @@ from screener.results import Histogram, ReportData
 from screener.runs import Run
 
 if TYPE_CHECKING:
-    from screener.explain import Explanation, ReportExplanations, TraitExplanation
+    from screener.explain import Explanation, ExplanationView, ReportExplanations
 
 __all__ = ["explanation_html", "explanation_page", "histogram_svg", "html_report", "shaded_html"]
 
@@ -313,11 +313,11 @@ def shaded_html(pieces, values, levels, first: int = 0) -> str:
     return f'<div class="tokens">{spans}</div>'
 
 
-def _scale_html(t: TraitExplanation) -> str:
-    what = "the last prompt token" if t.centre_is == "proj_prompt_last" else "the natural answer's mean"
+def _scale_html(v: ExplanationView) -> str:
+    centre, centre_is, half = v.scale
     return (
-        f"<p class='stats'>scale: ≤ {t.centre - t.half_range:.4g}<span class='scale'></span>"
-        f"≥ {t.centre + t.half_range:.4g} · white = {t.centre:.4g}, {what} ({t.centre_is}); "
+        f"<p class='stats'>scale: ≤ {centre - half:.4g}<span class='scale'></span>"
+        f"≥ {centre + half:.4g} · white = {centre:.4g}, {v.centre_what} ({centre_is}); "
         "hover a token for its value</p>"
     )
 
@@ -327,52 +327,47 @@ def _diff(x: float | None) -> str:
 
 
 def explanation_html(e: Explanation, trait: str, *, prompt: bool = False) -> str:
-    """One trait's explanation: the scores (stored and recomputed, with their differences), the scale,
-    the shaded response (and prompt, folded, with `prompt`), the top spans and the natural answer."""
-    t = e.traits[trait]
+    """One trait's explanation (`Explanation.view`): the scores (stored and recomputed, with their
+    differences), the scale, the shaded response (and prompt, folded, with `prompt`), the top spans and
+    the natural answer."""
+    v = e.view(trait)
     k = e.response_start
-    levels = t.normalised(t.projections)
-    metric = "delta_p" if e.mode == "natural" else "delta_p_proxy"
-    stored = " · ".join(
-        f"{c} {_num(t.stored.get(c), 6)}" for c in ("proj_response", "proj_prompt_last", metric)
-    )
+    (resp, resp_diff), (last, last_diff) = v.recomputed["proj_response"], v.recomputed["proj_prompt_last"]
+    stored = " · ".join(f"{c} {_num(x, 6)}" for c, x in v.stored.items())
     parts = [
         f"<p class='stats'>stored: {stored}<br>recomputed ({html.escape(e.dtype)}, one unpadded sequence): "
-        f"proj_response {_num(t.proj_response, 6)} (diff {_diff(t.diff('proj_response'))}) · "
-        f"proj_prompt_last {_num(t.proj_prompt_last, 6)} (diff {_diff(t.diff('proj_prompt_last'))}) · "
-        f"last prompt token <code>{html.escape(repr(e.tokens[k - 1]))}</code></p>",
-        _scale_html(t),
+        f"proj_response {_num(resp, 6)} (diff {_diff(resp_diff)}) · "
+        f"proj_prompt_last {_num(last, 6)} (diff {_diff(last_diff)}) · "
+        f"last prompt token <code>{html.escape(repr(v.last_prompt_token))}</code></p>",
+        _scale_html(v),
     ]
     if prompt:
         parts.append(
             f"<details><summary>prompt ({k} tokens, shaded the same way)</summary>"
-            f"{shaded_html(e.tokens[:k], t.projections[:k], levels[:k])}</details>"
+            f"{shaded_html(*v.prompt)}</details>"
         )
+    tokens = v.response[0]
     cut = "; truncated to --max-tokens" if e.truncated else ""
-    parts.append(f"<p class='stats'>response ({len(e.tokens) - k} tokens{cut}):</p>")
-    parts.append(shaded_html(e.tokens[k:], t.projections[k:], levels[k:], k))
+    parts.append(f"<p class='stats'>response ({len(tokens)} tokens{cut}):</p>")
+    parts.append(shaded_html(*v.response, k))
     spans = "".join(
-        f"<li><b>{s.mean:.4g}</b> (tokens {s.start}–{s.end - 1}): "
-        f"{html.escape(excerpt(''.join(e.tokens[s.start : s.end]), 240))}</li>"
-        for s in t.spans
+        f"<li><b>{s.mean:.4g}</b> (tokens {s.start}–{s.end - 1}): {html.escape(excerpt(s.text, 240))}</li>"
+        for s in v.spans
     )
     parts.append(
         "<p class='stats'>top spans (sentences or lines, highest mean first):</p>"
         f"<ol class='spans'>{spans}</ol>"
     )
     if e.mode == "natural":
-        if e.natural_tokens is None or t.natural_projections is None:
+        if (n := v.natural) is None:
             parts.append("<p class='stats'>natural answer: none (empty)</p>")
         else:
             parts.append(
-                f"<p class='stats natural'>natural answer ({len(e.natural_tokens)} tokens re-tokenised, "
-                f"{e.natural_tokens_stored} generated; read teacher-forced): proj_natural "
-                f"{_num(t.proj_natural, 6)} (stored {_num(t.stored.get('proj_natural'), 6)}, diff "
-                f"{_diff(t.diff('proj_natural'))})</p>"
+                f"<p class='stats natural'>natural answer ({len(n.tokens)} tokens re-tokenised, "
+                f"{n.generated} generated; read teacher-forced): proj_natural "
+                f"{_num(n.proj_natural, 6)} (stored {_num(n.stored, 6)}, diff {_diff(n.diff)})</p>"
             )
-            parts.append(
-                shaded_html(e.natural_tokens, t.natural_projections, t.normalised(t.natural_projections))
-            )
+            parts.append(shaded_html(n.tokens, n.values, n.levels))
     return "".join(parts)
 
 

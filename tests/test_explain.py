@@ -425,3 +425,25 @@ def test_natural_mode_reads_the_stored_natural_answer(tiny_llama, tmp_path: Path
         assert g["scale"]["centre"] == pytest.approx(nat["proj_natural_stored"])
     assert cli("explain", sid, "--db", db, "--trait", "evil") == 0
     assert "natural answer (" in capsys.readouterr().out
+
+
+def test_the_text_and_html_views_draw_one_view_model(proxy) -> None:
+    """The explanation was drawn twice from the raw arrays (render.format_explanation and
+    report.explanation_html); both now draw `Explanation.view`, so they show the same numbers."""
+    from screener.api import open_run
+    from screener.render import format_explanation
+    from screener.report import explanation_html
+
+    (e,) = open_run(proxy).explain("long", "evil")
+    v = e.view("evil")
+    t = e.traits["evil"]
+    k = e.response_start
+    assert v.response[0] == e.tokens[k:] and v.prompt[0] == e.tokens[:k]
+    assert np.array_equal(v.response[2], t.normalised(t.projections)[k:])
+    assert v.recomputed["proj_response"] == (t.proj_response, t.diff("proj_response"))
+    assert [s.text for s in v.spans] == ["".join(e.tokens[s.start : s.end]) for s in t.spans]
+    text, page = format_explanation(e, "evil", color=False), explanation_html(e, "evil")
+    for column, (value, _) in v.recomputed.items():
+        assert f"{column} {value:.6g}" in text and f"{column} {value:.6g}" in page
+    for s in v.spans:
+        assert f"tokens {s.start}-{s.end - 1}" in text and f"tokens {s.start}–{s.end - 1}" in page
