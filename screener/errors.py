@@ -70,6 +70,24 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 
+_terminated = False
+
+
 def raise_terminated(signum: int, frame: object) -> None:
     """The SIGTERM handler `cli.main` installs (and `ray_session.RaySession` keeps over Ray's)."""
+    global _terminated
+    _terminated = True
     raise Terminated()
+
+
+def signal_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that DuckDB turned into its own error, or None.
+
+    A signal that arrives while DuckDB runs a statement (a commit, say) interrupts it, and DuckDB raises
+    `Query interrupted` in place of the handler's exception: without this, a well-timed SIGTERM or Ctrl-C
+    would end as a traceback (exit 1) instead of exit 143 or 130 with the run marked failed. This project
+    never interrupts a query itself, so the message means a signal.
+    """
+    if isinstance(e, KeyboardInterrupt) or "interrupted" not in str(e).lower():
+        return None
+    return Terminated() if _terminated else KeyboardInterrupt()

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from screener.choices import DEFAULT_DB
-from screener.errors import BusyError, StorageError, UserError
+from screener.errors import BusyError, StorageError, UserError, signal_behind
 from screener.records import REJECT_KINDS, Reject, Sample, Scored
 from screener.runs import RUNTIME_KEY, Run
 
@@ -109,6 +109,10 @@ class Store:
         or one that cannot be written (StorageError). Other errors are bugs, and stay as they are."""
         try:
             yield
+        except (RuntimeError, duckdb.InterruptException) as e:
+            if (signal := signal_behind(e)) is not None:
+                raise signal from e
+            raise
         except (duckdb.IOException, duckdb.FatalException, duckdb.TransactionException) as e:
             if any(sign in str(e).lower() for sign in DAMAGE_SIGNS):
                 raise self._damaged(e) from None
@@ -132,11 +136,11 @@ class Store:
             self.con.begin()
             try:
                 yield
+                self.con.commit()
             except BaseException:
                 with suppress(duckdb.Error):  # a failed rollback would hide the error that matters
                     self.con.rollback()
                 raise
-            self.con.commit()
 
     def begin_run(self, run: Run) -> bool:
         """Record the run if new; True if it already existed (a resume, which reopens it)."""

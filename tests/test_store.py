@@ -482,3 +482,41 @@ def test_database_files_that_cannot_be_used_are_one_line_each(tmp_path: Path) ->
     with Store(tmp_path / "new" / "folder" / "s.duckdb"):  # a missing folder is created
         pass
     assert (tmp_path / "new" / "folder" / "s.duckdb").is_file()
+
+
+class InterruptedCommit:
+    """A connection whose next commit is cut short by a signal, as DuckDB reports it: `Query interrupted`."""
+
+    def __init__(self, con: object) -> None:
+        self._con = con
+
+    def commit(self) -> None:
+        raise RuntimeError("Query interrupted")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._con, name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_inside_a_commit_is_the_signal_and_nothing_is_half_written(
+    store: Store, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C or SIGTERM landing in DuckDB's commit ends as the signal (exit 130/143, run failed), not as a
+    `Query interrupted` traceback (exit 1), and the interrupted write is rolled back whole."""
+    import screener.errors as errors
+
+    monkeypatch.setattr(errors, "_terminated", False)
+    store.begin_run(RUN)
+    if sig == signal.SIGTERM:
+        with pytest.raises(errors.Terminated):
+            errors.raise_terminated(sig, None)
+    real = store.con
+    store.con = InterruptedCommit(real)
+    samples, scores = batch("s", 3)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        write(store, samples, scores)
+    assert isinstance(caught.value, errors.Terminated) == (sig == signal.SIGTERM)
+    store.con = real
+    assert one(store, "SELECT count(*) FROM scores") == 0
+    write(store, samples, scores)  # the connection is usable: a rerun writes the chunk
+    assert one(store, "SELECT count(*) FROM samples") == 3
