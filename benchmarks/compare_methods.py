@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import machine
+from machine import header
 
 from screener.extract.examples import from_trait
 from screener.extract.layers import NEAR_CHANCE, choose_specific_layer
@@ -180,7 +180,7 @@ def main() -> None:
         (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
 
     info = {
-        "machine": machine(device),
+        "machine": header(device),
         "dtype": str(dtype).removeprefix("torch."),
         "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if device.type == "cpu" else None,
         "seconds": round(time.perf_counter() - started),

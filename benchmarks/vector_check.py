@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import machine
+from machine import header
 
 from screener.datasets import read_samples
 from screener.extract.layers import paired_d, share_ranked
@@ -121,7 +121,7 @@ def main() -> None:
                 }
 
     info = {
-        "machine": machine(device),
+        "machine": header(device),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if device.type == "cpu" else None,
@@ -130,7 +130,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
     }
     results["machine"] = info
-    print(f"machine: {info['machine']}; device {info['device']}, dtype {info['dtype']}, native bf16 "
+    print(f"{info['machine']}; device {info['device']}, dtype {info['dtype']}, native bf16 "
           f"{info['native_bf16']}, {info['torch_threads']} torch threads; {info['seconds']} s")  # fmt: skip
     for family, f in results["families"].items():
         print(f"{family}: {f['pairs']} pairs ({f['laden']} over {f['other']}, matched by prompt; "
