@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from screener.api import open_run
 from screener.choices import CALIBRATE_LIMIT, CALIBRATE_START
 from screener.datasets import ReadStats, canonical_uri, packaged_sharegpt, read_samples
 from screener.errors import UserError
@@ -139,7 +140,6 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, dict]:
     """Screen the reference set with the vectors and store each one's calibration in its sidecar;
     `{vector path: calibration}`."""
     from screener.screen import ScreenConfig, screen  # the screen imports Ray; only this command needs it
-    from screener.store import Store
 
     model = resolve_model(cfg.model)
     vectors = resolve_calibrated(cfg.vectors, model.name)
@@ -182,15 +182,12 @@ def calibrate(cfg: CalibrateConfig) -> dict[str, dict]:
             )
             summary = screen(screen_cfg)
             metric = METRIC_OF_MODE[mode]
-            with Store(db, read_only=True) as store:
-                for trait, layer, got in store.con.execute(
-                    f"SELECT trait, layer, list({metric}) FROM scores WHERE run_id = ? GROUP BY ALL",
-                    [summary.run_id],
-                ).fetchall():
-                    values[(trait, layer, metric)] = got
-                dtype = store.con.execute(
-                    "SELECT settings->>'dtype' FROM runs WHERE run_id = ?", [summary.run_id]
-                ).fetchone()[0]
+            run = open_run(db, summary.run_id)  # results.py reads the database
+            for layer in run.info.layers:
+                frame = run.scores(layer=layer)
+                for trait in run.traits:
+                    values[(trait, layer, metric)] = frame.filter(frame["trait"] == trait)[metric].to_list()
+            dtype = run.info.settings.get("dtype")
             source[f"scored_{mode}"] = summary.total_scored
     out = {}
     for v in vectors:
