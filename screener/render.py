@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METRIC_LABELS",
     "OUTPUT_FORMATS",
+    "diff_text",
     "diverging_rgb",
     "excerpt",
     "format_explanation",
@@ -294,7 +295,8 @@ def _legend(v: ExplanationView, color: bool, truecolor: bool) -> str:
     )
 
 
-def _diff(x: float | None) -> str:
+def diff_text(x: float | None) -> str:
+    """A recomputed-minus-stored difference as both explanation views print it."""
     return "n/a" if x is None else f"{x:+.2e}"
 
 
@@ -315,8 +317,8 @@ def format_explanation(
     lines = [
         f"== {trait} · layer {e.layer} · sample {e.sample_id} ({where}) · run {e.run_id}",
         "stored:     " + "  ".join(f"{c} {_stored(x)}" for c, x in v.stored.items()),
-        f"recomputed: proj_response {resp:.6g} (diff {_diff(resp_diff)})  "
-        f"proj_prompt_last {last:.6g} (diff {_diff(last_diff)})  "
+        f"recomputed: proj_response {resp:.6g} (diff {diff_text(resp_diff)})  "
+        f"proj_prompt_last {last:.6g} (diff {diff_text(last_diff)})  "
         f"[{e.dtype}, one sequence, unpadded]",
         f"last prompt token {_printable(repr(v.last_prompt_token))} = {last:.6g}; "
         f"mean over the response = {resp:.6g}",
@@ -336,7 +338,7 @@ def format_explanation(
             lines.append(
                 f"natural answer ({len(n.tokens)} tokens re-tokenised, {n.generated} "
                 f"generated; read teacher-forced): proj_natural {n.proj_natural:.6g} "
-                f"(stored {_stored(n.stored)}, diff {_diff(n.diff)})"
+                f"(stored {_stored(n.stored)}, diff {diff_text(n.diff)})"
             )
             shaded = shade_ansi(n.tokens, n.levels, truecolor) if color else mark_plain(n.tokens, n.levels)
             lines.append(shaded)

@@ -16,6 +16,7 @@ from screener.render import (
     LOW_RGB,
     METRIC_LABELS,
     MID_RGB,
+    diff_text,
     diverging_rgb,
     excerpt,
     histogram_title,
@@ -322,10 +323,6 @@ def _scale_html(v: ExplanationView) -> str:
     )
 
 
-def _diff(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:+.2e}"
-
-
 def explanation_html(e: Explanation, trait: str, *, prompt: bool = False) -> str:
     """One trait's explanation (`Explanation.view`): the scores (stored and recomputed, with their
     differences), the scale, the shaded response (and prompt, folded, with `prompt`), the top spans and
@@ -336,8 +333,8 @@ def explanation_html(e: Explanation, trait: str, *, prompt: bool = False) -> str
     stored = " · ".join(f"{c} {_num(x, 6)}" for c, x in v.stored.items())
     parts = [
         f"<p class='stats'>stored: {stored}<br>recomputed ({html.escape(e.dtype)}, one unpadded sequence): "
-        f"proj_response {_num(resp, 6)} (diff {_diff(resp_diff)}) · "
-        f"proj_prompt_last {_num(last, 6)} (diff {_diff(last_diff)}) · "
+        f"proj_response {_num(resp, 6)} (diff {diff_text(resp_diff)}) · "
+        f"proj_prompt_last {_num(last, 6)} (diff {diff_text(last_diff)}) · "
         f"last prompt token <code>{html.escape(repr(v.last_prompt_token))}</code></p>",
         _scale_html(v),
     ]
@@ -365,7 +362,7 @@ def explanation_html(e: Explanation, trait: str, *, prompt: bool = False) -> str
             parts.append(
                 f"<p class='stats natural'>natural answer ({len(n.tokens)} tokens re-tokenised, "
                 f"{n.generated} generated; read teacher-forced): proj_natural "
-                f"{_num(n.proj_natural, 6)} (stored {_num(n.stored, 6)}, diff {_diff(n.diff)})</p>"
+                f"{_num(n.proj_natural, 6)} (stored {_num(n.stored, 6)}, diff {diff_text(n.diff)})</p>"
             )
             parts.append(shaded_html(n.tokens, n.values, n.levels))
     return "".join(parts)
