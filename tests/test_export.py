@@ -619,3 +619,11 @@ def test_what_a_killed_export_left_is_removed_by_the_next(screen: FakeScreen, tm
     assert cli(*argv) == 0
     expected = ["hf"] if fmt == "hf" else [out.name, f"{out.name}.manifest.json"]
     assert sorted(p.name for p in folder.iterdir()) == expected
+
+
+def test_every_export_format_has_a_writer():
+    """`--format`'s choices (screener.choices, light for the parser) and the writers are one list."""
+    from screener.choices import EXPORT_FORMATS
+    from screener.export import WRITERS
+
+    assert sorted(WRITERS) == sorted(EXPORT_FORMATS)
