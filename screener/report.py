@@ -269,16 +269,19 @@ def html_report(data: ReportData, explained: ReportExplanations | None = None) -
         if explained is not None:
             sections.append(_explain_section(trait, explained, metric))
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = html.escape(f"persona-screen report: run {run.run_id}")
+    sub = f"{run.mode} mode · {metric} at {data.layer_text} · generated {created}"
+    return _page(f"persona-screen report: run {run.run_id}", sub, f"<nav>{nav}</nav>" + "".join(sections))
+
+
+def _page(title: str, sub: str, body: str) -> str:
+    """The self-contained page around a report or an explanation (`title` and `sub` as plain text)."""
+    title = html.escape(title)
     return (
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<style>{CSS}{EXPLAIN_CSS}</style></head><body><main>"
-        f"<h1>{title}</h1><p class='sub'>{html.escape(run.mode)} mode · {html.escape(metric)} at "
-        f"{html.escape(data.layer_text)} · generated {created}</p><nav>{nav}</nav>"
-        + "".join(sections)
-        + "</main></body></html>\n"
+        f"<h1>{title}</h1><p class='sub'>{html.escape(sub)}</p>{body}</main></body></html>\n"
     )
 
 
@@ -372,7 +375,6 @@ def explanation_page(*explanations: Explanation) -> str:
     """`screener explain --format html`: one self-contained page, a section per trait (the explanations
     of one sample, one per layer its traits are read at)."""
     e = explanations[0]
-    title = html.escape(f"persona-screen explain: sample {e.sample_id}")
     sections = "".join(
         f'<section id="trait-{_slug(trait)}"><h2>{html.escape(trait)} · layer {x.layer}</h2>'
         f"{explanation_html(x, trait, prompt=True)}</section>"
@@ -380,17 +382,11 @@ def explanation_page(*explanations: Explanation) -> str:
         for trait in x.traits
     )
     layers = ", ".join(str(x.layer) for x in explanations)
-    sub = html.escape(
+    sub = (
         f"run {e.run_id} · row {e.source_row}, assistant turn {e.turn + 1} · layer {layers} · "
         f"{e.mode} mode · each token shaded by h·v̂ relative to the value the run's metric subtracts"
     )
-    return (
-        "<!DOCTYPE html>\n"
-        f'<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<style>{CSS}{EXPLAIN_CSS}</style></head><body><main>"
-        f"<h1>{title}</h1><p class='sub'>{sub}</p>{sections}</main></body></html>\n"
-    )
+    return _page(f"persona-screen explain: sample {e.sample_id}", sub, sections)
 
 
 def _explain_section(trait: str, explained: ReportExplanations, metric: str) -> str:
