@@ -96,7 +96,7 @@ def quiet_third_parties() -> None:
 
 def run(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command function; every expected failure becomes one line on stderr and its exit code
-    (the table in screener/errors.py and the README)."""
+    (the table in screener/errors.py and docs/exit-codes.md)."""
     from screener.errors import ScreenerError
 
     try:

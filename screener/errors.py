@@ -1,7 +1,7 @@
 """Every error `screener` reports as one line instead of a traceback, and its exit code.
 
-One hierarchy, one handler (`cli.main`, which prints the message on one line), one table (README,
-"Exit codes"):
+One hierarchy, one handler (`cli.main`, which prints the message on one line), one table
+(docs/exit-codes.md, summed up in the README):
 
     0    success
     1    QueryError    the results cannot answer the request: no such run, trait or layer, or no finished

@@ -159,7 +159,7 @@ class Summary:
             out.append(
                 "multi-turn conversations: "
                 + ", ".join(f"{n} {path}" for path, n in sorted(self.paths.items()))
-                + " (see README: Every assistant turn)"
+                + " (see docs/inputs.md: Every assistant turn)"
             )
         for path, at_byte, recovered in r.truncated:
             out.append(
