@@ -10,7 +10,10 @@ Faults: an actor that dies mid-batch (killed, OOM, node lost) is restarted by Ra
 the driver replaces the actor and resubmits its batches, but only if it had finished a batch: an actor
 whose setup raises (a bad model path) or that keeps dying before finishing anything fails the run with
 the actor's error instead of restarting forever. A batch is yielded once, when its result arrives, and
-the caller commits each result in one transaction, so every sample is committed exactly once.
+the caller commits each result in one transaction, so every sample is committed exactly once. A
+`StageStats` given to `run_stage` hears which nodes the actors ran on and how many were lost mid-run
+(seen as a batch's result coming from a new process of the same actor, or a replaced actor), so a
+screen's summary can say that a node went away and its work was redone.
 
 The Ray session the actors live in (attached to a cluster, or a private embedded one) is
 ray_session.py's; `model_workers` opens it when the plan needs actors.
@@ -46,6 +49,15 @@ class Stage(Protocol):
 
 
 Progress = Callable[[int], None]  # called with the units of work done since the last call
+
+
+@dataclass
+class StageStats:
+    """What happened to the actors of a `run_stage` call (nothing for in-process work)."""
+
+    actors: int = 0
+    nodes: set[str] = field(default_factory=set)  # Ray node ids the actors ran on
+    actors_lost: int = 0  # actor processes that died mid-run (restarted by Ray or replaced)
 
 
 @dataclass(frozen=True)
@@ -137,8 +149,12 @@ class _StageActor:
     def _report(self, n: int) -> None:
         self.done += n
 
-    def process(self, batch: Any) -> Any:
-        return self.stage.process(batch, self._report)
+    def process(self, batch: Any) -> tuple[Any, int, str]:
+        """The stage's result, with the process and node that computed it (a restart changes the pid)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        return self.stage.process(batch, self._report), os.getpid(), node
 
     def progress(self) -> int:
         """Units reported since the last call."""
@@ -159,10 +175,15 @@ PROGRESS_POLL_S = 2.0  # how often the driver asks busy actors how far they are
 
 
 def run_stage(
-    stage: Stage, batches: Iterable[Any], resources: Resources, progress: Progress | None = None
+    stage: Stage,
+    batches: Iterable[Any],
+    resources: Resources,
+    progress: Progress | None = None,
+    stats: StageStats | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """Yield `(batch, stage.process(batch))` for every batch, as results complete; `progress(n)` hears of
-    the work as the stage reports it, inside a batch (in-process at once, from actors every few seconds)."""
+    the work as the stage reports it, inside a batch (in-process at once, from actors every few seconds);
+    `stats` hears where the actors ran and how many were lost."""
     if resources.actors == 0:
         import torch
 
@@ -171,7 +192,7 @@ def run_stage(
         for batch in batches:
             yield batch, stage.process(batch, progress)
         return
-    yield from _run_on_actors(stage, batches, resources, progress)
+    yield from _run_on_actors(stage, batches, resources, progress, stats or StageStats())
 
 
 @dataclass
@@ -179,19 +200,26 @@ class _Slot:
     actor: Any
     productive: bool = False  # finished a batch since this actor was created
     in_flight: set = field(default_factory=set)  # of ObjectRefs
+    pid: int | None = None  # of the process that returned its last result
 
 
 class _ActorPool:
     """Restartable actors with the batches in flight on each: submit, wait for one result, replace the
     dead. Each batch is numbered, so a retried batch is the same batch."""
 
-    def __init__(self, stage: Stage, res: Resources):
+    def __init__(self, stage: Stage, res: Resources, stats: StageStats):
         import ray
 
-        self.stage, self.threads = stage, res.threads
+        self.stage, self.threads, self.stats = stage, res.threads, stats
+        stats.actors = res.actors
         actor = ray.remote(concurrency_groups={"progress": 1})(_StageActor)
+        # SPREAD: CPU actors use several nodes' cores, not one node's; one per GPU either way
         self.actor_cls = actor.options(
-            num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=ACTOR_RESTARTS, max_task_retries=-1
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=-1,
+            scheduling_strategy="SPREAD",
         )
         self.slots = [_Slot(self.actor_cls.remote(stage, res.threads)) for _ in range(res.actors)]
         self.in_flight: dict[Any, tuple[int, Any, _Slot]] = {}  # ref -> (batch number, batch, slot)
@@ -219,13 +247,17 @@ class _ActorPool:
         ref = done[0]
         _, batch, slot = self.in_flight[ref]
         try:
-            result = ray.get(ref)
+            result, pid, node = ray.get(ref)
         except RayActorError as e:
             self.replace(slot, e)
             return None
         del self.in_flight[ref]
         slot.in_flight.discard(ref)
         slot.productive = True
+        if slot.pid is not None and pid != slot.pid:  # Ray restarted it (its node or process died)
+            self.stats.actors_lost += 1
+        slot.pid = pid
+        self.stats.nodes.add(node)
         return batch, result
 
     def replace(self, slot: _Slot, error: BaseException) -> None:
@@ -251,7 +283,8 @@ class _ActorPool:
                 )
         log.warning("model actor died %d times; replacing it: %s", ACTOR_RESTARTS + 1, _last_line(error))
         ray.kill(slot.actor)
-        slot.actor, slot.productive = self.actor_cls.remote(self.stage, self.threads), False
+        self.stats.actors_lost += 1
+        slot.actor, slot.productive, slot.pid = self.actor_cls.remote(self.stage, self.threads), False, None
         for seq, batch in orphans:
             self.submit(seq, batch)
 
@@ -276,9 +309,9 @@ class _ActorPool:
 
 
 def _run_on_actors(
-    stage: Stage, batches: Iterable[Any], res: Resources, progress: Progress | None
+    stage: Stage, batches: Iterable[Any], res: Resources, progress: Progress | None, stats: StageStats
 ) -> Iterator[tuple[Any, Any]]:
-    pool = _ActorPool(stage, res)
+    pool = _ActorPool(stage, res, stats)
     numbered = enumerate(batches)
     exhausted, last_result = False, time.monotonic()
     try:

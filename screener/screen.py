@@ -27,7 +27,7 @@ import torch
 from screener.calibration import reference_rows
 from screener.choices import DEFAULT_MAX_TOKENS
 from screener.datasets import ReadStats, canonical_uri, local_files, read_samples
-from screener.distributed import model_workers, on_cluster, run_stage
+from screener.distributed import StageStats, model_workers, on_cluster, run_stage
 from screener.errors import ScreenerError, Terminated, UserError
 from screener.models import DEFAULT_MODEL, ModelRef, resolve_model
 from screener.progress import Progress
@@ -102,6 +102,7 @@ class Summary:
     # when (epoch seconds) the first model batch and the last chunk were done: the fixed costs around them
     first_batch_done: float | None = None
     last_batch_done: float | None = None
+    workers: StageStats = field(default_factory=StageStats)  # the model actors (none: in-process)
 
     def to_json(self) -> dict:
         """The summary for scripts (`screen --json`): counts, what was read, and when the model work began
@@ -155,6 +156,14 @@ class Summary:
         if self.reasons:
             top = sorted(self.reasons.items(), key=lambda kv: -kv[1])[:3]
             out.append("rejected: " + "; ".join(f"{n} × {reason}" for reason, n in top) + " (table rejects)")
+        if (w := self.workers).actors:
+            line = f"model actors: {w.actors} on {_plural(len(w.nodes), 'node')}"
+            if w.actors_lost:
+                line += (
+                    f"; {w.actors_lost} lost mid-run and restarted (a node or process died): their "
+                    "batches were rerun, and every sample was committed once"
+                )
+            out.append(line)
         if self.paths:
             out.append(
                 "multi-turn conversations: "
@@ -341,6 +350,7 @@ def screen(cfg: ScreenConfig) -> Summary:
 
         try:
             workers = model_workers(str(plan.work.device), cfg.actors, address=cfg.address)
+            actors = StageStats()
             with workers as resources, progress:
                 where = "in this process" if not resources.actors else f"on {resources.actors} Ray workers"
                 progress.phase(
@@ -348,7 +358,7 @@ def screen(cfg: ScreenConfig) -> Summary:
                     f"{where}; the first batches also tune the batch size"
                 )
                 stage = ScreenStage(plan)
-                for chunk, (results, chunk_runtime) in run_stage(stage, work(), resources, report):
+                for chunk, (results, chunk_runtime) in run_stage(stage, work(), resources, report, actors):
                     commit(chunk, results)
                     model_seconds.update(chunk_runtime.pop("model_seconds"))
                     runtime, times["last"] = chunk_runtime, time.time()
@@ -359,6 +369,8 @@ def screen(cfg: ScreenConfig) -> Summary:
                 "threads": resources.threads,
                 "model_seconds": {k: round(v, 2) for k, v in model_seconds.items()},
             }
+            if resources.actors:
+                runtime |= {"nodes": len(actors.nodes), "actors_lost": actors.actors_lost}
             store.record_runtime(run.run_id, runtime)
             total_scored, total_rejected = store.finish_run(run.run_id)
         except BaseException as e:
@@ -381,6 +393,7 @@ def screen(cfg: ScreenConfig) -> Summary:
         reasons=dict(reasons),
         first_batch_done=times.get("first"),
         last_batch_done=times.get("last"),
+        workers=actors,
     )
 
 

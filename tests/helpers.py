@@ -5,10 +5,17 @@ as a screen stores), and `cli`, which runs a `screener` command as the command l
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
+import pytest
 from tiny import random_model  # noqa: F401  (test_shift imports it from here)
 
 from screener.datasets import read_samples
@@ -203,3 +210,70 @@ class FullDisk:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._con, name)
+
+
+# ---- waiting on processes (the fault and cluster tests) ----------------------------------------------
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the screen exited (rc {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def is_actor(p: psutil.Process) -> bool:
+    try:
+        return p.cmdline()[:1] == ["ray::_StageActor.process"]
+    except psutil.Error:
+        return False
+
+
+# ---- Ray jobs (a head started by `ray start`, or a `ray.cluster_utils.Cluster` with a dashboard) ---------
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")  # the venv's: the head's workers run the python that ran it
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def ray_cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def submit_job(address: str, env: dict, entrypoint: list[str], timeout: float = 300) -> tuple[str, str]:
+    """`ray job submit` the repo as working dir with `entrypoint`; wait for the end: (status, logs)."""
+    runtime_env = {"excludes": [".git", ".venv", "*.duckdb", "benchmarks"]}
+    submit = [
+        "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
+        "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint,
+    ]  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:  # the job agent registers a few seconds after the dashboard answers
+        out = ray_cli(env, *submit)
+        if out.returncode == 0 or "No available agent" not in out.stderr + out.stdout:
+            break
+        assert time.monotonic() < deadline, out.stderr[-2000:]
+        time.sleep(2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_id = next(w.strip("'") for w in out.stdout.split() if w.strip("'").startswith("raysubmit_"))
+    deadline = time.monotonic() + timeout
+    while True:  # the REST API the CLI uses; a `ray job status` call costs seconds of CLI start-up
+        with urllib.request.urlopen(f"{address}/api/jobs/{job_id}", timeout=10) as r:
+            status = json.load(r)["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    return status, ray_cli(env, "job", "logs", "--address", address, job_id).stdout

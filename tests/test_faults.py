@@ -11,8 +11,8 @@ from pathlib import Path
 
 import duckdb
 import psutil
-import pytest
 from conftest import scores, screen_args, write_chat_jsonl
+from helpers import is_actor, wait_for
 
 N = 2000
 CHUNK_WAL_BYTES = 17_000  # what one committed chunk of 50 adds to the WAL, about
@@ -23,23 +23,6 @@ def descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-
-
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the screen exited (rc {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def is_actor(p: psutil.Process) -> bool:
-    try:
-        return p.cmdline()[:1] == ["ray::_StageActor.process"]
-    except psutil.Error:
-        return False
 
 
 def test_driver_sigkill_then_rerun_gives_the_uninterrupted_result(tiny_llama, vector_file, tmp_path):

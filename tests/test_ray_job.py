@@ -3,10 +3,8 @@ with the repo as working dir, the job's rows in DuckDB, and its progress line in
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,20 +14,10 @@ from pathlib import Path
 import duckdb
 import pytest
 from conftest import write_chat_jsonl
+from helpers import RAY, free_ports, submit_job
 
 REPO = Path(__file__).resolve().parent.parent
-RAY = str(Path(sys.executable).parent / "ray")  # the venv's: the head's workers run the python that ran it
 N = 200
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture()
@@ -72,41 +60,15 @@ def head(tmp_path_factory):
             proc.wait()
 
 
-def ray_cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-
-
 def test_ray_job_submit_screens_into_duckdb(head, tiny_llama, vector_file, tmp_path):
     address, env = head
     data = write_chat_jsonl(tmp_path / "data.jsonl", N)
     db = tmp_path / "job.duckdb"
-    runtime_env = {"excludes": [".git", ".venv", "*.duckdb", "benchmarks"]}
-    submit = [
-        "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
-        "--runtime-env-json", json.dumps(runtime_env), "--",
+    status, logs = submit_job(address, env, [
         sys.executable, "jobs/screen.py", str(data), "--model", str(tiny_llama),
         "--vector", f"a={vector_file}", "--layer", "1,3", "--dtype", "float32", "--chunk-size", "50",
         "--db", str(db),
-    ]  # fmt: skip
-    deadline = time.monotonic() + 60
-    while True:  # the job agent registers a few seconds after the dashboard answers
-        out = ray_cli(env, *submit)
-        if out.returncode == 0 or "No available agent" not in out.stderr + out.stdout:
-            break
-        assert time.monotonic() < deadline, out.stderr[-2000:]
-        time.sleep(2)
-    assert out.returncode == 0, out.stderr[-3000:]
-    job_id = next(w.strip("'") for w in out.stdout.split() if w.strip("'").startswith("raysubmit_"))
-
-    deadline = time.monotonic() + 300
-    while True:  # the REST API the CLI uses; a `ray job status` call costs seconds of CLI start-up
-        with urllib.request.urlopen(f"{address}/api/jobs/{job_id}", timeout=10) as r:
-            status = json.load(r)["status"]
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(1)
-    logs = ray_cli(env, "job", "logs", "--address", address, job_id).stdout
+    ])  # fmt: skip
     assert status == "SUCCEEDED", logs[-4000:]
 
     assert f"{N}/{N} samples" in logs or f"{N} samples" in logs, "the progress line is in the job's logs"
