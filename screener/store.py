@@ -48,6 +48,27 @@ def one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+class StoredIds:
+    """The hashes of a run's stored sample_ids, 8 bytes an id: an id that misses is not stored, so the
+    database is asked only about ids that hit (a false hit costs a lookup, never a wrong answer)."""
+
+    def __init__(self) -> None:
+        self._sorted = np.empty(0, np.int64)
+        self._recent: set[int] = set()
+
+    def add(self, ids: Sequence[str]) -> None:
+        self._recent.update(map(hash, ids))
+        if len(self._recent) > 65_536:  # into the sorted array, so the set stays small
+            recent = np.fromiter(self._recent, np.int64, len(self._recent))
+            self._sorted, self._recent = np.union1d(self._sorted, recent), set()
+
+    def may_hold(self, ids: Sequence[str]) -> list[bool]:
+        hashes = np.fromiter(map(hash, ids), np.int64, len(ids))
+        at = np.minimum(np.searchsorted(self._sorted, hashes), max(len(self._sorted) - 1, 0))
+        in_sorted = self._sorted[at] == hashes if len(self._sorted) else np.zeros(len(ids), bool)
+        return [bool(a) or h in self._recent for a, h in zip(in_sorted, hashes.tolist(), strict=True)]
+
+
 class Store:
     """A screen's results database. Read-write opening creates it (and its folder) and applies
     sql/schema.sql (and sql/views.sql when present; both are idempotent, and bring a database written
@@ -55,6 +76,7 @@ class Store:
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self._ids: dict[str, StoredIds] = {}  # run_id -> its stored sample ids, as hashes
         existed = self.path.exists()
         if not read_only and not existed:
             try:
@@ -189,35 +211,64 @@ class Store:
     def _split_stored(
         self, run_id: str, items: Sequence[Sample] | Sequence[Scored]
     ) -> tuple[list, list[Reject]]:
+        """Where each item's id is stored. A resumed item is stored at its own source_row, so the join reads
+        only the chunk's span of rows (DuckDB's zone maps skip the rest: a join against the whole table
+        cost O(stored rows) a chunk, quadratic over a screen). An id stored at another row (a duplicate)
+        is looked up across the table, but only for the ids the run's `StoredIds` may hold."""
+        rows = [s.source_row for s in items]
         chunk = pa.table(
             {
                 "pos": pa.array(range(len(items)), pa.int64()),
                 "sample_id": pa.array([s.sample_id for s in items], pa.string()),
-                "source_row": pa.array([s.source_row for s in items], pa.int64()),
+                "source_row": pa.array(rows, pa.int64()),
             }
         )
         self.con.register("_chunk", chunk)
         try:
             seen = self.con.execute(
-                """SELECT coalesce(s.source_row, f.first_row), s.source_row IS NOT NULL, c.pos = f.first_pos
+                """SELECT s.source_row, f.first_row, c.pos = f.first_pos
                 FROM _chunk c
                 JOIN (SELECT sample_id, min(pos) AS first_pos, arg_min(source_row, pos) AS first_row
                       FROM _chunk GROUP BY sample_id) f USING (sample_id)
-                LEFT JOIN samples s ON s.run_id = $run_id AND s.sample_id = c.sample_id
+                LEFT JOIN (SELECT sample_id, source_row FROM samples
+                           WHERE run_id = $run_id AND source_row BETWEEN $lo AND $hi) s USING (sample_id)
                 ORDER BY c.pos""",
-                {"run_id": run_id},
+                {"run_id": run_id, "lo": min(rows), "hi": max(rows)},
             ).fetchall()
         finally:
             with suppress(duckdb.Error):  # after a failed statement it fails too, hiding the cause
                 self.con.unregister("_chunk")
+        stored_ids = self._stored_ids(run_id)
+        maybe = [s.sample_id for s, (row, *_) in zip(items, seen, strict=True) if row is None]
+        elsewhere = {}
+        if maybe := [i for i, hit in zip(maybe, stored_ids.may_hold(maybe), strict=True) if hit]:
+            elsewhere = dict(
+                self.con.execute(
+                    "SELECT sample_id, source_row FROM samples WHERE run_id = $run_id"
+                    " AND sample_id IN (SELECT unnest($ids))",
+                    {"run_id": run_id, "ids": maybe},
+                ).fetchall()
+            )
         todo, rejects = [], []
-        for item, (owner_row, stored, first_in_chunk) in zip(items, seen, strict=True):
+        for item, (row, first_row, first_in_chunk) in zip(items, seen, strict=True):
+            stored_row = row if row is not None else elsewhere.get(item.sample_id)
+            owner_row = first_row if stored_row is None else stored_row
             if owner_row != item.source_row:
                 reason = f"duplicate sample_id (first seen at source_row {owner_row})"
                 rejects.append(Reject(item.source_row, item.sample_id, reason, item.source_file))
-            elif first_in_chunk and not stored:  # else already done (a resume) or repeated verbatim
+            elif first_in_chunk and stored_row is None:  # else already done (a resume) or repeated verbatim
                 todo.append(item)
         return todo, rejects
+
+    def _stored_ids(self, run_id: str) -> StoredIds:
+        """The run's `StoredIds`, read from the table once per open (then kept up to date by `write`)."""
+        if run_id not in self._ids:
+            ids = StoredIds()
+            result = self.con.sql("SELECT sample_id FROM samples WHERE run_id = $r", params={"r": run_id})
+            for batch in result.to_arrow_reader(100_000):  # bounded memory, whatever the run's size
+                ids.add(batch.column(0).to_pylist())
+            self._ids[run_id] = ids
+        return self._ids[run_id]
 
     def pending(self, run_id: str, samples: list[Sample]) -> tuple[list[Sample], list[Reject]]:
         """Split a chunk into samples not yet stored for this run, and rejects for duplicate sample_ids.
@@ -252,6 +303,7 @@ class Store:
                 self._insert("samples", run_id, _sample_rows(fresh, by_key))
                 self._insert("scores", run_id, _score_rows(layers, traits, fresh))
                 added["scored"] = len(fresh)  # not stored before (`_new_and_duplicates`)
+                self._stored_ids(run_id).add([s.sample_id for s in fresh])
             if all_rejects := [*rejects, *duplicates]:
                 added.update(self._insert("rejects", run_id, _reject_rows(all_rejects), returning="kind"))
             if added:  # the run's counts stay true as chunks commit (a killed run's too)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import psutil
+import pytest
 from conftest import scores, screen_args, write_chat_jsonl
 from helpers import is_actor, wait_for
 

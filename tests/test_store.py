@@ -20,7 +20,7 @@ from helpers import FullDisk, earlier_database
 
 from screener.records import Reject, Sample, Scored
 from screener.runs import Run
-from screener.store import Store, StoreBusyError
+from screener.store import Store, StoreBusyError, StoredIds
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS, TRAITS = (10, 20), ("evil", "sycophantic", "hallucinating")
@@ -209,6 +209,36 @@ def test_write_turns_late_duplicate_into_reject(store: Store) -> None:
     assert store.con.execute("SELECT source_row, reason FROM rejects").fetchall() == [
         (5, "duplicate sample_id (first seen at source_row 1)")
     ]
+
+
+def test_pending_reads_stored_ids_on_reopen_and_finds_duplicates_far_away(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The resume lookup reads only the chunk's span of rows; an id stored far outside it (a duplicate) is
+    still found, by a reopened store too, and a filter that hits every id only costs lookups."""
+    db = tmp_path / "s.duckdb"
+    with Store(db) as st:
+        st.begin_run(RUN)
+        write(st, *batch("s", 3, row0=0))
+    chunk = [sample("s2", 2), sample("s0", 5000), sample("new", 5001)]
+    for hits_all in (False, True):
+        if hits_all:
+            monkeypatch.setattr(StoredIds, "may_hold", lambda self, ids: [True] * len(ids))
+        with Store(db) as st:  # a new process: the stored ids come from the table
+            todo, rejects = st.pending(RUN.run_id, chunk)
+            assert [(s.sample_id, s.source_row) for s in todo] == [("new", 5001)]
+            assert [(r.sample_id, r.source_row, r.reason) for r in rejects] == [
+                ("s0", 5000, "duplicate sample_id (first seen at source_row 0)")
+            ]
+
+
+def test_stored_ids_never_miss_a_stored_id() -> None:
+    ids = StoredIds()
+    stored = [f"id{i}" for i in range(70_000)]  # past the set's size: some merged into the sorted array
+    ids.add(stored[:40_000])
+    ids.add(stored[40_000:])
+    assert all(ids.may_hold(stored))
+    assert sum(ids.may_hold([f"other{i}" for i in range(1000)])) <= 1
 
 
 def test_write_checks_inputs(store: Store) -> None:
