@@ -20,7 +20,8 @@ import pytest
 from conftest import scores, screen_args, write_chat_jsonl
 from helpers import free_ports, is_actor, submit_job, wait_for
 
-from screener.distributed import RaySession, StageStats, plan_resources, run_stage
+from screener.distributed import StageStats, plan_resources, run_stage
+from screener.ray_session import RaySession
 
 pytestmark = pytest.mark.slow  # a cluster start and several screens: minutes on 2 cores
 
