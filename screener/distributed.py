@@ -141,6 +141,7 @@ class _StageActor:
         torch.set_num_threads(threads)
         self.stage = stage
         self.done = 0
+        self.restarted: bool | None = None
         stage.setup()
 
     def pid(self) -> int:
@@ -149,12 +150,15 @@ class _StageActor:
     def _report(self, n: int) -> None:
         self.done += n
 
-    def process(self, batch: Any) -> tuple[Any, int, str]:
-        """The stage's result, with the process and node that computed it (a restart changes the pid)."""
+    def process(self, batch: Any) -> tuple[Any, int, str, bool]:
+        """The stage's result, with the process and node that computed it and whether this process is a
+        restart of the actor (a restart changes the pid)."""
         import ray
 
+        if self.restarted is None:  # asked of the GCS once per process
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         node = ray.get_runtime_context().get_node_id()
-        return self.stage.process(batch, self._report), os.getpid(), node
+        return self.stage.process(batch, self._report), os.getpid(), node, self.restarted
 
     def progress(self) -> int:
         """Units reported since the last call."""
@@ -247,14 +251,16 @@ class _ActorPool:
         ref = done[0]
         _, batch, slot = self.in_flight[ref]
         try:
-            result, pid, node = ray.get(ref)
+            result, pid, node, restarted = ray.get(ref)
         except RayActorError as e:
             self.replace(slot, e)
             return None
         del self.in_flight[ref]
         slot.in_flight.discard(ref)
         slot.productive = True
-        if slot.pid is not None and pid != slot.pid:  # Ray restarted it (its node or process died)
+        # Ray restarted it (its node or process died), seen as a new process, or as a restart's first result
+        # when the one before died before returning any
+        if pid != slot.pid and (slot.pid is not None or restarted):
             self.stats.actors_lost += 1
         slot.pid = pid
         self.stats.nodes.add(node)
