@@ -155,7 +155,11 @@ class FixedStage:
 
 def child(args) -> None:
     """One screen with `FixedStage`; prints its figures as JSON on the last line of stdout."""
-    from screener import screen as screen_module
+    import importlib
+
+    screen_module = importlib.import_module(
+        "screener.screen"
+    )  # the module: `screener.screen` is also a function
 
     FixedStage.KILL_AT, FixedStage.EXPECTED = args.kill_at, args.expected
     screen_module.ScreenStage = FixedStage  # this process only
