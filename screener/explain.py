@@ -45,7 +45,7 @@ import numpy as np
 
 from screener.datasets import Rebuild, check_input, read_rows
 from screener.errors import QueryError, ScreenerError, UserError
-from screener.records import Reject, Sample
+from screener.records import Reject, Sample, content_sha256
 from screener.results import SCORE_COLUMNS, StoredSample, stored_samples
 from screener.runs import Run
 
@@ -105,7 +105,15 @@ def read_back(run: Run, stored: Sequence[StoredSample], input_uri: str | None = 
         rebuilt = {s.sample_id: s for s in items if isinstance(s, Sample)}
         for st in wanted.pop(row.row):
             sample = rebuilt.get(st.sample_id)
-            if sample is None or sample.response != st.response or sample.prompt != st.prompt:
+            if (
+                sample is None
+                or sample.response != st.response
+                or sample.prompt != st.prompt
+                or (
+                    st.content_sha256 is not None
+                    and content_sha256(sample.prompt, sample.response) != st.content_sha256
+                )
+            ):
                 raise QueryError(
                     f"{row.file}, row {row.row}: not the record the screen scored as {st.sample_id!r}: "
                     + changed

@@ -29,7 +29,7 @@ from screener.choices import EXPORT_FORMATS
 from screener.datasets import ReadStats, Rebuild, Row, check_input, read_rows
 from screener.errors import QueryError, UserError
 from screener.outputs import TEMP_SUFFIX, Protected, output_file, output_folder, temp_prefix
-from screener.records import Reject
+from screener.records import Reject, Sample, content_sha256
 from screener.results import DropFilter, Selection
 from screener.runs import Run
 
@@ -52,6 +52,7 @@ class ExportCounts:
     written: int = 0
     dropped_unscored: int = 0
     unreadable_rows: int = 0  # rows that did not parse (invalid JSON): on neither side
+    added_rows: int = 0  # rows past those the screen read to the input's end (dropped: --drop-unscored)
     unreadable_files: int = 0  # files that could not be read to their end: what follows is on neither side
     dropped_by_trait: dict[str, int] = field(default_factory=dict)  # a record may count for several
 
@@ -134,7 +135,7 @@ def export_records(
 
     writer = WRITERS[fmt](out, manifest, protected, force, hf_cache_dir)
     with _utf8_only(uri, fmt), writer as write:
-        counts = _write_chosen(rows, selection, flt, run.settings.get("turns") or "last", write, stats)
+        counts = _write_chosen(rows, selection, flt, run, write, stats)
         result = ExportResult(
             run_id=run.run_id,
             input=uri,
@@ -173,18 +174,22 @@ def _write_chosen(
     rows: Iterator[Row],
     selection: Selection,
     flt: DropFilter,
-    turns: str,
+    run: Run,
     write: Write,
     stats: ReadStats,
 ) -> ExportCounts:
     """Decide for every record whether it is dropped, `write` the side the filter asks for, and count
-    both sides. `stats` is the reader's: the files it could not read."""
+    both sides. `stats` is the reader's: the files it could not read.
+
+    A scored record must be what was scored (`_check_same_samples`), and a row past those the finished
+    screen read to the input's end (`run.input_rows`) was added since: refused unless --drop-unscored."""
+    turns = run.settings.get("turns") or "last"
     n: Counter[str] = Counter()
     dropped_by_trait: Counter[str] = Counter()
     n_rows = 0
     rebuild = Rebuild(turns)  # every row, in order, as the screen did: sample ids depend on the rows before
     for item in rows:
-        here = {s.sample_id for s in rebuild(item)}
+        here = {s.sample_id: s for s in rebuild(item) if isinstance(s, Sample)}
         if isinstance(item.record, Reject):  # a row that did not parse, or a file that failed: neither side
             n["unreadable_rows"] += item.record.kind != "file"
             n_rows = max(n_rows, item.row + 1)
@@ -192,6 +197,14 @@ def _write_chosen(
         row, record = item.row, item.record
         n_rows = row + 1
         unscored = row not in selection.scored
+        if run.input_rows is not None and row >= run.input_rows:
+            if not flt.drop_unscored:
+                raise QueryError(
+                    f"{item.file}, row {row}: a record added to the input since the screen, which read "
+                    f"{run.input_rows:,} rows to its end: it is not scored; rerun the screen (it resumes and "
+                    "scores the new rows only), or pass --drop-unscored to leave such records out"
+                )
+            n["added_rows"] += 1
         if not unscored:
             _check_same_samples(item, selection.scored[row], here)
         drop = row in selection.dropped or (flt.drop_unscored and unscored)
@@ -214,14 +227,29 @@ def _write_chosen(
     return ExportCounts(**n, dropped_by_trait=dict(dropped_by_trait))
 
 
-def _check_same_samples(row: Row, scored: set[str], here: set[str]) -> None:
-    """The record must still be the one scored at this row, or the export would drop the wrong records.
-    `here` are its sample ids, rebuilt as the screen built them (with its file's own row format)."""
-    if not scored <= here:
+def _check_same_samples(row: Row, scored: dict[str, str | None], here: dict[str, Sample]) -> None:
+    """The record must still be the one scored at this row, with the same prompt and response in every
+    scored turn (their content_sha256), or the export would ship it under another record's scores. `here`
+    are its samples, rebuilt as the screen built them (with its file's own row format)."""
+    if missing := sorted(scored.keys() - here.keys()):
         raise QueryError(
-            f"{row.file}, row {row.row}: the screen scored {sorted(scored)[:3]} here, but this record has "
+            f"{row.file}, row {row.row}: the screen scored {missing[:3]} here, but this record has "
             f"{sorted(here)[:3]}: the input changed since the screen; pass the screened data with --input"
         )
+    for sample_id, sha in scored.items():
+        sample = here[sample_id]
+        if sha is not None and content_sha256(sample.prompt, sample.response) != sha:
+            raise QueryError(
+                f"{row.file}, row {row.row}: {_turn_name(sample)} of record "
+                f"{sample_id.partition('#')[0]!r} is not what the screen scored (its prompt or response was "
+                "edited): the input changed since the screen; screen it into another --db (a rerun into this "
+                "one keeps the stored scores), or pass the screened data with --input"
+            )
+
+
+def _turn_name(sample: Sample) -> str:
+    """'assistant turn 3' (numbered from 1, as top and the report number them)."""
+    return f"the response of assistant turn {sample.turn + 1}"
 
 
 def _per_trait(run: Run, selection: Selection, counts: ExportCounts) -> dict[str, dict[str, int]]:

@@ -8,6 +8,8 @@ norm. Vector files are indexed the same way: row L of a `[num_layers+1, hidden]`
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,14 @@ class Sample:
     prompt: list[Message]
     response: str
     source_file: str = ""
+
+
+def content_sha256(prompt: list[Message], response: str) -> str:
+    """The hash of a sample's content as the model reads it: its prompt's messages and its response. The
+    store keeps it per sample, so a reader of the input later (export, explain) knows a record was edited
+    since the screen even when its id and row are the same."""
+    text = json.dumps([prompt, response], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ from screener.choices import METRICS
 from screener.errors import QueryError
 from screener.reference import share_below
 from screener.runs import Run
-from screener.store import DEFAULT_DB, SQL_DIR, Store, StoreBusyError
+from screener.store import DEFAULT_DB, SQL_DIR, Store, StoreBusyError, has_samples_table
 
 __all__ = [
     "METRICS",
@@ -92,8 +92,11 @@ def open_db(path: str | Path) -> Store:
     try:
         _check_tables(store.con, path)
         _older_tables(store.con)
-        views = (SQL_DIR / "views.sql").read_text()
-        store.con.execute(views.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW"))
+        # an earlier version's database has a samples table, read as it is; else the view over records
+        names = ["views.sql"] if has_samples_table(store.con) else ["samples.sql", "views.sql"]
+        for name in names:
+            views = (SQL_DIR / name).read_text()
+            store.con.execute(views.replace("CREATE OR REPLACE VIEW", "CREATE OR REPLACE TEMP VIEW"))
         # read_only stops writes to the database only: `COPY ... TO 'file'` would still overwrite any
         # file (this one included). User SQL runs here (query, export --where), so it gets no file
         # access at all, and the lock keeps that SQL from turning access back on.
@@ -104,7 +107,8 @@ def open_db(path: str | Path) -> Store:
     return store
 
 
-RESULT_TABLES = ("runs", "samples", "scores", "rejects")
+RESULT_TABLES = ("runs", "records", "turns", "scores", "rejects")
+EARLIER_TABLES = ("runs", "samples", "scores", "rejects")  # before records and turns
 
 
 def _check_tables(con: duckdb.DuckDBPyConnection, path: Path) -> None:
@@ -114,7 +118,10 @@ def _check_tables(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         r[0]
         for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
     }
-    if missing := [t for t in RESULT_TABLES if t not in found]:
+    missing = [t for t in RESULT_TABLES if t not in found]
+    if missing and not [t for t in EARLIER_TABLES if t not in found]:
+        return
+    if missing:
         raise QueryError(
             f"{path}: not a screen's results database (no table {', '.join(missing)}); if it was copied from "
             f"where a screen ran, copy {path.name}.wal from beside it too, or rerun that screen to finish it"
@@ -257,6 +264,7 @@ def load_run(con: duckdb.DuckDBPyConnection, run_id: str) -> Run:
     """The run as stored, with the samples and rejects stored for it so far (a running screen's too)."""
     has_kind = "kind" in _columns(con, "rejects")
     error = "error" if "error" in _columns(con, "runs") else "NULL"
+    input_rows = "input_rows" if "input_rows" in _columns(con, "runs") else "NULL"
 
     def rejects(kind: str) -> str:
         if not has_kind:  # an earlier version's database: every reject is a bad record
@@ -265,7 +273,7 @@ def load_run(con: duckdb.DuckDBPyConnection, run_id: str) -> Run:
 
     rows = con.execute(
         f"""SELECT model, model_sha256, dataset_uri, mode, layers, traits, settings, started_at, finished_at,
-                  {_status_column(con)}, {error},
+                  {_status_column(con)}, {error}, {input_rows},
                   (SELECT count(*) FROM samples s WHERE s.run_id = r.run_id),
                   {rejects("bad")}, {rejects("file")}, {rejects("skipped")}
            FROM runs r WHERE run_id = $run_id""",
@@ -273,7 +281,9 @@ def load_run(con: duckdb.DuckDBPyConnection, run_id: str) -> Run:
     ).fetchall()  # all: a result left unread keeps the connection busy
     if not rows:
         raise QueryError(f"no run {run_id!r} in this database")
-    (model, sha, dataset, mode, layers, traits, settings, started, finished, status, err, *counts) = rows[0]
+    (model, sha, dataset, mode, layers, traits, settings, started, finished, status, err, read, *counts) = (
+        rows[0]
+    )
     run = Run(
         model,
         sha,
@@ -290,6 +300,7 @@ def load_run(con: duckdb.DuckDBPyConnection, run_id: str) -> Run:
         n_rejected=counts[1],
         n_unreadable_files=counts[2],
         n_skipped=counts[3],
+        input_rows=read,
     )
     if run.run_id != run_id:  # every query below selects by run.run_id: it must be the stored one
         raise QueryError(f"run {run_id}: its stored configuration hashes to {run.run_id}, not to its id")
@@ -319,7 +330,6 @@ def scores(con: duckdb.DuckDBPyConnection, run: Run, at: dict[str, int]):
              ORDER BY source_file, source_row, turn, trait"""
     with sql_errors():
         return run_sql(con, sql, params).pl()
-
 
 
 @dataclass(frozen=True)
@@ -564,15 +574,19 @@ class Selection:
     """What a filter selects in one run (and layer), by the input's source rows."""
 
     dropped: dict[int, set[str]]  # source_row -> the traits whose samples there the filter selected
-    scored: dict[int, set[str]]  # source_row -> the sample_ids the screen scored there
+    # source_row -> {sample_id the screen scored there: the content_sha256 of what it scored (None in an
+    # earlier version's database, which did not record it)}
+    scored: dict[int, dict[str, str | None]]
     by_trait: dict[str, set[int]]  # trait -> the source_rows scored for it
 
 
 def select_drops(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) -> Selection:
     """The source rows the filter drops, and what the screen scored, for one run (and layer)."""
+    sha = "content_sha256" if "content_sha256" in _columns(con, "samples") else "NULL"
     scored = run_sql(
         con,
-        "SELECT source_row, list(sample_id) FROM samples WHERE run_id = $run_id GROUP BY ALL",
+        f"SELECT source_row, map(list(sample_id), list({sha})) FROM samples WHERE run_id = $run_id"
+        " GROUP BY ALL",
         {"run_id": run.run_id},
     ).fetchall()
     by_trait: dict[str, set[int]] = {}
@@ -585,7 +599,7 @@ def select_drops(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) -> S
     dropped: dict[int, set[str]] = {}
     for row, trait in _dropped_samples(con, run, flt):
         dropped.setdefault(row, set()).add(trait)
-    return Selection(dropped, {row: set(ids) for row, ids in scored}, by_trait)
+    return Selection(dropped, dict(scored), by_trait)
 
 
 def _check_references(con: duckdb.DuckDBPyConnection, run: Run, flt: DropFilter) -> None:
@@ -666,6 +680,7 @@ class StoredSample:
     natural_response: str | None
     natural_tokens: int | None
     scores: dict[str, dict[str, float | None]]  # trait -> {column of SCORE_COLUMNS: value}
+    content_sha256: str | None = None  # of the prompt and response scored (None: an earlier version's run)
 
 
 def stored_samples(
@@ -673,10 +688,11 @@ def stored_samples(
 ) -> list[StoredSample]:
     """The samples with these ids, in order, as `StoredSample`s; a QueryError names an id the run did not
     score (and why, when the screen rejected it)."""
+    sha = "s.content_sha256" if "content_sha256" in _columns(con, "samples") else "NULL"
     rows = con.execute(
-        """SELECT s.sample_id, s.source_row, s.source_file, s.turn, s.prompt_tokens, s.response_tokens,
+        f"""SELECT s.sample_id, s.source_row, s.source_file, s.turn, s.prompt_tokens, s.response_tokens,
                   s.truncated, s.prompt, s.response, s.natural_response, s.natural_tokens, c.trait,
-                  c.proj_response, c.proj_prompt_last, c.proj_natural, c.delta_p, c.delta_p_proxy
+                  c.proj_response, c.proj_prompt_last, c.proj_natural, c.delta_p, c.delta_p_proxy, {sha}
            FROM samples s JOIN scores c USING (run_id, sample_id)
            WHERE s.run_id = $run_id AND list_contains($ids, s.sample_id) AND c.layer = $layer
                  AND list_contains($traits, c.trait)""",
@@ -687,7 +703,7 @@ def stored_samples(
         sid = row[0]
         if sid not in found:
             prompt = json.loads(row[7]) if isinstance(row[7], str) else row[7]
-            found[sid] = StoredSample(*row[:7], prompt, *row[8:11], scores={})
+            found[sid] = StoredSample(*row[:7], prompt, *row[8:11], scores={}, content_sha256=row[17])
         found[sid].scores[row[11]] = dict(zip(SCORE_COLUMNS, row[12:17], strict=True))
     for sid in sample_ids:
         if sid not in found:

@@ -42,6 +42,9 @@ class Run:
     n_rejected: int = field(default=0, compare=False)
     n_unreadable_files: int = field(default=0, compare=False)
     n_skipped: int = field(default=0, compare=False)  # assistant turns with tool calls only
+    # rows the finished screen read to the input's end (None: --limit stopped it, not finished, or an
+    # earlier version's run): a row past them was added to the input since
+    input_rows: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

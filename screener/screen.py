@@ -372,7 +372,9 @@ def screen(cfg: ScreenConfig) -> Summary:
             if resources.actors:
                 runtime |= {"nodes": len(actors.nodes), "actors_lost": actors.actors_lost}
             store.record_runtime(run.run_id, runtime)
-            total_scored, total_rejected = store.finish_run(run.run_id)
+            # the rows read, if to the input's end: export then knows rows added since as unscreened
+            read_all = cfg.limit is None or stats.samples < cfg.limit
+            total_scored, total_rejected = store.finish_run(run.run_id, stats.records if read_all else None)
         except BaseException as e:
             store.fail_run(run.run_id, _error_text(e))
             raise

@@ -26,12 +26,15 @@ import pyarrow as pa
 
 from screener.choices import DEFAULT_DB
 from screener.errors import BusyError, StorageError, UserError, signal_behind
-from screener.records import REJECT_KINDS, Reject, Sample, Scored
+from screener.records import REJECT_KINDS, Reject, Sample, Scored, content_sha256
 from screener.runs import RUNTIME_KEY, Run
 
 __all__ = ["DEFAULT_DB", "SQL_DIR", "DatabaseFileError", "Store", "StoreBusyError", "one_line"]
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"  # a link to the repo's top-level sql/
+# DuckDB's smallest block (its default is 256 KiB): each table and index takes whole blocks, so a small
+# screen's database was megabytes; on ShareGPT `--turns all` the file is ~0.8x as large as with 256 KiB
+BLOCK_SIZE = 16_384
 
 
 class StoreBusyError(BusyError):
@@ -71,8 +74,9 @@ class StoredIds:
 
 class Store:
     """A screen's results database. Read-write opening creates it (and its folder) and applies
-    sql/schema.sql (and sql/views.sql when present; both are idempotent, and bring a database written
-    by an earlier version up to date). `con` is public for queries."""
+    sql/schema.sql, sql/samples.sql and sql/views.sql (all idempotent; they bring a database written by an
+    earlier version up to date, its `samples` table moved into records and turns). `con` is public for
+    queries."""
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
@@ -84,7 +88,11 @@ class Store:
             except OSError as e:
                 raise StorageError(f"{self.path}: cannot create its folder ({e.strerror or e})") from None
         try:
-            self.con: duckdb.DuckDBPyConnection = duckdb.connect(str(self.path), read_only=read_only)
+            # a new file in small blocks: a small screen's database is then kilobytes, not megabytes
+            config = {} if existed or read_only else {"default_block_size": str(BLOCK_SIZE)}
+            self.con: duckdb.DuckDBPyConnection = duckdb.connect(
+                str(self.path), read_only=read_only, config=config
+            )
         except duckdb.IOException as e:
             if "lock" not in str(e).lower():
                 raise self._open_error(e, existed) from None
@@ -104,13 +112,32 @@ class Store:
             return
         try:
             self.con.execute((SQL_DIR / "schema.sql").read_text())
-            if (views := SQL_DIR / "views.sql").exists():
-                self.con.execute(views.read_text())
+            self._migrate_samples()
+            self.con.execute((SQL_DIR / "samples.sql").read_text())
+            self.con.execute((SQL_DIR / "views.sql").read_text())
         except BaseException as e:
             self.con.close()
             if isinstance(e, duckdb.Error):
                 raise self._open_error(e, existed) from None
             raise
+
+    def _migrate_samples(self) -> None:
+        """An earlier version's `samples` table (each turn's prompt copied whole) into records (a record's
+        messages once: its last scored turn's prompt and response) and turns (with the content hash of
+        each prompt and response as stored), in one transaction; then the `samples` view replaces it."""
+        if not has_samples_table(self.con):
+            return
+        self.con.create_function(
+            "_content_sha256",
+            lambda prompt, response: content_sha256(json.loads(prompt), response),
+            [duckdb.sqltype("VARCHAR"), duckdb.sqltype("VARCHAR")],
+            duckdb.sqltype("VARCHAR"),
+        )
+        try:
+            with self._transaction():
+                self.con.execute(MIGRATE_SAMPLES)
+        finally:
+            self.con.remove_function("_content_sha256")
 
     def _open_error(self, e: duckdb.Error, existed: bool) -> Exception:
         """What is wrong with the file, from DuckDB's error: one line that names it."""
@@ -173,8 +200,8 @@ class Store:
                 # the counts as stored: an earlier version left them 0 until a run finished
                 kinds = self._reject_counts(run_id)
                 self.con.execute(
-                    "UPDATE runs SET finished_at = NULL, status = 'running', error = NULL, n_scored = ?,"
-                    " n_rejected = ?, n_unreadable_files = ?, n_skipped = ? WHERE run_id = ?",
+                    "UPDATE runs SET finished_at = NULL, status = 'running', error = NULL, input_rows = NULL,"
+                    " n_scored = ?, n_rejected = ?, n_unreadable_files = ?, n_skipped = ? WHERE run_id = ?",
                     [self._counts(run_id)[0], kinds["bad"], kinds["file"], kinds["skipped"], run_id],
                 )
             else:
@@ -230,7 +257,7 @@ class Store:
                 FROM _chunk c
                 JOIN (SELECT sample_id, min(pos) AS first_pos, arg_min(source_row, pos) AS first_row
                       FROM _chunk GROUP BY sample_id) f USING (sample_id)
-                LEFT JOIN (SELECT sample_id, source_row FROM samples
+                LEFT JOIN (SELECT sample_id, source_row FROM turns
                            WHERE run_id = $run_id AND source_row BETWEEN $lo AND $hi) s USING (sample_id)
                 ORDER BY c.pos""",
                 {"run_id": run_id, "lo": min(rows), "hi": max(rows)},
@@ -244,7 +271,7 @@ class Store:
         if maybe := [i for i, hit in zip(maybe, stored_ids.may_hold(maybe), strict=True) if hit]:
             elsewhere = dict(
                 self.con.execute(
-                    "SELECT sample_id, source_row FROM samples WHERE run_id = $run_id"
+                    "SELECT sample_id, source_row FROM turns WHERE run_id = $run_id"
                     " AND sample_id IN (SELECT unnest($ids))",
                     {"run_id": run_id, "ids": maybe},
                 ).fetchall()
@@ -264,7 +291,7 @@ class Store:
         """The run's `StoredIds`, read from the table once per open (then kept up to date by `write`)."""
         if run_id not in self._ids:
             ids = StoredIds()
-            result = self.con.sql("SELECT sample_id FROM samples WHERE run_id = $r", params={"r": run_id})
+            result = self.con.sql("SELECT sample_id FROM turns WHERE run_id = $r", params={"r": run_id})
             for batch in result.to_arrow_reader(100_000):  # bounded memory, whatever the run's size
                 ids.add(batch.column(0).to_pylist())
             self._ids[run_id] = ids
@@ -287,7 +314,8 @@ class Store:
         *,
         samples: Sequence[Sample] = (),
     ) -> None:
-        """Store a batch in one transaction: samples, scores (sample × layer × trait) and rejects.
+        """Store a batch in one transaction: records (each record's messages once), turns, scores
+        (sample × layer × trait) and rejects.
 
         `samples` supplies prompt and response text, which `Scored` does not carry; matched on
         (sample_id, source_row). Idempotent. A scored sample whose id is owned by another source_row
@@ -300,7 +328,8 @@ class Store:
             fresh, duplicates = self._new_and_duplicates(run_id, scored)
             added: Counter[str] = Counter()
             if fresh:
-                self._insert("samples", run_id, _sample_rows(fresh, by_key))
+                self._write_records(run_id, _record_rows(fresh, by_key))
+                self._insert("turns", run_id, _turn_rows(fresh, by_key))
                 self._insert("scores", run_id, _score_rows(layers, traits, fresh))
                 added["scored"] = len(fresh)  # not stored before (`_new_and_duplicates`)
                 self._stored_ids(run_id).add([s.sample_id for s in fresh])
@@ -328,6 +357,23 @@ class Store:
             with suppress(duckdb.Error):  # after a failed statement it fails too, hiding the cause
                 self.con.unregister("_rows")
         return [r[0] for r in inserted] if returning else []
+
+    def _write_records(self, run_id: str, rows: pa.Table) -> None:
+        """Each record's messages, once. A record stored before with fewer messages (a screen cut short by
+        --limit mid-record, resumed with a larger one) gets the longer list: its earlier turns' prompts are
+        prefixes of it."""
+        self.con.register("_records", rows)
+        try:
+            self.con.execute(
+                "INSERT INTO records BY NAME SELECT $run_id AS run_id, * FROM _records"
+                " ON CONFLICT (run_id, source_row) DO UPDATE SET messages = excluded.messages,"
+                " source_file = excluded.source_file"
+                " WHERE json_array_length(excluded.messages) > json_array_length(records.messages)",
+                {"run_id": run_id},
+            )
+        finally:
+            with suppress(duckdb.Error):  # after a failed statement it fails too, hiding the cause
+                self.con.unregister("_records")
 
     def write_shifts(self, rows: Sequence[dict]) -> None:
         """Store `screener shift` results (dicts with the `shifts` table's columns; `settings` a dict) in one
@@ -363,8 +409,10 @@ class Store:
             finally:
                 self.con.unregister("_reference_rows")
 
-    def finish_run(self, run_id: str) -> tuple[int, int]:
+    def finish_run(self, run_id: str, input_rows: int | None = None) -> tuple[int, int]:
         """Checkpoint, then mark the run finished with its counts; returns (n_scored, n_rejected).
+        `input_rows`: the rows it read, when it read the input to its end (what export checks for rows
+        added since).
 
         The checkpoint writes everything committed into the database file (until then part of it may be
         in the .wal file beside it only), so a finished run's results are in the .duckdb file alone. It
@@ -376,8 +424,9 @@ class Store:
         with self._transaction():
             updated = self.con.execute(
                 "UPDATE runs SET finished_at = ?, status = 'finished', error = NULL, n_scored = ?,"
-                " n_rejected = ?, n_unreadable_files = ?, n_skipped = ? WHERE run_id = ? RETURNING run_id",
-                [_utcnow(), n_scored, counts["bad"], counts["file"], counts["skipped"], run_id],
+                " n_rejected = ?, n_unreadable_files = ?, n_skipped = ?, input_rows = ? WHERE run_id = ?"
+                " RETURNING run_id",
+                [_utcnow(), n_scored, counts["bad"], counts["file"], counts["skipped"], input_rows, run_id],
             ).fetchall()
         if not updated:
             raise KeyError(f"no run {run_id!r} in {self.path}")
@@ -425,7 +474,7 @@ class Store:
 
     def _counts(self, run_id: str) -> tuple[int, int]:
         return self.con.execute(
-            "SELECT (SELECT count(*) FROM samples WHERE run_id = $r),"
+            "SELECT (SELECT count(*) FROM turns WHERE run_id = $r),"
             " (SELECT count(*) FROM rejects WHERE run_id = $r AND kind = 'bad')",
             {"r": run_id},
         ).fetchall()[0]  # all: a result left unread keeps the connection busy
@@ -446,6 +495,34 @@ class Store:
 DAMAGE_SIGNS = ("could not read enough bytes", "not a valid duckdb", "checksum", "corrupt", "invalid block")
 
 
+def has_samples_table(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the database is of the layout before records and turns: `samples` a table, not a view."""
+    rows = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = 'samples'"
+        " AND NOT temporary"
+    ).fetchall()  # all: a result left unread keeps the connection busy
+    return bool(rows[0][0])
+
+
+# An earlier version's samples table into records and turns (Store._migrate_samples). A record's messages
+# are its last scored turn's prompt and response: each earlier turn's prompt is a prefix of them.
+MIGRATE_SAMPLES = """
+INSERT INTO records BY NAME
+SELECT run_id, source_row, any_value(source_file) AS source_file,
+       to_json(list_append(CAST(arg_max(prompt, turn) AS JSON[]),
+                           json_object('role', 'assistant', 'content', arg_max(response, turn)))) AS messages
+FROM samples GROUP BY run_id, source_row
+ON CONFLICT DO NOTHING;
+INSERT INTO turns BY NAME
+SELECT run_id, sample_id, source_row, turn, json_array_length(prompt) AS prompt_messages, prompt_tokens,
+       response_tokens, truncated, natural_response, natural_tokens,
+       _content_sha256(prompt::VARCHAR, response) AS content_sha256
+FROM samples
+ON CONFLICT DO NOTHING;
+DROP TABLE samples;
+"""
+
+
 def _out_of_space(e: BaseException) -> bool:
     return "no space left" in str(e).lower()
 
@@ -454,7 +531,36 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)  # the schema's TIMESTAMPs are naive UTC
 
 
-def _sample_rows(scored: Sequence[Scored], by_key: dict[tuple[str, int], Sample]) -> pa.Table:
+def _record_rows(scored: Sequence[Scored], by_key: dict[tuple[str, int], Sample]) -> pa.Table:
+    """One row per record: its messages through its last scored turn (that turn's prompt, then its
+    response), which every scored turn's prompt is a prefix of."""
+    last: dict[int, Sample] = {}
+    for s in scored:
+        src = by_key[(s.sample_id, s.source_row)]
+        if s.source_row not in last or len(src.prompt) > len(last[s.source_row].prompt):
+            last[s.source_row] = src
+    rows = []
+    for row, src in last.items():
+        messages = [*src.prompt, {"role": "assistant", "content": src.response}]
+        rows.append(
+            {
+                "source_row": int(row),
+                "source_file": src.source_file,
+                "messages": json.dumps(messages, ensure_ascii=False),
+            }
+        )
+    for s in scored:  # the view rebuilds each turn from its record: it must be a prefix of it
+        src = by_key[(s.sample_id, s.source_row)]
+        messages = last[s.source_row].prompt
+        n = len(src.prompt)
+        if src is not last[s.source_row] and (
+            messages[:n] != src.prompt or messages[n].get("content") != src.response
+        ):
+            raise ValueError(f"sample {s.sample_id!r} is not a turn of its record's longest prompt")
+    return pa.Table.from_pylist(rows)
+
+
+def _turn_rows(scored: Sequence[Scored], by_key: dict[tuple[str, int], Sample]) -> pa.Table:
     rows = []
     for s in scored:
         src = by_key[(s.sample_id, s.source_row)]
@@ -462,15 +568,14 @@ def _sample_rows(scored: Sequence[Scored], by_key: dict[tuple[str, int], Sample]
             {
                 "sample_id": s.sample_id,
                 "source_row": int(s.source_row),
-                "source_file": s.source_file or src.source_file,
                 "turn": int(s.turn),
+                "prompt_messages": len(src.prompt),
                 "prompt_tokens": int(s.prompt_tokens),
                 "response_tokens": int(s.response_tokens),
                 "truncated": bool(s.truncated),
-                "prompt": json.dumps(src.prompt, ensure_ascii=False),
-                "response": src.response,
                 "natural_response": s.natural_response,
                 "natural_tokens": None if s.natural_tokens is None else int(s.natural_tokens),
+                "content_sha256": content_sha256(src.prompt, src.response),
             }
         )
     return pa.Table.from_pylist(rows)

@@ -17,22 +17,36 @@ CREATE TABLE IF NOT EXISTS runs (
     status        VARCHAR DEFAULT 'running',  -- running (or stopped without a word: killed), failed, finished
     error         VARCHAR,               -- why it failed (status 'failed')
     n_unreadable_files BIGINT DEFAULT 0, -- rejects of kind 'file'
-    n_skipped     BIGINT DEFAULT 0       -- rejects of kind 'skipped'
+    n_skipped     BIGINT DEFAULT 0,      -- rejects of kind 'skipped'
+    input_rows    BIGINT                 -- rows the finished screen read, to the input's end (NULL: --limit
+                                         -- stopped it, or not finished): export refuses rows added after them
 );
 
-CREATE TABLE IF NOT EXISTS samples (
+-- A scored record's messages, stored once: each scored turn (table `turns`) points into them, so the
+-- database grows with the input, not with the square of a conversation's turns. The `samples` view
+-- (sql/samples.sql) gives every turn's prompt and response as text again.
+CREATE TABLE IF NOT EXISTS records (
     run_id            VARCHAR NOT NULL,
-    sample_id         VARCHAR NOT NULL,  -- the record's own id (suffixed '#<turn>' under --turns all) or a content hash; '<id>@<row>' when an earlier record gave it
     source_row        BIGINT NOT NULL,   -- 0-based record index over the whole dataset
     source_file       VARCHAR NOT NULL,
+    messages          JSON NOT NULL,     -- the normalised messages through the last scored assistant turn
+    PRIMARY KEY (run_id, source_row)
+);
+
+-- One row per scored sample (an assistant turn): where it is in its record, and what the model read.
+CREATE TABLE IF NOT EXISTS turns (
+    run_id            VARCHAR NOT NULL,
+    sample_id         VARCHAR NOT NULL,  -- the record's own id (suffixed '#<turn>' under --turns all) or a content hash; '<id>@<row>' when an earlier record gave it
+    source_row        BIGINT NOT NULL,   -- its record (records.source_row)
     turn              INTEGER NOT NULL,  -- index of the scored turn among the record's assistant turns
+    prompt_messages   INTEGER NOT NULL,  -- the prompt is the record's first N messages; the response is message N's content
     prompt_tokens     INTEGER NOT NULL,
     response_tokens   INTEGER NOT NULL,
     truncated         BOOLEAN NOT NULL,  -- prompt or response cut to --max-tokens
-    prompt            JSON NOT NULL,     -- messages before the scored turn
-    response          VARCHAR NOT NULL,
     natural_response  VARCHAR,           -- base model's own response (natural mode)
     natural_tokens    INTEGER,
+    content_sha256    VARCHAR,           -- of the prompt and response as scored (screener.records.content_sha256):
+                                         -- export, explain and report refuse an input whose sample is not this one
     PRIMARY KEY (run_id, sample_id)
 );
 
@@ -108,3 +122,5 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS error VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS n_unreadable_files BIGINT DEFAULT 0;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS n_skipped BIGINT DEFAULT 0;
 ALTER TABLE rejects ADD COLUMN IF NOT EXISTS kind VARCHAR DEFAULT 'bad';
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS input_rows BIGINT;
+-- A `samples` table (each turn's prompt copied) becomes records + turns: store.Store._migrate_samples.

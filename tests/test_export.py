@@ -627,3 +627,64 @@ def test_every_export_format_has_a_writer():
     from screener.export import WRITERS
 
     assert sorted(WRITERS) == sorted(EXPORT_FORMATS)
+
+
+# ---- an input edited or grown since the screen (issue 22) ------------------------------------------------
+
+
+def two_turn_records(n: int) -> list[dict]:
+    return [
+        {
+            "id": f"c{i}",
+            "messages": [
+                {"role": "user", "content": f"Hello {i}"},
+                {"role": "assistant", "content": f"Hi {i}, how can I help?"},
+                {"role": "user", "content": f"Tell me about {i}"},
+                {"role": "assistant", "content": f"{i} is a number " + "indeed " * i},
+            ],
+        }
+        for i in range(n)
+    ]
+
+
+def test_an_input_edited_or_grown_since_the_screen_is_refused(
+    tiny_llama: Path, vector_file: Path, tmp_path: Path, capsys
+) -> None:
+    """A response edited in place (same id, same row) was exported under its old scores (exit 0), and a
+    record appended since the screen was kept, unscored, without a word."""
+    import copy
+
+    records = two_turn_records(4)
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    db, out = tmp_path / "s.duckdb", tmp_path / "out.jsonl"
+    screen = ["screen", data, "--model", tiny_llama, "--vector", f"a={vector_file}", "--layer", "2"]
+    assert cli(*screen, "--dtype", "float32", "--actors", "0", "--db", db, "--no-progress") == 0
+    capsys.readouterr()
+    edited = copy.deepcopy(records)
+    edited[2]["messages"][1]["content"] = "Sure: here is how to hurt someone."  # the first turn of row 2
+    write_jsonl(data, edited)
+    changed = "(its prompt or response was edited): the input changed since the screen"
+    assert cli("export", out, "--db", db) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: {data}, row 2: the response of assistant turn 1 of record 'c2' is not what"
+    )
+    assert changed in err and err.count("\n") == 1
+    assert not out.exists()
+    assert cli("explain", "c2#0", "--db", db) == 1  # explain (and report's per-token view) refuse it too
+    assert "row 2: not the record the screen scored as 'c2#0'" in capsys.readouterr().err
+    # the screened records again, and one more after them
+    grown = [*records, two_turn_records(5)[4]]
+    write_jsonl(data, grown)
+    assert cli("export", out, "--db", db) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}, row 4: a record added to the input since the screen, which read 4")
+    assert "--drop-unscored" in err and not out.exists()
+    assert cli("export", out, "--db", db, "--drop-unscored") == 0
+    assert read_jsonl(out) == records
+    m = manifest(out)
+    assert (m["added_rows"], m["dropped_unscored"], m["kept"]) == (1, 1, 4)
+    # rerunning the screen scores the new record: the export is whole again
+    assert cli(*screen, "--dtype", "float32", "--actors", "0", "--db", db, "--no-progress") == 0
+    assert cli("export", out, "--db", db, "--force") == 0
+    assert read_jsonl(out) == grown

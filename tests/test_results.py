@@ -14,6 +14,7 @@ import pytest
 from helpers import LAYERS, TRAITS, FakeScreen, make_screen, openai_records, write_jsonl
 
 from screener.errors import QueryError
+from screener.records import content_sha256
 from screener.results import (
     READ_ONLY,
     DropFilter,
@@ -221,7 +222,10 @@ def test_select_drops(screens) -> None:
         with pytest.raises(QueryError, match=r"^the filter failed: "):
             select_drops(store.con, run, DropFilter("delta_p", None, where="no_such_column > 1"))
     assert every.dropped == {}  # no filter: nothing dropped
-    assert every.scored == {s.source_row: {s.sample_id} for s in natural.samples}
+    # each scored sample with the hash of the prompt and response it was scored on
+    assert every.scored == {
+        s.source_row: {s.sample_id: content_sha256(s.prompt, s.response)} for s in natural.samples
+    }
     assert every.by_trait == {t: set(every.scored) for t in TRAITS}
     assert top10.dropped == {row_of[sid]: {"evil"} for sid, _ in top}
     want: dict[int, set[str]] = {}
@@ -360,7 +364,7 @@ def test_a_database_file_without_the_results_is_one_line(tmp_path: Path) -> None
     with pytest.raises(QueryError) as e:
         open_db(tmp_path / "copy.duckdb")
     assert str(e.value) == (
-        f"{tmp_path / 'copy.duckdb'}: not a screen's results database (no table runs, samples, scores, "
-        "rejects); if it was copied from where a screen ran, copy copy.duckdb.wal from beside it too, or "
-        "rerun that screen to finish it"
+        f"{tmp_path / 'copy.duckdb'}: not a screen's results database (no table runs, records, turns, "
+        "scores, rejects); if it was copied from where a screen ran, copy copy.duckdb.wal from beside it "
+        "too, or rerun that screen to finish it"
     )

@@ -34,6 +34,7 @@ STATE = {
     "n_rejected": 1,
     "n_unreadable_files": 1,
     "n_skipped": 1,
+    "input_rows": 7,
 }
 RUN = Run("default", "ab" * 32, "hf://x/y", "natural", LAYERS, TRAITS, {"dtype": "bf16", "max_tokens": 512})
 
@@ -144,7 +145,8 @@ def test_write_rows_values_and_deltas(store: Store) -> None:
     got = store.con.execute(
         "SELECT prompt::VARCHAR, response, natural_tokens FROM samples WHERE sample_id = 's1'"
     )
-    assert got.fetchone() == ('[{"role": "user", "content": "héllo s1 ✓"}]', "response s1", 5)
+    # compact JSON (the samples view's to_json), non-ASCII as it is
+    assert got.fetchone() == ('[{"role":"user","content":"héllo s1 ✓"}]', "response s1", 5)
     rows = store.con.execute(
         "SELECT sample_id, layer, trait, proj_response, proj_prompt_last, proj_natural,"
         " delta_p, delta_p_proxy FROM scores"
@@ -308,7 +310,7 @@ def crash_child(path: str, hang_mid_write: bool) -> None:
 
         def stalling_insert(table: str, run_id: str, rows: object, **kwargs) -> list:
             inserted = insert(table, run_id, rows, **kwargs)
-            if table == "samples" and rows.column("sample_id")[0].as_py().startswith("b3-"):
+            if table == "turns" and rows.column("sample_id")[0].as_py().startswith("b3-"):
                 print("mid-write", flush=True)
                 time.sleep(60)
             return inserted
@@ -550,3 +552,116 @@ def test_a_signal_inside_a_commit_is_the_signal_and_nothing_is_half_written(
     assert one(store, "SELECT count(*) FROM scores") == 0
     write(store, samples, scores)  # the connection is usable: a rerun writes the chunk
     assert one(store, "SELECT count(*) FROM samples") == 3
+
+
+# ---- storage that grows with the input: a record's messages once (issue 25) ----------------------------
+
+
+def conversation(row: int, turns: int) -> list[Sample]:
+    """Every assistant turn of one conversation as the reader makes them under --turns all."""
+    messages = [{"role": "system", "content": "Be kind ✓"}]
+    out = []
+    for t in range(turns):
+        messages.append({"role": "user", "content": f"question {t} " + "words " * 50})
+        out.append(Sample(f"c{row}#{t}", row, t, list(messages), f"answer {t} " + "more " * 60, "c.jsonl"))
+        messages.append({"role": "assistant", "content": out[-1].response})
+    return out
+
+
+def test_a_records_messages_are_stored_once_and_read_back_per_turn(store: Store) -> None:
+    """Every turn's whole prompt was stored as JSON: text growing with the square of a conversation's
+    turns (7.97M characters for 4.1 MB of ShareGPT)."""
+    from screener.records import content_sha256
+
+    samples = [s for row in range(3) for s in conversation(row, 12)]
+    write(store, samples, [scored(s) for s in samples])
+    stored = one(store, "SELECT sum(strlen(messages::VARCHAR)) FROM records")
+    one_copy = sum(
+        len(json.dumps([*s.prompt, s.response], ensure_ascii=False)) for s in samples if s.turn == 11
+    )
+    per_turn = sum(len(json.dumps(s.prompt, ensure_ascii=False)) for s in samples)
+    assert one(store, "SELECT count(*) FROM records") == 3 and stored < 1.1 * one_copy < per_turn / 5
+    assert one(store, "SELECT count(*) FROM turns") == len(samples)
+    got = store.con.execute(
+        "SELECT sample_id, source_row, source_file, turn, prompt, response, content_sha256 FROM samples"
+        " ORDER BY source_row, turn"
+    ).fetchall()
+    assert [(g[0], g[1], g[2], g[3], json.loads(g[4]), g[5], g[6]) for g in got] == [
+        (
+            s.sample_id,
+            s.source_row,
+            s.source_file,
+            s.turn,
+            s.prompt,
+            s.response,
+            content_sha256(s.prompt, s.response),
+        )
+        for s in samples
+    ]
+    # a record cut short (--limit) and resumed with more of its turns keeps every turn readable
+    longer = conversation(7, 4)
+    write(store, longer[:2], [scored(s) for s in longer[:2]])
+    write(store, longer[2:], [scored(s) for s in longer[2:]])
+    rows = store.con.execute(
+        "SELECT prompt, response FROM samples WHERE source_row = 7 ORDER BY turn"
+    ).fetchall()
+    assert [(json.loads(p), r) for p, r in rows] == [(s.prompt, s.response) for s in longer]
+
+
+def earlier_layout(path: Path, samples: list[Sample]) -> None:
+    """A database as the version before records and turns wrote it: each turn's prompt copied whole in a
+    `samples` table (json.dumps' text), scores beside it."""
+    import duckdb
+
+    with Store(path) as store:
+        store.begin_run(RUN)
+        write(store, samples, [scored(s) for s in samples])
+        store.finish_run(RUN.run_id)
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE old AS SELECT * EXCLUDE (content_sha256) FROM samples")
+        con.execute("DROP VIEW samples; DROP TABLE turns; DROP TABLE records")
+        con.execute("ALTER TABLE old RENAME TO samples")
+        for s in samples:  # the prompt as that version wrote it
+            con.execute(
+                "UPDATE samples SET prompt = ? WHERE sample_id = ?",
+                [json.dumps(s.prompt, ensure_ascii=False), s.sample_id],
+            )
+
+
+def test_an_earlier_layout_is_read_as_it_is_and_moved_into_records_when_written(tmp_path: Path) -> None:
+    from screener.records import content_sha256
+    from screener.results import DropFilter, open_db, pick_run, select_drops, top_samples
+
+    samples = [s for row in range(4) for s in conversation(row, 3)]
+    path = tmp_path / "old.duckdb"
+    earlier_layout(path, samples)
+    before = path.read_bytes()
+    columns = "sample_id, source_row, source_file, turn, prompt_tokens, response_tokens, truncated, response"
+    with open_db(path) as reader:  # read-only: read as it is, the file unchanged
+        run = pick_run(reader.con)
+        old_rows = reader.con.execute(f"SELECT {columns}, prompt FROM samples ORDER BY ALL").fetchall()
+        top = top_samples(reader.con, run, TRAITS[0], LAYERS[0], "delta_p", k=3)
+        drops = select_drops(reader.con, run, DropFilter("delta_p", dict.fromkeys(TRAITS, LAYERS[0])))
+    assert path.read_bytes() == before and len(top) == 3
+    assert drops.scored == {
+        row: {f"c{row}#{t}": None for t in range(3)} for row in range(4)
+    }  # no hashes then
+    with Store(path) as store:  # read-write: moved into records and turns, the same samples as before
+        kinds = dict(
+            store.con.execute("SELECT table_name, table_type FROM information_schema.tables").fetchall()
+        )
+        assert (kinds["samples"], kinds["records"], kinds["turns"]) == ("VIEW", "BASE TABLE", "BASE TABLE")
+        new_rows = store.con.execute(f"SELECT {columns}, prompt FROM samples ORDER BY ALL").fetchall()
+        assert [(*r[:-1], json.loads(r[-1])) for r in new_rows] == [
+            (*r[:-1], json.loads(r[-1])) for r in old_rows
+        ]
+        hashes = dict(store.con.execute("SELECT sample_id, content_sha256 FROM turns").fetchall())
+        assert hashes == {s.sample_id: content_sha256(s.prompt, s.response) for s in samples}
+        assert one(store, "SELECT count(*) FROM records") == 4
+        more = conversation(9, 2)  # and it is written as any other
+        store.begin_run(RUN)
+        write(store, more, [scored(s) for s in more])
+        assert store.finish_run(RUN.run_id) == (len(samples) + 2, 0)
+    with open_db(path) as reader:
+        run = pick_run(reader.con)
+        assert len(top_samples(reader.con, run, TRAITS[0], LAYERS[0], "delta_p", k=100)) == len(samples) + 2
