@@ -201,7 +201,7 @@ class Run:
         trait: str | Sequence[str] | None = None,
         layer: int | None = None,
         metric: str | None = None,
-        format: str = "jsonl",
+        format: str | None = None,  # default: from the path's suffix (.jsonl, .parquet), else jsonl
         drop_unscored: bool = False,
         invert: bool = False,
         input: str | None = None,

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from screener.choices import EXPORT_FORMATS
-from screener.datasets import ReadStats, Rebuild, Row, check_input, read_rows
+from screener.datasets import ReadStats, Rebuild, Row, check_input, data_suffix, read_rows
 from screener.errors import QueryError, UserError
 from screener.outputs import TEMP_SUFFIX, Protected, output_file, output_folder, temp_prefix
 from screener.records import Reject, Sample, content_sha256
@@ -114,8 +114,7 @@ def export_records(
 
     Nothing is written over the run's input (or `protected`: the database, other runs' inputs), nor over
     an existing output without `force`; both are checked before the input is read."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}")
+    fmt = export_format(out, fmt)
     uri = input_uri or run.dataset_uri
     check_input(uri)
     protected = (protected or Protected()).with_inputs([run.dataset_uri, uri])
@@ -149,6 +148,25 @@ def export_records(
             ignored=list(stats.ignored),
         )
     return result
+
+
+def export_format(out: str | Path, fmt: str | None) -> str:
+    """The output's format: `fmt` (--format), else the one its suffix names (.jsonl, .parquet; a name with
+    no data suffix is jsonl). A data suffix that names another format (x.parquet with --format jsonl, or
+    x.csv) is refused: the file would hold what its name says it does not."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    suffix = data_suffix(str(out))
+    named = {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix or "")
+    if fmt is None and (named or suffix is None):
+        return named or "jsonl"
+    if fmt is not None and (named == fmt or suffix is None):
+        return fmt
+    given = f"--format {fmt}" if fmt else "export"
+    raise UserError(
+        f"{out}: {given} does not write {suffix} files; name the output .jsonl or .parquet (a folder "
+        "without a data suffix for --format hf), or pass the --format its name says"
+    )
 
 
 @contextmanager

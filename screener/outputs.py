@@ -110,6 +110,8 @@ class Protected:
                 )
         elif out.is_dir():
             raise OutputError(f"{out} is a folder; pass a file name")
+        elif not out.is_file():  # a device, a FIFO, a socket, a dangling link: never replaced
+            raise OutputError(f"{out} is not a regular file; refusing to replace it, even with --force")
         elif not force:
             raise OutputError(f"{out} exists; pass --force to replace it")
 

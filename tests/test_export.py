@@ -390,7 +390,7 @@ def test_bad_arguments_and_changed_input(screen: FakeScreen, tmp_path: Path, cap
     assert cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--input", shorter) == 1
     assert "the input changed since the screen" in capsys.readouterr().err
     shuffled = write_jsonl(tmp_path / "shuffled.jsonl", openai_records(N)[::-1])
-    assert cli("export", tmp_path / "o.jsonl", "--db", screen.db, "--input", shuffled, "--format", "hf") == 1
+    assert cli("export", tmp_path / "o_hf", "--db", screen.db, "--input", shuffled, "--format", "hf") == 1
     assert "row 0: the screen scored ['r000'] here" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
     moved = Path(screen.run.dataset_uri).rename(tmp_path / "moved.jsonl")
@@ -688,3 +688,41 @@ def test_an_input_edited_or_grown_since_the_screen_is_refused(
     assert cli(*screen, "--dtype", "float32", "--actors", "0", "--db", db, "--no-progress") == 0
     assert cli("export", out, "--db", db, "--force") == 0
     assert read_jsonl(out) == grown
+
+
+def test_the_format_comes_from_the_suffix_and_a_mismatch_is_refused(
+    screen: FakeScreen, tmp_path: Path, capsys
+):
+    """`export x.parquet` (no --format) wrote JSON lines into x.parquet; so did x.csv."""
+    assert cli("export", tmp_path / "x.parquet", "--db", screen.db) == 0
+    assert pq.read_table(tmp_path / "x.parquet").num_rows == N
+    assert manifest(tmp_path / "x.parquet")["format"] == "parquet"
+    for name, extra in (
+        ("x.csv", ()),
+        ("y.jsonl", ("--format", "parquet")),
+        ("z.parquet", ("--format", "jsonl")),
+    ):
+        assert cli("export", tmp_path / name, "--db", screen.db, *extra) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.startswith(f"error: {tmp_path / name}: ") and "does not write" in err and err.count("\n") == 1
+        )
+        assert not (tmp_path / name).exists()
+
+
+def test_no_output_replaces_a_device_even_with_force(screen: FakeScreen, tmp_path: Path, capsys) -> None:
+    """`export PATH --force` where PATH was a character device replaced the device with a regular file."""
+    import os
+    import stat
+
+    for argv in (
+        ("export", "{p}", "--db", screen.db, "--force"),
+        ("query", "SELECT 1", "--db", screen.db, "--format", "csv", "--out", "{p}", "--force"),
+    ):
+        device = tmp_path / "null.jsonl"
+        if not device.exists():
+            os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers (root only)
+        assert cli(*[str(a).format(p=device) for a in argv]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: {device} is not a regular file; refusing to replace it, even with --force\n"
+        assert stat.S_ISCHR(device.stat().st_mode)

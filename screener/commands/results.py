@@ -350,7 +350,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", help="output file (jsonl, parquet) or directory (hf)")
     _add_selection_args(p, "traits the filter looks at (repeatable or comma-separated; default: every trait)")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="jsonl", help="output format (default jsonl)")
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default=None,
+        help="output format (default: from OUT's suffix, .jsonl or .parquet; else jsonl)",
+    )
     what = p.add_mutually_exclusive_group()
     what.add_argument(
         "--drop-top",
