@@ -32,7 +32,9 @@ def natural_samples() -> list[Sample]:
 
 def score(model, tok, units, samples, **settings) -> list[Scored]:
     gen = settings.pop("generation", GenerationSettings(max_new_tokens=12))
-    st = ScoreSettings(mode="natural", generation=gen, generate_batch_size=4, **settings)
+    st = ScoreSettings(
+        mode="natural", generation=gen, generate_batch_size=4, **{"shared_prefill": True, **settings}
+    )
     return Scorer(model, tok, units, st).score(samples)
 
 
@@ -81,7 +83,9 @@ def test_finished_rows_leave_the_generation_batch(model_and_tok):
     is never fed again: the rows of all one-token decode steps add up to the answers' tokens."""
     folder, model, tok = model_and_tok
     units = unit_vectors(random_vectors(folder, 1), (2,))
-    settings = ScoreSettings(layers=(2,), mode="natural", generation=GenerationSettings(12))
+    settings = ScoreSettings(
+        layers=(2,), mode="natural", generation=GenerationSettings(12), shared_prefill=True
+    )
     scorer = Scorer(model, tok, units, settings)
     prompts = [scorer.tokenize(s).prompt for s in make_samples(8)]
     keys = [f"k{i}" for i in range(len(prompts))]
@@ -111,7 +115,9 @@ def test_sampled_answers_are_seeded_and_read_exactly(model_and_tok):
     layers = (1, 3)
     units = unit_vectors(random_vectors(folder, 1), layers)
     gen = GenerationSettings(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=3)
-    settings = ScoreSettings(layers=layers, mode="natural", generation=gen, generate_batch_size=4)
+    settings = ScoreSettings(
+        layers=layers, mode="natural", generation=gen, generate_batch_size=4, shared_prefill=True
+    )
     reader = Scorer(model, tok, units, settings)
     prompts = [reader.tokenize(s).prompt for s in make_samples(6)]
     keys = [f"k{i}" for i in range(len(prompts))]

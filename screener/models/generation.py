@@ -151,7 +151,7 @@ def decode(
     sampled)."""
     rows = torch.arange(state.logits.shape[0], device=state.logits.device)
     answers: list[list[int]] = [[] for _ in range(len(rows))]
-    stop_ids = torch.tensor(sorted(stops), device=rows.device)
+    stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=rows.device)
     cache, mask, positions, logits = state.cache, state.mask, state.positions, state.logits
     kw = _cache_kw(model)
     for _ in range(max_new_tokens):
