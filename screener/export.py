@@ -15,6 +15,7 @@ under a temporary name, renamed when complete.
 
 from __future__ import annotations
 
+import base64
 import json
 import pickle
 import tempfile
@@ -22,7 +23,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 
 from screener.choices import EXPORT_FORMATS
@@ -39,6 +41,21 @@ FORMATS = EXPORT_FORMATS
 SPOOL_BATCH = 1000  # records per pickled batch of a spool, and per parquet row group
 
 Write = Callable[[dict], object]
+# what a jsonl export writes for values JSON has no type for (a parquet input's binary or timestamp columns)
+JSONL_VALUES = "binary values as base64 strings; dates, times and timestamps as ISO 8601 strings"
+
+
+def _json_value(value: object) -> object:
+    """A value of a parquet column that JSON has no type for, as JSONL_VALUES says."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"a value of type {type(value).__name__} cannot be written as JSON")
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,7 @@ class ExportResult:
             "per_trait": self.per_trait,
             "unreadable": self.unreadable,
             "ignored_files": self.ignored,
+            **({"jsonl_values": JSONL_VALUES} if self.format == "jsonl" else {}),
             "created_at": self.created_at,
         }
 
@@ -328,7 +346,7 @@ def _jsonl_writer(
 
         def write(record: dict) -> None:
             try:  # the text is encoded here, before any of it is written
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.write(json.dumps(record, ensure_ascii=False, default=_json_value) + "\n")
             except UnicodeEncodeError:  # a lone surrogate, which the input's JSON carried as an escape:
                 f.write(json.dumps(record) + "\n")  # escaped again, the line parses to the same record
 

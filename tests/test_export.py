@@ -726,3 +726,25 @@ def test_no_output_replaces_a_device_even_with_force(screen: FakeScreen, tmp_pat
         err = capsys.readouterr().err
         assert err == f"error: {device} is not a regular file; refusing to replace it, even with --force\n"
         assert stat.S_ISCHR(device.stat().st_mode)
+
+
+def test_a_jsonl_export_of_parquet_with_binary_and_timestamp_columns(tmp_path: Path) -> None:
+    """A jsonl export of a parquet input with a binary or timestamp column was a TypeError traceback."""
+    import base64
+    from datetime import datetime
+
+    import pyarrow as pa
+
+    records = openai_records(6)
+    when = datetime(2026, 12, 2, 16, 10, 5)
+    table = pa.Table.from_pylist([{**r, "blob": bytes([i, 255]), "at": when} for i, r in enumerate(records)])
+    pq.write_table(table, tmp_path / "in.parquet")
+    screen = make_screen(tmp_path / "s.duckdb", tmp_path / "in.parquet", mode="proxy")
+    out = tmp_path / "out.jsonl"
+    assert cli("export", out, "--db", screen.db) == 0
+    got = read_jsonl(out)
+    assert [g["blob"] for g in got] == [base64.b64encode(bytes([i, 255])).decode() for i in range(6)]
+    assert {g["at"] for g in got} == {when.isoformat()} and [g["messages"] for g in got] == [
+        r["messages"] for r in records
+    ]
+    assert "base64" in manifest(out)["jsonl_values"] and "ISO 8601" in manifest(out)["jsonl_values"]
