@@ -748,3 +748,16 @@ def test_a_jsonl_export_of_parquet_with_binary_and_timestamp_columns(tmp_path: P
         r["messages"] for r in records
     ]
     assert "base64" in manifest(out)["jsonl_values"] and "ISO 8601" in manifest(out)["jsonl_values"]
+
+
+def test_a_broken_last_line_is_counted_as_an_unreadable_row(tmp_path: Path) -> None:
+    """A file cut mid-record (no final newline, the JSON unfinished) counts its last line in the manifest's
+    `unreadable_rows`, as any other line that does not parse."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in openai_records(6)) + '{"id": "cut", "messa')
+    screen = make_screen(tmp_path / "s.duckdb", data, mode="proxy")
+    assert Counter(r.kind for r in screen.rejects)["bad"] >= 1
+    out = tmp_path / "out.jsonl"
+    assert cli("export", out, "--db", screen.db, "--drop-unscored") == 0
+    m = manifest(out)
+    assert (m["records_read"], m["unreadable_rows"]) == (6, 1)
