@@ -34,6 +34,7 @@ DTYPES = {
     "fp32": "float32",
     "float16": "float16",
     "fp16": "float16",
+    "int8": "int8",  # CPU only: fp32 activations, dynamic int8 linear layers (models.int8)
 }
 # a sample's prompt and response must fit in at least this many tokens: truncation keeps a quarter of the
 # budget for the response, so every sample keeps a few response tokens and its prompt's last token

@@ -41,6 +41,7 @@ from screener.models import (
     prefill,
     read,
     run_until_tapped,
+    weight_dtype,
 )
 from screener.records import MODES, Reject, Sample, Scored
 from screener.tuning import (
@@ -280,8 +281,9 @@ class Scorer:
         # that run, plus causal attention's 2·T²·hidden a block (scores and values, half the square each)
         self.flops_per_token = 2 * sum(p.numel() for b in blocks[:run] for p in b.parameters())
         self.attention_flops = 2 * run * model.config.hidden_size
-        dtype = next(model.parameters()).dtype
-        key = machine_key(self.device, dtype, f"{type(model).__name__} h{model.config.hidden_size} x{run}")
+        key = machine_key(
+            self.device, weight_dtype(model), f"{type(model).__name__} h{model.config.hidden_size} x{run}"
+        )
         gpu = self.device.type == "cuda"
         self.batch_tuner = Tuner(
             key, "batch_tokens", GPU_TOKENS if gpu else CPU_TOKENS, settings.batch_tokens

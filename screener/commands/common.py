@@ -81,7 +81,9 @@ def add_worker_arguments(p: argparse.ArgumentParser, actors_note: str = "", cpus
         "--dtype",
         type=DTYPE,
         default="auto",
-        help="auto (bf16 on a GPU or a CPU with native bf16, else fp32), " + ", ".join(choices.DTYPES),
+        help="auto (bf16 on a GPU or a CPU with native bf16, else fp32), "
+        + ", ".join(choices.DTYPES)
+        + " (int8: CPUs only, fp32 activations through int8 linear layers)",
     )
     p.add_argument("--device", type=DEVICE, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument(

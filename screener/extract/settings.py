@@ -19,8 +19,6 @@ POS, NEG = "pos", "neg"
 CONTROL = "control:"  # the group prefix of a style control's reads (a trait name cannot hold a colon)
 
 
-
-
 Read = tuple[list[int], list[int]]  # (prompt ids, response ids): one teacher-forced read
 
 

@@ -6,6 +6,7 @@
 - `chat`: chat prompts as token ids (`chat_ids`), padding (`pad`, `pad_id`), end-of-turn ids (`eos_ids`).
 - `hooks`: decoder blocks and final norm (`decoder_parts`), block outputs, reading `hidden_states[L]` with
   hooks and an early stop (`LayerTap`, `run_until_tapped`).
+- `int8`: `--dtype int8` on CPUs: the decoder blocks' linear layers as dynamic int8 matmuls (`quantize_int8`).
 - `generation`: batched generation that cuts each answer at its first end-of-turn token (`generate`), and
   one prefill per prompt continued by a teacher-forced read and a decode loop (`prefill`, `read`, `decode`).
 
@@ -39,6 +40,7 @@ from screener.models.hooks import (
     run_until_tapped,
     with_block_output,
 )
+from screener.models.int8 import INT8, Int8Linear, is_int8, quantize_int8, weight_dtype
 from screener.models.loading import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_NAME,
@@ -61,8 +63,10 @@ __all__ = [
     "ADAPTER_CONFIG",
     "DEFAULT_MODEL",
     "DEFAULT_MODEL_NAME",
+    "INT8",
     "AdapterRef",
     "Generated",
+    "Int8Linear",
     "LayerTap",
     "ModelError",
     "ModelRef",
@@ -79,6 +83,7 @@ __all__ = [
     "eos_ids",
     "generate",
     "is_adapter",
+    "is_int8",
     "load_model",
     "load_tokenizer",
     "model_config",
@@ -89,11 +94,13 @@ __all__ = [
     "picker",
     "plain_cache",
     "prefill",
+    "quantize_int8",
     "read",
     "resolve_adapter",
     "resolve_model",
     "run_until_tapped",
     "sha256_file",
+    "weight_dtype",
     "weights_sha256",
     "with_block_output",
 ]

@@ -64,9 +64,14 @@ class AdapterRef:
 
         if not Path(self.path, ADAPTER_CONFIG).is_file():
             raise ModelError(f"adapter folder not found on this node: {self.path}")
-        model, tok = self.base.load(device, dtype)
+        int8 = dtype == torch.int8  # merged in fp32, then quantised: LoRA merges into float weights
+        model, tok = self.base.load(device, torch.float32 if int8 else dtype)
         model = PeftModel.from_pretrained(model, self.path).merge_and_unload()
         model.eval().requires_grad_(False)
+        if int8:
+            from screener.models.int8 import quantize_int8
+
+            quantize_int8(model)
         return model, tok
 
 

@@ -212,8 +212,13 @@ def pick_device(device: str = "auto", here: bool = True) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto = bf16 on CUDA (when supported) and on CPUs with native bf16 matmul, else fp32."""
+    """auto = bf16 on CUDA (when supported) and on CPUs with native bf16 matmul, else fp32. int8
+    (`torch.int8`: fp32 activations, int8 linear layers, `models.int8`) runs on CPUs only."""
     dtype = checked("--dtype", check_dtype, dtype)
+    if dtype == "int8" and device.type != "cpu":
+        raise UserError(
+            "--dtype int8 (dynamic int8 linear layers) runs on CPUs only; on a GPU use auto (bf16) or float16"
+        )
     if dtype != "auto":
         return getattr(torch, DTYPES[dtype])
     if device.type == "cuda":
@@ -241,12 +246,18 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load an HF causal LM and its tokenizer for inference (eval mode, no grad)."""
+    """Load an HF causal LM and its tokenizer for inference (eval mode, no grad); `torch.int8`: fp32 with
+    its decoder blocks' linear layers quantised (`int8.quantize_int8`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per actor per load is noise in a screen's output
     tok = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    int8 = dtype == torch.int8
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if int8 else dtype)
     model.to(device).eval().requires_grad_(False)
+    if int8:
+        from screener.models.int8 import quantize_int8
+
+        quantize_int8(model)
     return model, tok
