@@ -40,6 +40,9 @@ DTYPES = {
 # budget for the response, so every sample keeps a few response tokens and its prompt's last token
 MIN_MAX_TOKENS = 16
 DEFAULT_MAX_TOKENS = 2048  # prompt + response tokens per sample; longer samples are cut and flagged
+# whitened vectors (`extract --whiten`), chosen on the trait files' held-out pairs and the controls' odd pairs
+WHITEN_SHRINKAGE = 0.03  # ridge, a share of the covariance's mean eigenvalue
+WHITEN_WEIGHT = 1.0  # the nuisance pairs' second moment against the trait's own covariance
 
 
 def check_dtype(value: str) -> str:

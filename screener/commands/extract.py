@@ -67,7 +67,12 @@ SETTINGS = (
 
 
 def add_extract_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("trait", help="a trait name (built-in or in --traits-dir) or a trait .json file")
+    p.add_argument(
+        "trait",
+        nargs="+",
+        help="trait names (built-in or in --traits-dir) or trait .json files; several are extracted in turn, "
+        "in-process (--actors 0) reading each text once for all of them",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF folder, .gguf file, hub id, or 'default'")
     p.add_argument(
         "--from-examples",
@@ -102,6 +107,26 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
         "examples: 'others' (every other trait with examples, except those the trait file declares related), "
         "comma-separated names, or 'none' (default)",
     )
+    p.add_argument(
+        "--whiten",
+        default="none",
+        metavar="TRAITS",
+        help="whiten the response_avg vector against what varies besides the trait: these traits' written "
+        "example pairs and the even pairs of every style control (reported then on their odd pairs); "
+        "'others', comma-separated names, or 'none' (default). The built-in vectors use 'others'",
+    )
+    p.add_argument(
+        "--whiten-shrinkage",
+        type=number(0.0, 100.0),
+        default=choices.WHITEN_SHRINKAGE,
+        help=f"ridge of the whitening, a share of the mean eigenvalue (default {choices.WHITEN_SHRINKAGE:g})",
+    )
+    p.add_argument(
+        "--whiten-weight",
+        type=number(0.0, 100.0),
+        default=choices.WHITEN_WEIGHT,
+        help=f"weight of the nuisance pairs against the trait's spread (default {choices.WHITEN_WEIGHT:g})",
+    )
     p.add_argument("--traits-dir", help="folder of user trait files, searched before the built-ins")
     p.add_argument(
         "--controls",
@@ -134,6 +159,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from screener.extract.pipeline import (
         ExtractError,
         ExtractSettings,
+        Whitening,
         extract,
         extract_from_examples,
         orthogonal_traits,
@@ -147,7 +173,9 @@ def run_extract(args: argparse.Namespace) -> int:
     if unknown:
         raise ExtractError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(EXTRACT_METHODS)}")
     work = Work.resolve(args.device, args.dtype, here=not on_cluster(args.address))  # before the model
-    trait = load_trait(args.trait, args.traits_dir)
+    traits = [load_trait(name, args.traits_dir) for name in args.trait]
+    if len(traits) > 1 and (args.from_examples or args.eval_examples):
+        raise ExtractError("FILEs for --from-examples or --eval-examples belong to one trait: give one trait")
     model = resolve_model(args.model)
     settings = ExtractSettings(**given(args, SETTINGS))
     from_examples = args.from_examples is not None
@@ -155,19 +183,36 @@ def run_extract(args: argparse.Namespace) -> int:
     if not from_examples:
         judge = make_judge(args.judge, args.judge_model, args.model, args.device, args.dtype)
     out = args.out or Path("vectors") / model.name
-    options = {
-        "eval_files": args.eval_examples or (),
-        "traits_dir": args.traits_dir,
-        "orthogonal_to": orthogonal_traits(trait, args.orthogonal_to, args.traits_dir),
-        "note": args.note,
-        "controls": None if args.controls is None else load_controls(args.controls, none_ok=True),
-    }
+    controls = None if args.controls is None else load_controls(args.controls, none_ok=True)
+    how = Whitening(args.whiten_shrinkage, args.whiten_weight)
     with model_workers(str(work.device), args.actors, args.cpus, args.address) as resources:
-        if from_examples:
-            files = args.from_examples
-            result = extract_from_examples(trait, model, settings, resources, out, methods, files, **options)
-        else:
-            result = extract(trait, model, judge, settings, resources, out, methods, **options)
+        memo = {} if resources.actors == 0 and len(traits) > 1 else None  # reads shared by the traits
+        for trait in traits:
+            # a list of names may hold the traits being extracted: each is nuisance for the others only
+            spec = ",".join(n for n in args.whiten.split(",") if n.strip() != trait.name) or "none"
+            whiten = orthogonal_traits(trait, spec, args.traits_dir)
+            options = {
+                "eval_files": args.eval_examples or (),
+                "traits_dir": args.traits_dir,
+                "orthogonal_to": orthogonal_traits(trait, args.orthogonal_to, args.traits_dir),
+                "note": args.note,
+                "controls": controls,
+                "whitening": (how, whiten) if args.whiten != "none" else None,
+                "memo": memo,
+            }
+            if from_examples:
+                files = args.from_examples
+                result = extract_from_examples(
+                    trait, model, settings, resources, out, methods, files, **options
+                )
+            else:
+                result = extract(trait, model, judge, settings, resources, out, methods, **options)
+            print_result(result)
+    return 0
+
+
+def print_result(result) -> None:
+    """The files written, the layer report and the specificity tables."""
     for method, path in result.paths.items():
         side = result.sidecars[method]
         print(f"{path}  (chosen layer {side['chosen_layer']}, {extraction_counts(side)})")
@@ -176,7 +221,6 @@ def run_extract(args: argparse.Namespace) -> int:
         print(f"{method}: not written ({why})")
     print_reports(side)
     print(f"\ndone in {result.seconds:.0f} s")
-    return 0
 
 
 def extraction_counts(side: dict) -> str:
@@ -291,6 +335,7 @@ def run_vectors_show(args: argparse.Namespace) -> int:
         "method",
         "read_context",
         "orthogonal_to",
+        "whitened",
         "model",
         "model_source",
         "model_sha256",

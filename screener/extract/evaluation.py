@@ -40,6 +40,8 @@ class HeldOut:
     # style controls: (side a, side b) reads of each, and what each set is (Control.describe)
     controls: dict[str, tuple[list[Read], list[Read]]] = field(default_factory=dict)
     control_sets: dict[str, dict] = field(default_factory=dict)
+    # with a whitened vector: each control's even pairs, which fit it; `controls` then holds the odd ones
+    control_fit: dict[str, tuple[list[Read], list[Read]]] = field(default_factory=dict)
 
 
 def other_traits(trait: Trait, traits_dir: str | Path | None) -> tuple[dict[str, Trait], dict[str, str]]:
@@ -90,11 +92,14 @@ def held_out(
     traits_dir: str | Path | None = None,
     generated: list[Pair] | None = None,
     controls: dict[str, Control] | None = None,
+    split_controls: bool = False,
 ) -> HeldOut:
     """The held-out reads: `--eval-examples` files, else the trait's `eval_examples`, else (generation only)
     the generated answers to its evaluation questions, read in the settings' context; plus every other
     trait's `eval_examples` and every style control's pairs (default: the built-in sets), each question
-    asked alone."""
+    asked alone. With `split_controls` each control's even pairs go to `control_fit` (a whitened vector
+    is fitted on them) and only its odd pairs are reported, so no control is scored on pairs that shaped
+    the vector."""
     if eval_files:
         examples = read_example_files(eval_files)
         pos, neg, paired, _ = example_reads(tokenizer, examples, settings.max_tokens)
@@ -121,8 +126,14 @@ def held_out(
         source = {"control": name, "sha256": control.sha256}
         examples = from_written(control.pairs, f"{control.path} (pairs)", source)
         a, b, _, _ = example_reads(tokenizer, examples, settings.max_tokens)
-        held.controls[name] = (a, b)
         held.control_sets[name] = {"description": control.description, **control.describe()}
+        if split_controls:
+            held.control_fit[name] = (a[0::2], b[0::2])
+            a, b = a[1::2], b[1::2]
+            held.control_sets[name].update(
+                pairs=len(a), half="odd pairs (1, 3, ...): the even ones fit the vector"
+            )
+        held.controls[name] = (a, b)
     return held
 
 

@@ -72,7 +72,13 @@ from screener.extract.sidecar import (
     write_vectors,
 )
 from screener.extract.traits import Trait
-from screener.extract.vectors import ActivationStage, example_reads, orthogonalize, specific_vectors
+from screener.extract.vectors import (
+    ActivationStage,
+    Whitening,
+    example_reads,
+    orthogonalize,
+    specific_vectors,
+)
 from screener.models import ModelRef
 
 __all__ = [
@@ -88,6 +94,7 @@ __all__ = [
     "GenerationStage",
     "HeldOut",
     "Read",
+    "Whitening",
     "batched",
     "build_items",
     "drop_reason",
@@ -117,10 +124,14 @@ def extract(
     orthogonal_to: dict[str, Trait] | None = None,
     note: str = "",
     controls: dict[str, Control] | None = None,
+    whitening: tuple[Whitening, dict[str, Trait]] | None = None,
+    memo: dict | None = None,
 ) -> ExtractResult:
     """Generate, judge, pair, average and report; write one `.pt` + sidecar per method (`note`, free text
     such as why this method, goes into the sidecar). `controls`: the style control sets to report on
-    (default: the built-in ones)."""
+    (default: the built-in ones). `whitening`: (how, the traits whose examples are nuisance) for a
+    whitened response_avg vector (vectors.whiten; the controls' even pairs are nuisance too). `memo`:
+    reads shared between runs in one process (in-process work only)."""
     started = time.perf_counter()
     probe_judge(trait, judge)
     # written held-out examples make generated evaluation answers unnecessary: generate extraction ones only
@@ -141,11 +152,19 @@ def extract(
         )
     tokenizer = model.load_tokenizer()
     generated = None if written_eval else eval_kept
-    held = held_out(trait, tokenizer, settings, eval_files, traits_dir, generated, controls)
-    stage = ActivationStage(model, settings)
+    held = held_out(trait, tokenizer, settings, eval_files, traits_dir, generated, controls, bool(whitening))
+    stage = ActivationStage(model, settings, memo)
     positives, negatives = generated_reads(kept, settings.read_context)
     vectors, orthogonal = specific_vectors(
-        positives, negatives, orthogonal_to, tokenizer, settings, stage, resources
+        positives,
+        negatives,
+        orthogonal_to,
+        tokenizer,
+        settings,
+        stage,
+        resources,
+        True,
+        whitening and (*whitening, held.control_fit),
     )
     reports, specificity, controls = evaluate(vectors, held, stage, resources)
     out_dir = Path(out_dir)
@@ -196,9 +215,12 @@ def extract_from_examples(
     orthogonal_to: dict[str, Trait] | None = None,
     note: str = "",
     controls: dict[str, Control] | None = None,
+    whitening: tuple[Whitening, dict[str, Trait]] | None = None,
+    memo: dict | None = None,
 ) -> ExtractResult:
     """Read labelled examples (the `files`, else the trait file's written `examples`) teacher-forced after
-    their own prompts, average, report; write one `.pt` + sidecar per method that is defined."""
+    their own prompts, average, report; write one `.pt` + sidecar per method that is defined (`whitening`
+    and `memo` as in `extract`)."""
     started = time.perf_counter()
     examples = read_example_files(files) if files else from_trait(trait, "examples")
     if not examples.examples:
@@ -209,10 +231,20 @@ def extract_from_examples(
     tokenizer = model.load_tokenizer()
     positives, negatives, paired, cut = example_reads(tokenizer, examples, settings.max_tokens)
     log.info("%s: %d positive and %d negative examples", trait.name, len(positives), len(negatives))
-    held = held_out(trait, tokenizer, settings, eval_files, traits_dir, controls=controls)
-    stage = ActivationStage(model, settings)
+    held = held_out(
+        trait, tokenizer, settings, eval_files, traits_dir, controls=controls, split_controls=bool(whitening)
+    )
+    stage = ActivationStage(model, settings, memo)
     vectors, orthogonal = specific_vectors(
-        positives, negatives, orthogonal_to, tokenizer, settings, stage, resources
+        positives,
+        negatives,
+        orthogonal_to,
+        tokenizer,
+        settings,
+        stage,
+        resources,
+        paired,
+        whitening and (*whitening, held.control_fit),
     )
     reports, specificity, controls = evaluate(vectors, held, stage, resources)
     keep = ("batch_tokens", "max_tokens", "dtype", "device")

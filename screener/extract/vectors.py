@@ -3,7 +3,8 @@
 Reads (prompt ids, response ids) go to `ActivationStage` on the workers, which reads them with the
 screen's teacher-forced reader (`Scorer.means`) and returns sums (for the means: memory does not grow with
 the data) or projections on unit vectors (for the evaluation). `specific_vectors` can take out, per layer,
-the directions of other traits' written examples (`orthogonalize`).
+the directions of other traits' written examples (`orthogonalize`), or whiten it against nuisance
+contrasts (`whiten`: other traits' examples and the fit half of the style controls).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from screener.choices import WHITEN_SHRINKAGE, WHITEN_WEIGHT
 from screener.distributed import Resources, run_stage
 from screener.extract.examples import ExampleSet, from_trait, tokenized
-from screener.extract.settings import NEG, POS, ExtractSettings, Read, batched
+from screener.extract.settings import CONTROL, NEG, POS, ExtractSettings, Read, batched
 from screener.extract.traits import Trait
 from screener.models import ModelRef
 from screener.scoring import Scorer, ScoreSettings
@@ -32,14 +34,15 @@ class ActBatch:
     prompts: list[list[int]]
     responses: list[list[int]]
     units: torch.Tensor | None = None  # [3, L+1, H] unit vectors
+    raw: bool = False  # return each read's response_avg activations `[B, L+1, H]` (for covariances)
 
 
 def act_batches(
-    groups: dict[str, list[Read]], units: torch.Tensor | None = None, size: int = 64
+    groups: dict[str, list[Read]], units: torch.Tensor | None = None, size: int = 64, raw: bool = False
 ) -> list[ActBatch]:
     """Batches of each group's (prompt, response) ids, for `ActivationStage`."""
     return [
-        ActBatch(key, start, [p for p, _ in part], [r for _, r in part], units)
+        ActBatch(key, start, [p for p, _ in part], [r for _, r in part], units, raw)
         for key, reads in groups.items()
         for start, part in zip(range(0, len(reads), size), batched(reads, size), strict=True)
     ]
@@ -50,9 +53,11 @@ class ActivationStage:
     projects them onto unit vectors (evaluation: one scalar per sample, method and layer), as read by the
     screen's teacher-forced reader (`Scorer.means`) at every layer."""
 
-    def __init__(self, model: ModelRef, settings: ExtractSettings):
+    def __init__(self, model: ModelRef, settings: ExtractSettings, memo: dict | None = None):
         self.ref, self.settings, self.work = model, settings, settings.work()
         self.scorer: Scorer | None = None
+        # in-process only: reads already made (by this trait's steps or, in a multi-trait run, another's)
+        self.memo = memo
 
     def setup(self) -> None:
         layers = tuple(range(self.ref.num_layers + 1))
@@ -62,10 +67,19 @@ class ActivationStage:
     def read(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         """`[reads, 3, L+1, H]` activations (`METHODS` order) in the reads' order."""
         assert self.scorer is not None, "setup() first"
-        return self.scorer.means(prompts, responses)
+        if self.memo is None:
+            return self.scorer.means(prompts, responses)
+        keys = [(tuple(p), tuple(r)) for p, r in zip(prompts, responses, strict=True)]
+        todo = sorted({i for i, k in enumerate(keys) if k not in self.memo})
+        if todo:
+            got = self.scorer.means([prompts[i] for i in todo], [responses[i] for i in todo])
+            self.memo.update((keys[i], got[j].clone()) for j, i in enumerate(todo))
+        return torch.stack([self.memo[k] for k in keys])
 
     def process(self, batch: ActBatch, report=None) -> torch.Tensor:
         acts = self.read(batch.prompts, batch.responses)
+        if batch.raw:
+            return acts[:, 0].float()  # [B, L+1, H]
         if batch.units is None:
             return acts.double().sum(dim=0)  # [3, L+1, H]
         return (acts * batch.units).sum(dim=-1)  # [B, 3, L+1]
@@ -124,6 +138,67 @@ def orthogonalize(vector: torch.Tensor, others: Sequence[torch.Tensor], rtol: fl
     return out.float()
 
 
+def raw_activations(
+    groups: dict[str, list[Read]], stage: ActivationStage, resources: Resources
+) -> dict[str, torch.Tensor]:
+    """`{group: [reads, L+1, H]}` response_avg activations, in each group's order."""
+    parts: dict[str, dict[int, torch.Tensor]] = {key: {} for key in groups}
+    for batch, acts in run_stage(stage, act_batches(groups, raw=True), resources):
+        parts[batch.key][batch.start] = acts
+    return {key: torch.cat([got[start] for start in sorted(got)]) for key, got in parts.items() if got}
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """How `whiten` weighs the nuisance contrasts and shrinks the covariance (chosen on the trait files'
+    held-out pairs and the controls' check halves: benchmarks/RESULTS.md, "Whitened vectors")."""
+
+    shrinkage: float = WHITEN_SHRINKAGE  # ridge, as a share of the covariance's mean eigenvalue
+    weight: float = WHITEN_WEIGHT  # of the nuisance contrasts' second moment against the trait's own spread
+
+    HOW = (
+        "the response_avg vector is, at each layer, the mean difference mu whitened against what varies "
+        "besides the trait: w = (C + weight * N + shrinkage * tr(C + weight * N) / H * I)^-1 mu, where C is "
+        "the covariance of the trait's own pair differences (pooled within-class covariance times 2 when "
+        "unpaired) and N the uncentred second moment of the nuisance pair differences; w is then scaled "
+        "to mu's component along it, so the file keeps activation units"
+    )
+
+
+def whiten(
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    paired: bool,
+    nuisance: Sequence[torch.Tensor],
+    how: Whitening,
+) -> torch.Tensor:
+    """`[L+1, H]` whitened direction from the trait's `[n, L+1, H]` response_avg activations and the
+    nuisance pair differences (each `[m, L+1, H]`), per layer in float64 (`Whitening.HOW`)."""
+    pos, neg = positives.double(), negatives.double()
+    mu = pos.mean(0) - neg.mean(0)
+    if paired:
+        own = (pos - neg) - mu
+        own_n = len(own)
+    else:
+        own = torch.cat([pos - pos.mean(0), neg - neg.mean(0)])
+        own_n = len(own) / 2  # the covariance of a difference of two independent draws is 2x
+    noise = torch.cat([d.double() for d in nuisance]) if nuisance else None
+    out = torch.empty_like(mu)
+    eye = torch.eye(mu.shape[-1], dtype=torch.float64)
+    for layer in range(mu.shape[0]):
+        cov = own[:, layer].T @ own[:, layer] / max(own_n, 1)
+        if noise is not None:
+            cov = cov + how.weight * (noise[:, layer].T @ noise[:, layer]) / len(noise)
+        if cov.trace() <= 0:  # nothing varies (one pair, no nuisance): nothing to whiten against
+            out[layer] = mu[layer]
+            continue
+        cov = cov + max(how.shrinkage, 1e-9) * cov.trace() / cov.shape[0] * eye
+        w = torch.linalg.solve(cov, mu[layer])
+        norm = w.norm()
+        out[layer] = w * ((mu[layer] @ w) / norm**2) if norm > 0 else w
+    return out.float()
+
+
 def projections(
     groups: dict[str, list[Read]], vectors: torch.Tensor, stage: ActivationStage, resources: Resources
 ) -> dict[str, np.ndarray]:
@@ -161,25 +236,52 @@ def specific_vectors(
     settings: ExtractSettings,
     stage: ActivationStage,
     resources: Resources,
+    paired: bool = True,
+    whitening: tuple[Whitening, dict[str, Trait], dict[str, tuple[list[Read], list[Read]]]] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Step 4: the mean-difference vectors; with `orthogonal_to`, the response_avg vector less, per layer,
     its component in the span of those traits' own example directions (the mean difference of their
-    written `examples`, read in the same pass), so it does not measure what they share. The sidecar fields
-    that say so come back with them."""
+    written `examples`, read in the same pass), so it does not measure what they share. With `whitening`
+    (how, the traits whose examples are nuisance, the controls' fit halves as (a, b) reads), the
+    response_avg vector is whitened against them first (`whiten`). The sidecar fields that say so come
+    back with them."""
     contrasts = {}
     for name, other in (orthogonal_to or {}).items():
         pos, neg, _, _ = example_reads(tokenizer, from_trait(other, "examples"), settings.max_tokens)
         contrasts[name] = (pos, neg)
     vectors, directions = mean_difference(positives, negatives, stage, resources, contrasts)
-    if not directions:
-        return vectors, {}
-    vectors[0] = orthogonalize(vectors[0], [d[0] for d in directions.values()])
-    fields = {
-        "orthogonal_to": {
+    fields: dict = {}
+    if whitening is not None:
+        how, traits, control_fit = whitening
+        groups = {POS: positives, NEG: negatives}
+        for name, other in traits.items():
+            pos, neg, _, _ = example_reads(tokenizer, from_trait(other, "examples"), settings.max_tokens)
+            groups[f"{name}/{POS}"], groups[f"{name}/{NEG}"] = pos, neg
+        for name, (a, b) in control_fit.items():
+            groups[f"{CONTROL}{name}/{POS}"], groups[f"{CONTROL}{name}/{NEG}"] = a, b
+        acts = raw_activations(groups, stage, resources)
+        nuisance = [
+            acts[f"{key}/{POS}"] - acts[f"{key}/{NEG}"]
+            for key in [*traits, *(f"{CONTROL}{c}" for c in control_fit)]
+            if f"{key}/{POS}" in acts
+        ]
+        vectors[0] = whiten(acts[POS], acts[NEG], paired, nuisance, how)
+        fields["whitened"] = {
+            "traits": {name: t.sha256 for name, t in traits.items()},
+            "controls": {
+                name: {"pairs": len(a), "half": "even pairs (0, 2, ...)"}
+                for name, (a, _) in control_fit.items()
+            },
+            "shrinkage": how.shrinkage,
+            "weight": how.weight,
+            "how": Whitening.HOW,
+        }
+    if directions:
+        vectors[0] = orthogonalize(vectors[0], [d[0] for d in directions.values()])
+        fields["orthogonal_to"] = {
             "traits": {name: t.sha256 for name, t in orthogonal_to.items()},
             "how": "the response_avg vector less, at each layer, its component in the span of these traits' "
             "response_avg mean differences over their written 'examples' (modified Gram-Schmidt); the other "
             "methods are plain mean differences",
         }
-    }
     return vectors, fields
