@@ -1,4 +1,4 @@
-"""How the built-in vectors' method was chosen: plain mean differences against whitened ones
+"""How the built-in vectors' method was chosen: plain mean differences, orthogonalised ones and whitened ones
 (`screener extract --whiten`) at several shrinkages and weights, on the trait files' held-out pairs and
 the style controls' odd pairs only.
 
@@ -35,10 +35,20 @@ from screener.extract.examples import from_trait, from_written
 from screener.extract.layers import NEAR_CHANCE, choose_specific_layer, cross_trait, layer_report
 from screener.extract.pipeline import ActivationStage, ExtractSettings, Whitening
 from screener.extract.traits import list_traits, load_trait
-from screener.extract.vectors import example_reads, whiten
+from screener.extract.vectors import example_reads, orthogonalize, whiten
 from screener.models import resolve_model
 
-SETTINGS = [None, (0.01, 0.3), (0.03, 0.3), (0.03, 1.0), (0.1, 0.3), (0.1, 1.0), (0.3, 1.0), (1.0, 1.0)]
+SETTINGS = [
+    None,
+    "orthogonal",
+    (0.01, 0.3),
+    (0.03, 0.3),
+    (0.03, 1.0),
+    (0.1, 0.3),
+    (0.1, 1.0),
+    (0.3, 1.0),
+    (1.0, 1.0),
+]
 
 
 def read_all(model: str, threads: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -105,8 +115,17 @@ def main() -> None:
     for t in traits:
         pos, neg = acts[f"{t}:examples"]
         for setting in SETTINGS:
+            plain = (pos.double().mean(0) - neg.double().mean(0)).float()
             if setting is None:
-                name, vector = "mean difference", (pos.double().mean(0) - neg.double().mean(0)).float()
+                name, vector = "mean difference", plain
+            elif setting == "orthogonal":  # --orthogonal-to others: less the other traits' mean differences
+                name = "orthogonal to others"
+                directions = [
+                    acts[f"{o}:examples"][0].double().mean(0) - acts[f"{o}:examples"][1].double().mean(0)
+                    for o in traits
+                    if o != t
+                ]
+                vector = orthogonalize(plain, directions)
             else:
                 name = f"whitened {setting[0]:g} / {setting[1]:g}"
                 nuisance = [acts[f"{o}:examples"][0] - acts[f"{o}:examples"][1] for o in traits if o != t]
