@@ -42,7 +42,7 @@ def main() -> None:
     with torch.inference_mode():
         for rows in sizes:
             batch = prompts[:rows]
-            state = prefill(model, batch, pad_id(tok))
+            state = prefill(model, batch, [len(p) for p in batch], pad_id(tok), args.new_tokens)
             started, cpu = time.perf_counter(), time.process_time()
             decode(model, state, [], args.new_tokens, lambda logits: logits.argmax(dim=-1))
             wall, cpu = time.perf_counter() - started, time.process_time() - cpu

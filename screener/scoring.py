@@ -28,7 +28,6 @@ import torch
 from screener.choices import EXTRACT_METHODS, check_max_tokens, checked
 from screener.models import (
     LayerTap,
-    Prefill,
     chat_ids,
     decode,
     decoder_parts,
@@ -39,7 +38,6 @@ from screener.models import (
     picker,
     plain_cache,
     prefill,
-    read,
     run_until_tapped,
     weight_dtype,
 )
@@ -362,8 +360,13 @@ class Scorer:
         """Read several (prompt length, response length) spans from each teacher-forced sequence: per
         sequence and span, `proj_response` (the mean over the span's response tokens) and
         `proj_prompt_last` (the token before them), each `[layers, traits]`."""
-        proj = self.project_tokens(seqs)  # [B, L, T, K]
-        starts = self.starts(seqs)
+        return self._read_spans(self.project_tokens(seqs), self.starts(seqs), spans)
+
+    @staticmethod
+    def _read_spans(
+        proj: torch.Tensor, starts: list[int], spans: list[list[tuple[int, int]]]
+    ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+        """`project_spans` from the `[B, L, T, K]` projections of padded sequences starting at `starts`."""
         width = proj.shape[2]
         # one row per span; padded positions can hold NaN (fully masked attention rows), so select,
         # never multiply by a mask
@@ -686,46 +689,48 @@ class Scorer:
     @torch.inference_mode()
     def _prefilled(
         self, prompts: list[list[int]], responses: list[list[int]] | None, seed: int
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[list[int]]]:
-        """One batch from one prefill: `proj_prompt_last`, `proj_response` of `responses` (None without
-        them) and the natural answers' projections, each `[batch, layers, traits]` (NaN for an empty
-        answer), and the answers' ids. Times the prefill with the read ("prefill") and the decoding
-        ("generate") apart."""
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, list[list[int]]]:
+        """One batch from one prefill: `proj_prompt_last` and `proj_response` of `responses` (both None
+        without them), read teacher-forced in the prefill's own pass (prompt + response, right-padded, up
+        to the deepest layer needed), and the natural answers' projections, each `[batch, layers, traits]`
+        (NaN for an empty answer), and the answers' ids. Times the prefill with the read ("prefill") and
+        the decoding ("generate") apart."""
         units, layers, g = self.units, self.layers, self.settings.generation
+        taps: list[ProjectionTap] = []
+
+        def tap() -> ProjectionTap:
+            taps.append(ProjectionTap(self.model, units, stop=True))
+            return taps[0]
+
+        last = resp = None
+        with Stopwatch(self.device) as watch:
+            seqs = prompts if responses is None else [p + r for p, r in zip(prompts, responses, strict=True)]
+            lengths = [len(p) for p in prompts]
+            state = prefill(
+                self.model, seqs, lengths, self.pad_id, g.max_new_tokens, None if responses is None else tap
+            )
+            if responses is not None:
+                proj = torch.stack([taps[0].take(layer) for layer in layers], dim=1)  # [B, L, T, K]
+                spans = [[(len(p), len(r))] for p, r in zip(prompts, responses, strict=True)]
+                got_resp, got_last = self._read_spans(proj, [0] * len(seqs), spans)
+                resp, last = np.stack([x[0] for x in got_resp]), np.stack([x[0] for x in got_last])
+        self.seconds["prefill"] += watch.seconds
 
         def at_last(layer: int, h: torch.Tensor) -> torch.Tensor:
             return h[:, -1].float() @ units[layer]
 
-        with Stopwatch(self.device) as watch:
-            with LayerTap(self.model, layers, at_last) as tap:
-                state = prefill(self.model, prompts, self.pad_id)
-                last = torch.stack([tap.take(layer)[0] for layer in layers], dim=1)  # [B, L, K]
-            resp = None if responses is None else self._read_responses(state, responses)
-        self.seconds["prefill"] += watch.seconds
-        sums = torch.zeros_like(last)
-        with Stopwatch(self.device) as watch, LayerTap(self.model, layers, at_last) as tap:
+        sums = torch.zeros((len(prompts), len(layers), self.n_traits), device=self.device)
+        with Stopwatch(self.device) as watch, LayerTap(self.model, layers, at_last) as answer_tap:
 
             def add(rows: torch.Tensor) -> None:
-                sums[rows] += torch.stack([tap.take(layer)[0] for layer in layers], dim=1)
+                sums[rows] += torch.stack([answer_tap.take(layer)[0] for layer in layers], dim=1)
 
             answers = decode(self.model, state, self.stops, g.max_new_tokens, self._pick(seed), add)
         self.seconds["generate"] += watch.seconds
         counts = torch.tensor([len(a) for a in answers], device=self.device, dtype=sums.dtype)
         natural = (sums / counts[:, None, None]).double().cpu().numpy()
         natural[(counts == 0).cpu().numpy()] = np.nan
-        return last.double().cpu().numpy(), resp, natural, answers
-
-    def _read_responses(self, state: Prefill, responses: list[list[int]]) -> np.ndarray:
-        """`proj_response` `[batch, layers, traits]`: the mean over each response's tokens, read
-        teacher-forced after its prompt's cache up to the deepest layer needed."""
-        with ProjectionTap(self.model, self.units, stop=True) as tap:
-            read(self.model, state, responses, self.pad_id)
-            proj = torch.stack([tap.take(layer) for layer in self.layers], dim=1)  # [B, L, R, K]
-        n = torch.tensor([len(r) for r in responses], device=proj.device)
-        real = torch.arange(proj.shape[2], device=proj.device)[None] < n[:, None]
-        # padded positions of the read see real tokens only, but select anyway: never weight by a mask
-        summed = proj.masked_fill(~real[:, None, :, None], 0.0).sum(dim=2)
-        return (summed / n[:, None, None].to(summed.dtype)).double().cpu().numpy()
+        return last, resp, natural, answers
 
     def _pick(self, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
         g = self.settings.generation

@@ -8,7 +8,7 @@
   hooks and an early stop (`LayerTap`, `run_until_tapped`).
 - `int8`: `--dtype int8` on CPUs: the decoder blocks' linear layers as dynamic int8 matmuls (`quantize_int8`).
 - `generation`: batched generation that cuts each answer at its first end-of-turn token (`generate`), and
-  one prefill per prompt continued by a teacher-forced read and a decode loop (`prefill`, `read`, `decode`).
+  one prefill per prompt, with a teacher-forced read in its pass, and a decode loop (`prefill`, `decode`).
 
 Layer convention (records.py): layer L is `hidden_states[L]` as transformers returns it. Import from
 `screener.models`; the submodules say where each piece lives.
@@ -30,7 +30,6 @@ from screener.models.generation import (
     picker,
     plain_cache,
     prefill,
-    read,
 )
 from screener.models.hooks import (
     LayerTap,
@@ -95,7 +94,6 @@ __all__ = [
     "plain_cache",
     "prefill",
     "quantize_int8",
-    "read",
     "resolve_adapter",
     "resolve_model",
     "run_until_tapped",

@@ -64,6 +64,8 @@ class LayerTap:
         self.outputs: dict[int, list] = {layer: [] for layer in layers}
         self._handles = []
         deepest = max(layers)
+        # how many blocks a forward runs under this tap: a stop after block L-1 (or before block 0) runs L
+        self.stops_after = deepest if stop and deepest < n else n
         for layer in layers:
             last = stop and layer == deepest and layer < n
 
