@@ -48,6 +48,24 @@ class Stage(Protocol):
     def process(self, batch: Any, report: Callable[[int], None] | None = None) -> Any: ...
 
 
+class OverlappedStage(Stage, Protocol):
+    """A stage whose CPU preparation of a batch can run beside the model work of the one before.
+    `prepare(batch)` must be a pure function of the batch that leaves `process` the same result:
+    `process(batch, report, prepare(batch))` == `process(batch, report)`. `overlap`: whether to (a GPU's
+    model work leaves the CPU idle; on a CPU both would share the same cores)."""
+
+    overlap: bool
+
+    def prepare(self, batch: Any) -> Any: ...
+    def process(
+        self, batch: Any, report: Callable[[int], None] | None = None, prepared: Any = None
+    ) -> Any: ...
+
+
+def overlaps(stage: Stage) -> bool:
+    return bool(getattr(stage, "overlap", False)) and callable(getattr(stage, "prepare", None))
+
+
 Progress = Callable[[int], None]  # called with the units of work done since the last call
 
 
@@ -132,16 +150,21 @@ def _gpu_count() -> int:
 
 
 class _StageActor:
-    """One worker: sets its stage up once, then processes batches one at a time. `progress` runs in a
-    concurrency group of its own, so the driver can ask how far the current batch is while it runs."""
+    """One worker: sets its stage up once, then runs the model on one batch at a time. `progress` runs in
+    a concurrency group of its own, so the driver can ask how far the current batch is while it runs. Two
+    `process` calls run at once (the driver keeps two batches in flight): with an overlapped stage, the
+    queued batch is prepared on the CPU (one at a time) while the model works on the other."""
 
     def __init__(self, stage: Stage, threads: int):
+        import threading
+
         import torch
 
         torch.set_num_threads(threads)
         self.stage = stage
         self.done = 0
         self.restarted: bool | None = None
+        self.prepare_lock, self.model_lock = threading.Lock(), threading.Lock()
         stage.setup()
 
     def pid(self) -> int:
@@ -158,7 +181,15 @@ class _StageActor:
         if self.restarted is None:  # asked of the GCS once per process
             self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         node = ray.get_runtime_context().get_node_id()
-        return self.stage.process(batch, self._report), os.getpid(), node, self.restarted
+        if overlaps(self.stage):
+            with self.prepare_lock:
+                prepared = self.stage.prepare(batch)  # type: ignore[attr-defined]
+            with self.model_lock:
+                result = self.stage.process(batch, self._report, prepared)  # type: ignore[call-arg]
+        else:
+            with self.model_lock:
+                result = self.stage.process(batch, self._report)
+        return result, os.getpid(), node, self.restarted
 
     def progress(self) -> int:
         """Units reported since the last call."""
@@ -193,10 +224,32 @@ def run_stage(
 
         torch.set_num_threads(resources.threads)
         stage.setup()
+        if overlaps(stage):
+            yield from _overlapped(stage, batches, progress)  # type: ignore[arg-type]
+            return
         for batch in batches:
             yield batch, stage.process(batch, progress)
         return
     yield from _run_on_actors(stage, batches, resources, progress, stats or StageStats())
+
+
+def _overlapped(
+    stage: OverlappedStage, batches: Iterable[Any], progress: Progress | None
+) -> Iterator[tuple[Any, Any]]:
+    """In this process, each batch's `prepare` in a thread while the model works on the batch before:
+    the results of `process` in turn (prepare is pure and runs on one thread), its CPU work hidden."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        it = iter(batches)
+        batch = next(it, None)
+        ahead = None if batch is None else pool.submit(stage.prepare, batch)
+        while batch is not None and ahead is not None:
+            prepared = ahead.result()
+            after = next(it, None)
+            ahead = None if after is None else pool.submit(stage.prepare, after)
+            yield batch, stage.process(batch, progress, prepared)
+            batch = after
 
 
 @dataclass
@@ -219,6 +272,7 @@ class _ActorPool:
         actor = ray.remote(concurrency_groups={"progress": 1})(_StageActor)
         # SPREAD: CPU actors use several nodes' cores, not one node's; one per GPU either way
         self.actor_cls = actor.options(
+            max_concurrency=2,  # `process` of the batch queued behind the running one (_StageActor)
             num_cpus=res.num_cpus,
             num_gpus=res.num_gpus,
             max_restarts=ACTOR_RESTARTS,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,18 @@ class Pass:
 
     ids: list[int]
     reads: list[Tokens]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch of samples made ready for the model on the CPU (`Scorer.prepare`): the rejects found by
+    tokenising, in input order (None where a sample was tokenised), the tokens, and the passes (None in
+    natural mode from one prefill, which reads every turn on its own)."""
+
+    n: int  # samples
+    results: list
+    toks: list[Tokens]
+    plan: PassPlan | None
 
 
 @dataclass(frozen=True)
@@ -293,6 +306,7 @@ class Scorer:
         self.seconds: Counter[str] = Counter()
         self._compiled: dict[int, Callable] = {}
         self.shared_prefill = settings.shared_prefill and plain_cache(model)
+        self.tokenizer_lock = threading.Lock()  # `prepare` may run in a thread beside the model work
         self.stops = eos_ids(model, tokenizer)
         if settings.compile:
             # the forward only, so the hooks (and their early stop) stay outside the compiled graph
@@ -543,25 +557,42 @@ class Scorer:
                 batch.append(remaining.pop(start))
             yield batch
 
+    def prepare(self, samples: Sequence[Sample]) -> Prepared:
+        """The CPU side of `score` before any model work: every sample tokenised (chat template, cut to
+        `max_tokens`) and the teacher-forced passes planned. A pure function of the samples, so it may run
+        in another thread while the model scores the batch before (`tokenizer_lock` keeps the tokenizer to
+        one thread at a time)."""
+        with self.tokenizer_lock:
+            results: list[Scored | Reject | None] = [None] * len(samples)
+            toks: list[Tokens] = []
+            for i, s in enumerate(samples):
+                t = self.tokenize(s, i)
+                if isinstance(t, Reject):
+                    results[i] = t
+                else:
+                    toks.append(t)
+        st = self.settings
+        natural_prefill = st.mode == "natural" and self.shared_prefill
+        plan = None if natural_prefill else plan_passes(toks, st.share_passes)
+        return Prepared(len(samples), results, toks, plan)
+
     def score(
-        self, samples: Sequence[Sample], report: Callable[[int], None] | None = None
+        self,
+        samples: Sequence[Sample],
+        report: Callable[[int], None] | None = None,
+        prepared: Prepared | None = None,
     ) -> list[Scored | Reject]:
         """Score samples (any lengths, any order); results come back in the input order. The turns of a
         conversation share teacher-forced passes where their token ids allow (`plan_passes`). `report(n)`
-        is called as each batch's n samples are done."""
-        results: list[Scored | Reject | None] = [None] * len(samples)
-        toks: list[Tokens] = []
-        for i, s in enumerate(samples):
-            t = self.tokenize(s, i)
-            if isinstance(t, Reject):
-                results[i] = t
-            else:
-                toks.append(t)
+        is called as each batch's n samples are done. `prepared`: `prepare(samples)`, done beforehand."""
+        prepared = prepared if prepared is not None else self.prepare(samples)
+        if prepared.n != len(samples):
+            raise ValueError(f"prepared for {prepared.n} samples, given {len(samples)}")
+        results, toks, plan = list(prepared.results), prepared.toks, prepared.plan
         st = self.settings
-        if st.mode == "natural" and self.shared_prefill:
+        if plan is None:
             self._score_natural(toks, results, report)
             return results  # type: ignore[return-value]
-        plan = plan_passes(toks, st.share_passes)
         lengths = [len(p.ids) for p in plan.passes]
         for batch in self._batches(
             lengths, lambda: (self.batch_tuner.size(), st.max_batch_size), self.batch_tuner
@@ -629,7 +660,8 @@ class Scorer:
         if isinstance(r, Scored):
             r.proj_natural = proj
             r.natural_tokens = len(answer)
-            r.natural_response = self.tokenizer.decode(answer, skip_special_tokens=True)
+            with self.tokenizer_lock:
+                r.natural_response = self.tokenizer.decode(answer, skip_special_tokens=True)
 
     @staticmethod
     def _result(t: Tokens, resp: np.ndarray, last: np.ndarray, path: str | None) -> Scored | Reject:

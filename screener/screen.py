@@ -26,15 +26,15 @@ import torch
 
 from screener.calibration import reference_rows
 from screener.choices import DEFAULT_MAX_TOKENS
-from screener.datasets import ReadStats, canonical_uri, local_files, read_samples
+from screener.datasets import Done, ReadStats, canonical_uri, local_files, read_samples
 from screener.distributed import StageStats, model_workers, on_cluster, run_stage
 from screener.errors import ScreenerError, Terminated, UserError
 from screener.models import DEFAULT_MODEL, ModelRef, resolve_model
 from screener.progress import Progress
 from screener.records import MODES, TURNS, Reject, Sample, Scored
 from screener.runs import Run
-from screener.scoring import GenerationSettings, Scorer, ScoreSettings
-from screener.store import DEFAULT_DB, Store, check_not_busy, one_line
+from screener.scoring import GenerationSettings, Prepared, Scorer, ScoreSettings
+from screener.store import DEFAULT_DB, FinishedRows, Store, check_not_busy, one_line
 from screener.vectors import Vector, vectors_at
 from screener.work import Work
 
@@ -203,19 +203,29 @@ class Chunk:
 class ScreenStage:
     """The model work of a screen, run once per worker (`setup`) and per chunk (`process`)."""
 
-    def __init__(self, plan: ScreenPlan):
+    def __init__(self, plan: ScreenPlan, overlap: bool | None = None):
         self.plan = plan
         self.scorer: Scorer | None = None
+        # on a GPU the next chunk is tokenised while the model scores this one (distributed.OverlappedStage)
+        self.overlap = plan.work.gpu if overlap is None else overlap
 
     def setup(self) -> None:
         self.scorer = self.plan.work.scorer(self.plan.model, self.plan.units, self.plan.settings)
 
-    def process(self, chunk: Chunk, report=None) -> tuple[list[Scored | Reject], dict]:
+    def prepare(self, chunk: Chunk) -> Prepared:
+        """The chunk's CPU work before the model (`Scorer.prepare`)."""
+        assert self.scorer is not None, "setup() first"
+        return self.scorer.prepare(chunk.samples)
+
+    def process(
+        self, chunk: Chunk, report=None, prepared: Prepared | None = None
+    ) -> tuple[list[Scored | Reject], dict]:
         """The chunk's results, in its order, and how the work was done (batch sizes, for the run's
-        settings). `report(n)` hears of each model batch's samples as they are done."""
+        settings). `report(n)` hears of each model batch's samples as they are done; `prepared`: the
+        chunk's `prepare`, done beforehand."""
         assert self.scorer is not None, "setup() first"
         before = self.scorer.seconds.copy()
-        results = self.scorer.score(chunk.samples, report)
+        results = self.scorer.score(chunk.samples, report, prepared)
         spent = {k: v - before[k] for k, v in self.scorer.seconds.items()}
         return results, self.scorer.runtime() | {"model_seconds": spent}
 
@@ -275,12 +285,17 @@ def prepare(cfg: ScreenConfig) -> ScreenPlan:
 # -- the pipeline -----------------------------------------------------------------------------------
 
 
-def pending_chunks(items: Iterator[Sample | Reject], store: Store, run_id: str, size: int) -> Iterator[Chunk]:
+def pending_chunks(
+    items: Iterator[Sample | Reject | Done], store: Store, run_id: str, size: int
+) -> Iterator[Chunk]:
     """Group the stream into chunks of samples still to score (stored ones are skipped: a resume), each
     with the rejects read before it and those for duplicate sample ids. A record's turns stay in one
-    chunk, so they can share a teacher-forced pass and are committed together."""
+    chunk, so they can share a teacher-forced pass and are committed together. A finished row (`Done`)
+    counts its samples too, so every chunk holds the samples it holds in a read from the start: a resume
+    scores each in the same batches, to the same values."""
     pending: list[Sample] = []
     rejects: list[Reject] = []
+    n, last = 0, None  # samples read into the chunk, and the record of the last
 
     def flush() -> Chunk:
         todo, duplicates = store.pending(run_id, pending)
@@ -290,13 +305,17 @@ def pending_chunks(items: Iterator[Sample | Reject], store: Store, run_id: str, 
         if isinstance(item, Reject):
             rejects.append(item)
             continue
-        if len(pending) >= size and (item.source_file, item.source_row) != (
-            pending[-1].source_file,
-            pending[-1].source_row,
-        ):
-            yield flush()
-            pending, rejects = [], []
-        pending.append(item)
+        key = (item.source_file, item.source_row)
+        if n >= size and key != last:
+            if pending or rejects:  # else every row of it finished before
+                yield flush()
+            pending, rejects, n = [], [], 0
+        if isinstance(item, Done):
+            n += len(item.ids)
+        else:
+            pending.append(item)
+            n += 1
+        last = key
     if pending or rejects:
         yield flush()
 
@@ -305,8 +324,11 @@ def screen(cfg: ScreenConfig) -> Summary:
     """Screen `cfg.dataset` into `cfg.db`; resumes the run when it exists."""
     started = time.perf_counter()
     stats = ReadStats()
+    finished = _Finished()
     # The dataset first: a missing path fails here, before the model is looked at.
-    items = read_samples(cfg.dataset, turns=cfg.turns, split=cfg.split, limit=cfg.limit, stats=stats)
+    items = read_samples(
+        cfg.dataset, turns=cfg.turns, split=cfg.split, limit=cfg.limit, stats=stats, finished=finished
+    )
     _check_db_is_not_input(cfg.db, cfg.dataset)
     check_not_busy(cfg.db)
     plan = prepare(cfg)
@@ -317,12 +339,17 @@ def screen(cfg: ScreenConfig) -> Summary:
     paths: Counter[str] = Counter()
     with Store(cfg.db) as store:
         resumed = store.begin_run(run)
+        if resumed:  # the rows finished before are skipped unparsed (their ids given)
+            finished.rows = store.finished(run.run_id)
         store.write_references(run.run_id, list(reference_rows(plan.vectors, plan.model.sha256, run.layers)))
 
         def commit(chunk: Chunk, results: list[Scored | Reject]) -> None:
             done = [r for r in results if isinstance(r, Scored)]
             bad = chunk.rejects + [r for r in results if isinstance(r, Reject)]
-            store.write(run.run_id, run.layers, run.traits, done, bad, samples=chunk.samples)
+            # the read has stopped when the chunk holding the row a --limit cut is committed
+            store.write(
+                run.run_id, run.layers, run.traits, done, bad, samples=chunk.samples, cut_row=stats.cut_row
+            )
             by_record = {(r.source_file, r.source_row): r.extra["path"] for r in done if "path" in r.extra}
             paths.update(by_record.values())
             counts["scored"] += len(done)
@@ -397,6 +424,17 @@ def screen(cfg: ScreenConfig) -> Summary:
         last_batch_done=times.get("last"),
         workers=actors,
     )
+
+
+class _Finished:
+    """The read's `Finished`: the store's finished rows of a resumed run, once the run is known (the read
+    starts before, to check the input); until then, none."""
+
+    def __init__(self) -> None:
+        self.rows: FinishedRows | None = None
+
+    def ids(self, row: int, file: str) -> list[str] | None:
+        return None if self.rows is None else self.rows.ids(row, file)
 
 
 def _count_ahead(cfg: ScreenConfig, progress: Progress, done_before: int) -> None:

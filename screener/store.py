@@ -72,6 +72,37 @@ class StoredIds:
         return [bool(a) or h in self._recent for a, h in zip(in_sorted, hashes.tolist(), strict=True)]
 
 
+class FinishedRows:
+    """A run's finished rows, for a resumed read to skip unparsed (`datasets.reader.Finished`): a row whose
+    record is stored complete (every item the reader gave it committed in one chunk, none left unread by
+    --limit) and which no reject names, so its items were all samples, all stored. Read from the database a
+    window of rows at a time: memory per window, whatever the run's size."""
+
+    WINDOW = 65_536  # rows
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, run_id: str) -> None:
+        self.con, self.run_id = con, run_id
+        self._lo = self._hi = 0
+        self._rows: dict[int, tuple[str, list[str]]] = {}
+
+    def ids(self, row: int, file: str) -> list[str] | None:
+        if not self._lo <= row < self._hi:
+            self._lo, self._hi = row, row + self.WINDOW
+            found = self.con.execute(
+                """SELECT r.source_row, any_value(r.source_file), list(t.sample_id)
+                FROM records r JOIN turns t USING (run_id, source_row)
+                WHERE r.run_id = $run_id AND r.complete AND r.source_row >= $lo AND r.source_row < $hi
+                  AND t.source_row >= $lo AND t.source_row < $hi
+                  AND r.source_row NOT IN (SELECT source_row FROM rejects WHERE run_id = $run_id
+                                           AND source_row >= $lo AND source_row < $hi)
+                GROUP BY r.source_row""",
+                {"run_id": self.run_id, "lo": self._lo, "hi": self._hi},
+            ).fetchall()
+            self._rows = {r: (f, ids) for r, f, ids in found}
+        hit = self._rows.get(row)
+        return hit[1] if hit is not None and hit[0] == file else None
+
+
 class Store:
     """A screen's results database. Read-write opening creates it (and its folder) and applies
     sql/schema.sql, sql/samples.sql and sql/views.sql (all idempotent; they bring a database written by an
@@ -297,6 +328,10 @@ class Store:
             self._ids[run_id] = ids
         return self._ids[run_id]
 
+    def finished(self, run_id: str) -> FinishedRows:
+        """The run's finished rows, for a resumed read to skip (`FinishedRows`)."""
+        return FinishedRows(self.con, run_id)
+
     def pending(self, run_id: str, samples: list[Sample]) -> tuple[list[Sample], list[Reject]]:
         """Split a chunk into samples not yet stored for this run, and rejects for duplicate sample_ids.
 
@@ -313,13 +348,16 @@ class Store:
         rejects: Sequence[Reject],
         *,
         samples: Sequence[Sample] = (),
+        cut_row: int | None = None,
     ) -> None:
         """Store a batch in one transaction: records (each record's messages once), turns, scores
         (sample × layer × trait) and rejects.
 
         `samples` supplies prompt and response text, which `Scored` does not carry; matched on
-        (sample_id, source_row). Idempotent. A scored sample whose id is owned by another source_row
-        (possible when chunks are scored out of order) becomes a duplicate reject, not a lost row.
+        (sample_id, source_row). `cut_row`: a row whose later items the read left unread (--limit); its
+        record is stored as not complete, so a resume reads it again. Idempotent. A scored sample whose id
+        is owned by another source_row (possible when chunks are scored out of order) becomes a duplicate
+        reject, not a lost row.
         """
         by_key = {(s.sample_id, s.source_row): s for s in samples}
         if missing := [s.sample_id for s in scored if (s.sample_id, s.source_row) not in by_key]:
@@ -328,7 +366,7 @@ class Store:
             fresh, duplicates = self._new_and_duplicates(run_id, scored)
             added: Counter[str] = Counter()
             if fresh:
-                self._write_records(run_id, _record_rows(fresh, by_key))
+                self._write_records(run_id, _record_rows(fresh, by_key, cut_row))
                 self._insert("turns", run_id, _turn_rows(fresh, by_key))
                 self._insert("scores", run_id, _score_rows(layers, traits, fresh))
                 added["scored"] = len(fresh)  # not stored before (`_new_and_duplicates`)
@@ -367,7 +405,7 @@ class Store:
             self.con.execute(
                 "INSERT INTO records BY NAME SELECT $run_id AS run_id, * FROM _records"
                 " ON CONFLICT (run_id, source_row) DO UPDATE SET messages = excluded.messages,"
-                " source_file = excluded.source_file"
+                " source_file = excluded.source_file, complete = excluded.complete"
                 " WHERE json_array_length(excluded.messages) > json_array_length(records.messages)",
                 {"run_id": run_id},
             )
@@ -531,9 +569,11 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)  # the schema's TIMESTAMPs are naive UTC
 
 
-def _record_rows(scored: Sequence[Scored], by_key: dict[tuple[str, int], Sample]) -> pa.Table:
+def _record_rows(
+    scored: Sequence[Scored], by_key: dict[tuple[str, int], Sample], cut_row: int | None = None
+) -> pa.Table:
     """One row per record: its messages through its last scored turn (that turn's prompt, then its
-    response), which every scored turn's prompt is a prefix of."""
+    response), which every scored turn's prompt is a prefix of; complete unless it is `cut_row`."""
     last: dict[int, Sample] = {}
     for s in scored:
         src = by_key[(s.sample_id, s.source_row)]
@@ -547,6 +587,7 @@ def _record_rows(scored: Sequence[Scored], by_key: dict[tuple[str, int], Sample]
                 "source_row": int(row),
                 "source_file": src.source_file,
                 "messages": json.dumps(messages, ensure_ascii=False),
+                "complete": row != cut_row,
             }
         )
     for s in scored:  # the view rebuilds each turn from its record: it must be a prefix of it

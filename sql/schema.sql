@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS records (
     source_row        BIGINT NOT NULL,   -- 0-based record index over the whole dataset
     source_file       VARCHAR NOT NULL,
     messages          JSON NOT NULL,     -- the normalised messages through the last scored assistant turn
+    complete          BOOLEAN,           -- every item the reader gave the row is committed (false: --limit
+                                         -- stopped inside it; NULL: not known, an earlier version's row)
     PRIMARY KEY (run_id, source_row)
 );
 
@@ -123,4 +125,5 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS n_unreadable_files BIGINT DEFAULT 0;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS n_skipped BIGINT DEFAULT 0;
 ALTER TABLE rejects ADD COLUMN IF NOT EXISTS kind VARCHAR DEFAULT 'bad';
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS input_rows BIGINT;
+ALTER TABLE records ADD COLUMN IF NOT EXISTS complete BOOLEAN;
 -- A `samples` table (each turn's prompt copied) becomes records + turns: store.Store._migrate_samples.

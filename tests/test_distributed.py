@@ -126,6 +126,62 @@ def test_actor_killed_mid_batch_is_restarted_and_its_batch_retried(ray_session, 
     assert len(list(tmp_path.glob(f"end-{killed}-*"))) == 1
 
 
+class Overlapped:
+    """An overlapped stage (distributed.OverlappedStage) that leaves a file per prepare and per process with
+    its start and end; its model work (process) takes a while, as on a GPU."""
+
+    overlap = True
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def setup(self) -> None:
+        pass
+
+    def _mark(self, what: str, batch: list[int], start: float) -> None:
+        Path(self.folder, f"{what}-{batch[0]}-{start!r}-{time.time()!r}").touch()
+
+    def prepare(self, batch: list[int]) -> list[int]:
+        start = time.time()
+        time.sleep(0.05)
+        self._mark("prepare", batch, start)
+        return [10 * x for x in batch]
+
+    def process(self, batch: list[int], report=None, prepared: list[int] | None = None) -> list[int]:
+        prepared = prepared if prepared is not None else [10 * x for x in batch]
+        start = time.time()
+        time.sleep(0.25)
+        self._mark("process", batch, start)
+        return [p + x for p, x in zip(prepared, batch, strict=True)]
+
+
+def spans(folder: Path, what: str) -> dict[int, tuple[float, float]]:
+    out = {}
+    for f in folder.glob(f"{what}-*"):
+        _, batch, start, end = f.name.split("-", 3)
+        out[int(batch)] = (float(start), float(end))
+    return out
+
+
+@pytest.mark.parametrize("actors", [0, 1])
+def test_an_overlapped_stage_prepares_the_next_batch_while_the_model_works(actors, request, tmp_path):
+    """In process and on an actor: each batch's result as `process` alone gives it, and the next batch
+    prepared while the one before is in `process`."""
+    if actors:
+        request.getfixturevalue("ray_session")
+    batches = [[i, i + 100] for i in range(6)]
+    out = dict(
+        (b[0], r) for b, r in run_stage(Overlapped(str(tmp_path)), batches, Resources(actors, 0.5, 0.0, 1))
+    )
+    assert out == {b[0]: [11 * x for x in b] for b in batches}
+    prepared, processed = spans(tmp_path, "prepare"), spans(tmp_path, "process")
+    assert sorted(prepared) == sorted(processed) == list(range(6)), "each batch prepared and run once"
+    overlapping = [
+        k for k in range(5) if prepared[k + 1][0] < processed[k][1] and processed[k][0] < prepared[k + 1][1]
+    ]
+    assert len(overlapping) >= 3, (prepared, processed)
+
+
 def test_setup_failure_fails_the_run_quickly(ray_session):
     start = time.monotonic()
     with pytest.raises(ActorFailedError, match=r"setup failed.*no model at /nowhere"):

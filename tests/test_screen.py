@@ -6,6 +6,7 @@ import csv
 import importlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import duckdb
@@ -215,6 +216,101 @@ def test_rerun_resumes_and_never_duplicates(tmp_path, tiny_llama, vector_files):
     assert table(db, "SELECT count(*) FROM runs") == [(1,)]
     other = screen(config(data, db, tiny_llama, vector_files, max_tokens=32))  # another config: another run
     assert other.run_id != first.run_id and table(db, "SELECT count(*) FROM runs") == [(2,)]
+
+
+def chats(rows: list[tuple[str, int]]) -> list[dict]:
+    """OpenAI-format records of (id, assistant turns)."""
+    out = []
+    for k, (rid, turns) in enumerate(rows):
+        messages = []
+        for t in range(turns):
+            messages += [
+                {"role": "user", "content": f"Question {t} of record {k}: why? " * (1 + (k + t) % 3)},
+                {"role": "assistant", "content": f"Answer {t} of record {k}. " * (1 + (k * t) % 4)},
+            ]
+        out.append({"id": rid, "messages": messages})
+    return out
+
+
+def test_resume_skips_finished_rows_unparsed_with_the_ids_of_a_full_read(
+    tmp_path, tiny_llama, vector_files, monkeypatch
+):
+    """A resumed screen reads a finished row (every item stored as a sample) without parsing it, yet gives
+    each later row the ids a read in full gives (row 2 reuses row 1's id), rescans a row a --limit cut and
+    a row with a reject, and ends with exactly the rows and scores of an uninterrupted screen."""
+    rows = chats([("a", 2), ("b", 3), ("b", 2), ("t", 2), ("c", 1), ("d", 2), ("e", 2)])
+    rows[3]["messages"][3] = {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]}  # skipped
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    whole = tmp_path / "whole.duckdb"
+    screen(config(data, whole, tiny_llama, vector_files, turns="all", chunk_size=2))
+
+    from screener.datasets import containers
+
+    parsed: list[int] = []  # the rows whose line was parsed
+    lines = [json.dumps(r).encode() for r in rows]
+
+    def counting(line: bytes):
+        parsed.append(next(i for i, text in enumerate(lines) if json.loads(line) == json.loads(text)))
+        return parse_line(line)
+
+    parse_line = containers.parse_line
+    monkeypatch.setattr(containers, "parse_line", counting)
+    db = tmp_path / "r.duckdb"
+    first = screen(config(data, db, tiny_llama, vector_files, turns="all", chunk_size=2, limit=6))
+    assert first.scored == 6  # a#0, a#1, b#0, b#1, b#2, b@2#0: row 2 is cut after its first turn
+    complete = [(0, True), (1, True), (2, False)]
+    assert table(db, "SELECT source_row, complete FROM records ORDER BY 1") == complete
+    parsed.clear()
+    again = screen(config(data, db, tiny_llama, vector_files, turns="all", chunk_size=2))
+    assert again.resumed and parsed == [0, 2, 3, 4, 5, 6]  # row 0 for its format: the input's first
+    assert again.scored == 13 - 6
+    parsed.clear()
+    third = screen(config(data, db, tiny_llama, vector_files, turns="all", chunk_size=2))
+    assert third.scored == 0 and parsed == [0, 3]  # the first row, and the one with a reject
+    query = (
+        "SELECT sample_id, source_row, turn, prompt, response, trait, layer, proj_response "
+        "FROM samples JOIN scores USING (run_id, sample_id) ORDER BY ALL"
+    )
+    got, want = table(db, query), table(whole, query)
+    assert [r[:-1] for r in got] == [r[:-1] for r in want]
+    # row 2's first turn was scored in the cut run alone, not in one pass with its second: float noise
+    assert [r[-1] for r in got] == pytest.approx([r[-1] for r in want], rel=1e-5)
+    assert table(db, "SELECT sample_id FROM turns WHERE source_row = 2 ORDER BY 1") == [
+        ("b@2#0",),
+        ("b@2#1",),
+    ]
+    rejects = "SELECT source_row, sample_id, kind FROM rejects"
+    assert table(db, rejects) == table(whole, rejects) == [(3, "t#1", "skipped")]
+
+
+def test_overlapped_preparation_gives_the_same_rows(tmp_path, tiny_llama, vector_files, monkeypatch):
+    """The stage as on a GPU (the next chunk tokenised in a thread while the model scores this one), here
+    on the CPU: exactly the rows and values of the stage in turn."""
+    module = importlib.import_module("screener.screen")  # `screener.screen` is also the function
+    threads: set[str] = set()
+
+    class Overlapping(module.ScreenStage):
+        def __init__(self, plan):
+            super().__init__(plan, overlap=True)
+
+        def prepare(self, chunk):
+            threads.add(threading.current_thread().name)
+            return super().prepare(chunk)
+
+    rows = chats([("a", 2), ("b", 3), ("c", 1), ("d", 2), ("e", 4), ("f", 1), ("g", 2)]) + openai_rows()
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    plain, overlapped = tmp_path / "plain.duckdb", tmp_path / "overlapped.duckdb"
+    screen(config(data, plain, tiny_llama, vector_files, turns="all", chunk_size=3))
+    monkeypatch.setattr(module, "ScreenStage", Overlapping)
+    screen(config(data, overlapped, tiny_llama, vector_files, turns="all", chunk_size=3))
+    assert threads and all(name.startswith("prepare") for name in threads), threads
+    for query in (
+        "SELECT * EXCLUDE (run_id) FROM samples ORDER BY ALL",
+        "SELECT * EXCLUDE (run_id) FROM scores ORDER BY ALL",
+        "SELECT * EXCLUDE (run_id) FROM rejects ORDER BY ALL",
+    ):
+        assert table(overlapped, query) == table(plain, query)
+    assert len(table(plain, "SELECT * FROM samples")) == 15 + len(openai_rows())
 
 
 def test_a_run_is_keyed_by_the_file_it_read_not_the_name_typed(

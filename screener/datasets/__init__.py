@@ -29,7 +29,7 @@ instead: skipping it would renumber the rows of the files after it once it can b
 from screener.datasets.base import DatasetFormatError, DatasetNotFoundError, DatasetReadError, ReadStats
 from screener.datasets.containers import SUFFIXES, data_suffix
 from screener.datasets.formats import CHAT_FORMATS, ROLES, SUPPORTED, detect_format, record_to_samples
-from screener.datasets.reader import Rebuild, Row, iter_records, read_rows, read_samples
+from screener.datasets.reader import Done, Rebuild, Row, iter_records, read_rows, read_samples
 from screener.datasets.sources import (
     MEMORY,
     canonical_uri,
@@ -49,6 +49,7 @@ __all__ = [
     "DatasetFormatError",
     "DatasetNotFoundError",
     "DatasetReadError",
+    "Done",
     "ReadStats",
     "Rebuild",
     "Row",

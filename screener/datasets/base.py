@@ -45,6 +45,10 @@ class ReadStats:
     bytes_total: int = 0  # of the local files, known when the read starts (0 for hub datasets)
     bytes_done: int = 0  # of the files finished
     position: Callable[[], int] | None = field(default=None, repr=False)  # bytes into the current file
+    # JSON lines come unparsed (containers.Line) for the reader to parse only the rows it needs (a resume
+    # skips the records it finished unread)
+    lazy: bool = False
+    cut_row: int | None = None  # the row whose later items a `limit` left unread (read_samples)
 
     def fraction(self) -> float | None:
         """The share of the input's bytes read so far, or None when the input's size is not known."""

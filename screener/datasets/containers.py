@@ -21,7 +21,7 @@ import re
 import warnings
 import zlib
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -103,7 +103,7 @@ def read_file(path: str, stats: ReadStats) -> Iterator[RawRow]:
         try:
             suffix = data_suffix(path)
             if suffix == ".jsonl":
-                yield from _read_jsonl(f)
+                yield from _read_jsonl(f, stats.lazy)
             elif suffix in (".csv", ".tsv"):
                 yield from _read_csv(f, "\t" if suffix == ".tsv" else ",")
             else:
@@ -192,22 +192,32 @@ class _Zstd(io.RawIOBase):
         return self.pos
 
 
-def _read_jsonl(f: IO[bytes]) -> Iterator[RawRow]:
+def _read_jsonl(f: IO[bytes], lazy: bool = False) -> Iterator[RawRow | Line]:
+    """Each line's record; `lazy`: the line unparsed (a `Line`), for the reader to parse if it needs it."""
     for line in f:
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
-            yield BadRecord(f"invalid JSON: {e}", content_hash(line.strip()))
-            continue
-        except RecursionError:  # json's C parser recurses once per level
-            yield BadRecord(_TOO_DEEP, content_hash(line.strip()))
-            continue
-        if not isinstance(record, dict):
-            yield not_an_object(record)
-        else:
-            yield record
+        yield Line(line) if lazy else parse_line(line)
+
+
+class Line(NamedTuple):
+    """A JSON line not parsed yet (`ReadStats.lazy`): a resume skips the records it has finished unread."""
+
+    data: bytes
+
+    def parse(self) -> RawRow:
+        return parse_line(self.data)
+
+
+def parse_line(line: bytes) -> RawRow:
+    """A JSON line's record, or the BadRecord that says why it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        return BadRecord(f"invalid JSON: {e}", content_hash(line.strip()))
+    except RecursionError:  # json's C parser recurses once per level
+        return BadRecord(_TOO_DEEP, content_hash(line.strip()))
+    return record if isinstance(record, dict) else not_an_object(record)
 
 
 _TOO_DEEP = "invalid JSON: nested too deeply to parse"
@@ -334,7 +344,7 @@ def _read_json(f: IO[bytes], path: str, stats: ReadStats) -> Iterator[RawRow]:
             is_lines = isinstance(json.loads(line), dict)
         except (ValueError, RecursionError):
             is_lines = False
-        yield from _read_jsonl(f) if is_lines else _stream_json(f, path, stats, array=False)
+        yield from _read_jsonl(f, stats.lazy) if is_lines else _stream_json(f, path, stats, array=False)
     elif first == b"[":
         yield from _stream_json(f, path, stats, array=True)
     elif first:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 from screener.datasets.base import (
     BadRecord,
@@ -16,26 +17,49 @@ from screener.datasets.base import (
     ReadStats,
     content_hash,
 )
-from screener.datasets.containers import CONTENT_ERRORS, file_reason
+from screener.datasets.containers import CONTENT_ERRORS, Line, file_reason
 from screener.datasets.formats import detect_format, own_id, record_to_samples
 from screener.datasets.sources import Data, Source, sources
 from screener.records import TURNS, Reject, Sample
+
+
+class Finished(Protocol):
+    """The rows a resumed screen has finished, for the read to skip unparsed (`Store.finished`)."""
+
+    def ids(self, row: int, file: str) -> list[str] | None:
+        """The sample ids row `row` of `file` gave, all stored, when it is finished; else None. Asked of
+        every row in increasing order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A row the resumed screen finished (`Finished`), not parsed again: the sample ids it gave."""
+
+    ids: list[str]
+    source_file: str
+    source_row: int
 
 
 class Row(NamedTuple):
     """One row of a dataset. `row` is 0-based over every file in order (-1 for a file-level reject);
     `format` is the file's row format (None before its first record, or when formats are not detected);
     `record` is the record exactly as parsed, or a Reject: a row that did not parse (invalid JSON, not an
-    object, a CSV line of the wrong width) or a file that could not be read to its end (kind "file")."""
+    object, a CSV line of the wrong width) or a file that could not be read to its end (kind "file"); or,
+    in a resumed screen's read only, `Done`: a row finished before, left unparsed."""
 
     file: str
     row: int
     format: str | None
-    record: dict | Reject
+    record: dict | Reject | Done
 
 
 def read_rows(
-    data: Data, *, split: str | None = None, stats: ReadStats | None = None, formats: bool = True
+    data: Data,
+    *,
+    split: str | None = None,
+    stats: ReadStats | None = None,
+    formats: bool = True,
+    finished: Finished | None = None,
 ) -> Iterator[Row]:
     """Every row of `data` (a URI, or records in memory), streamed; see `Row`.
 
@@ -44,9 +68,12 @@ def read_rows(
     before the failure, then a file-level Reject; so does, in a dataset of several files, a file of no
     known row format (a dataset of one such file stops with the columns it has). A file that cannot be
     opened or read at all stops the read (see the package docstring). `split` applies to hub datasets only.
-    The URI is resolved now, so a bad one fails at the call rather than at the first `next()`."""
+    The URI is resolved now, so a bad one fails at the call rather than at the first `next()`.
+    `finished`: the rows it says are finished come as `Done`, unparsed where the container allows (JSON
+    lines); a file's first record is always parsed, for its format."""
     stats = stats if stats is not None else ReadStats()
-    return _numbered(sources(data, split, stats.ignored), stats, formats)
+    stats.lazy = finished is not None
+    return _numbered(sources(data, split, stats.ignored), stats, formats, finished)
 
 
 class Rebuild:
@@ -70,7 +97,13 @@ class Rebuild:
         self.turns = turns
         self._given: set[int] = set()  # 8-byte digests of the sample ids given so far: a tenth of the strings
 
+    def given(self, ids: list[str]) -> None:
+        """A finished row's ids (`Done`), given as they were when it was read in full."""
+        self._given.update(map(_digest, ids))
+
     def __call__(self, row: Row) -> list[Sample | Reject]:
+        if isinstance(row.record, Done):
+            raise ValueError(f"{row.file}, row {row.row}: a finished row has no items (Rebuild.given)")
         base, items = self._items(row)
         if row.row < 0:  # a file-level reject: its id is the file
             return items
@@ -119,14 +152,18 @@ def read_samples(
     split: str | None = None,
     limit: int | None = None,
     stats: ReadStats | None = None,
-) -> Iterator[Sample | Reject]:
+    finished: Finished | None = None,
+) -> Iterator[Sample | Reject | Done]:
     """Normalised samples (and rejects) from any supported URI (or records in memory), streamed: what the
-    screen scores. `limit` caps the Samples yielded (rejects don't count)."""
+    screen scores. `limit` caps the Samples yielded (rejects don't count); a row it stops inside is
+    `stats.cut_row`. `finished` (a resume): a row it says is finished is one `Done` (its samples count
+    towards `limit`, and their ids are given, so every later row has the ids of a read in full)."""
     rebuild = Rebuild(turns)
     if limit is not None and limit < 0:  # --limit is checked where it is parsed; this is the library's check
         raise ValueError(f"limit must be a number of samples, 0 or more (or None for all), got {limit}")
     stats = stats if stats is not None else ReadStats()
-    return _samples(read_rows(data, split=split, stats=stats), rebuild, limit, stats)
+    rows = read_rows(data, split=split, stats=stats, finished=finished)
+    return _samples(rows, rebuild, limit, stats)
 
 
 def iter_records(
@@ -140,12 +177,21 @@ def iter_records(
 
 def _samples(
     rows: Iterator[Row], rebuild: Rebuild, limit: int | None, stats: ReadStats
-) -> Iterator[Sample | Reject]:
+) -> Iterator[Sample | Reject | Done]:
     n_samples = 0
     if limit is not None and limit <= 0:
         return
     for row in rows:
-        for item in rebuild(row):
+        if isinstance(row.record, Done):  # every item a sample, all stored
+            rebuild.given(row.record.ids)
+            stats.samples += len(row.record.ids)
+            n_samples += len(row.record.ids)
+            yield row.record
+            if limit is not None and n_samples >= limit:
+                return
+            continue
+        items = rebuild(row)
+        for k, item in enumerate(items):
             if isinstance(item, Sample):
                 stats.samples += 1
                 n_samples += 1
@@ -155,6 +201,8 @@ def _samples(
                 stats.rejects += 1
             yield item
             if n_samples == limit:
+                if k + 1 < len(items):
+                    stats.cut_row = row.row
                 return
 
 
@@ -166,7 +214,9 @@ class _NoFormat(DatasetFormatError):
     """The one source of a dataset has no known row format: the read stops."""
 
 
-def _numbered(sources: list[Source], stats: ReadStats, formats: bool) -> Iterator[Row]:
+def _numbered(
+    sources: list[Source], stats: ReadStats, formats: bool, finished: Finished | None
+) -> Iterator[Row]:
     """Number the rows of every source in order: the one path shared by files, hub and in-memory data."""
     row = 0
     stats.bytes_total = sum(os.path.getsize(s.name) for s in sources if s.local and os.path.isfile(s.name))
@@ -176,6 +226,10 @@ def _numbered(sources: list[Source], stats: ReadStats, formats: bool) -> Iterato
         stats.per_file[name] = 0
         try:
             for record in source.read(stats):
+                if finished is not None and name in stats.formats and (ids := finished.ids(row, name)):
+                    record = Done(ids, name, row)
+                elif isinstance(record, Line):
+                    record = record.parse()
                 if formats and isinstance(record, dict) and name not in stats.formats:
                     try:
                         stats.formats[name] = detect_format(record)
