@@ -177,3 +177,33 @@ def test_the_command_extracts_several_traits_whitened(tiny_llama, dirs, tmp_path
     argv[argv.index("--from-examples") + 1 : argv.index("--from-examples") + 1] = [str(tmp_path / "x.jsonl")]
     assert cli.main(argv) == 2
     assert "give one trait" in capsys.readouterr().err
+
+
+def test_whitened_and_orthogonal_read_once_and_compose(tiny_llama, dirs, tmp_path):
+    """--whiten and --orthogonal-to together: the vector is the whitened one less the other trait's mean
+    difference, from one pass (each text read once)."""
+    from screener.extract.examples import from_trait
+    from screener.extract.vectors import example_reads, orthogonalize
+    from screener.models import load_tokenizer
+
+    traits, controls = dirs
+    other = load_trait("other", traits)
+    how = Whitening(0.03, 1.0)
+    trait = load_trait("planted", traits)
+    both = extract_from_examples(
+        trait, tiny_ref(tiny_llama), SETTINGS, IN_PROCESS, tmp_path / "both", traits_dir=traits,
+        controls=load_controls(controls), whitening=(how, {"other": other}), orthogonal_to={"other": other},
+    )  # fmt: skip
+    white = run(tiny_llama, dirs, tmp_path / "white", (how, {"other": other}))
+    side = both.sidecars["response_avg"]
+    assert "whitened" in side and "orthogonal_to" in side
+    stage = ActivationStage(tiny_ref(tiny_llama), SETTINGS)
+    stage.setup()
+    tok = load_tokenizer(str(tiny_llama))
+    opos, oneg, _, _ = example_reads(tok, from_trait(other, "examples"), SETTINGS.max_tokens)
+
+    def mean(reads):
+        return stage.read([r[0] for r in reads], [r[1] for r in reads])[:, 0].double().mean(0)
+
+    expected = orthogonalize(load_vector(white.paths["response_avg"]).tensor, [mean(opos) - mean(oneg)])
+    assert torch.allclose(load_vector(both.paths["response_avg"]).tensor, expected, rtol=1e-4, atol=1e-6)

@@ -111,6 +111,29 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def vectors_and_reports(
+    model: ModelRef,
+    examples: tuple[list[Read], list[Read], bool],
+    held: HeldOut,
+    orthogonal_to: dict[str, Trait] | None,
+    whitening: tuple[Whitening, dict[str, Trait]] | None,
+    tokenizer,
+    settings: ExtractSettings,
+    resources: Resources,
+    memo: dict | None,
+) -> tuple:
+    """Steps 4-6 of both ways: the vectors from the (positive, negative, paired) reads (orthogonalised or
+    whitened, with the sidecar fields that say so), then their layer reports, specificity and control
+    matrices on `held`."""
+    stage = ActivationStage(model, settings, memo)
+    positives, negatives, paired = examples
+    fit = whitening and (*whitening, held.control_fit)
+    vectors, fields = specific_vectors(
+        positives, negatives, orthogonal_to, tokenizer, settings, stage, resources, paired, fit
+    )
+    return vectors, fields, evaluate(vectors, held, stage, resources)
+
+
 def extract(
     trait: Trait,
     model: ModelRef,
@@ -153,20 +176,18 @@ def extract(
     tokenizer = model.load_tokenizer()
     generated = None if written_eval else eval_kept
     held = held_out(trait, tokenizer, settings, eval_files, traits_dir, generated, controls, bool(whitening))
-    stage = ActivationStage(model, settings, memo)
     positives, negatives = generated_reads(kept, settings.read_context)
-    vectors, orthogonal = specific_vectors(
-        positives,
-        negatives,
+    vectors, orthogonal, (reports, specificity, controls) = vectors_and_reports(
+        model,
+        (positives, negatives, True),
+        held,
         orthogonal_to,
+        whitening,
         tokenizer,
         settings,
-        stage,
         resources,
-        True,
-        whitening and (*whitening, held.control_fit),
+        memo,
     )
-    reports, specificity, controls = evaluate(vectors, held, stage, resources)
     out_dir = Path(out_dir)
     write_responses(out_dir / f"{trait.name}_extraction_responses.jsonl", answers)
     common = {
@@ -234,19 +255,17 @@ def extract_from_examples(
     held = held_out(
         trait, tokenizer, settings, eval_files, traits_dir, controls=controls, split_controls=bool(whitening)
     )
-    stage = ActivationStage(model, settings, memo)
-    vectors, orthogonal = specific_vectors(
-        positives,
-        negatives,
+    vectors, orthogonal, (reports, specificity, controls) = vectors_and_reports(
+        model,
+        (positives, negatives, paired),
+        held,
         orthogonal_to,
+        whitening,
         tokenizer,
         settings,
-        stage,
         resources,
-        paired,
-        whitening and (*whitening, held.control_fit),
+        memo,
     )
-    reports, specificity, controls = evaluate(vectors, held, stage, resources)
     keep = ("batch_tokens", "max_tokens", "dtype", "device")
     common = {
         **trait_and_model_fields(trait, model),

@@ -34,7 +34,7 @@ class ActBatch:
     prompts: list[list[int]]
     responses: list[list[int]]
     units: torch.Tensor | None = None  # [3, L+1, H] unit vectors
-    raw: bool = False  # return each read's response_avg activations `[B, L+1, H]` (for covariances)
+    raw: bool = False  # return the reads' activations themselves `[B, 3, L+1, H]` (for covariances)
 
 
 def act_batches(
@@ -70,7 +70,7 @@ class ActivationStage:
         if self.memo is None:
             return self.scorer.means(prompts, responses)
         keys = [(tuple(p), tuple(r)) for p, r in zip(prompts, responses, strict=True)]
-        todo = sorted({i for i, k in enumerate(keys) if k not in self.memo})
+        todo = [i for i, k in enumerate(keys) if k not in self.memo]
         if todo:
             got = self.scorer.means([prompts[i] for i in todo], [responses[i] for i in todo])
             self.memo.update((keys[i], got[j].clone()) for j, i in enumerate(todo))
@@ -79,7 +79,7 @@ class ActivationStage:
     def process(self, batch: ActBatch, report=None) -> torch.Tensor:
         acts = self.read(batch.prompts, batch.responses)
         if batch.raw:
-            return acts[:, 0].float()  # [B, L+1, H]
+            return acts.float()  # [B, 3, L+1, H]
         if batch.units is None:
             return acts.double().sum(dim=0)  # [3, L+1, H]
         return (acts * batch.units).sum(dim=-1)  # [B, 3, L+1]
@@ -139,12 +139,13 @@ def orthogonalize(vector: torch.Tensor, others: Sequence[torch.Tensor], rtol: fl
 
 
 def raw_activations(
-    groups: dict[str, list[Read]], stage: ActivationStage, resources: Resources
+    groups: dict[str, list[Read]], stage: ActivationStage, resources: Resources, whole: Sequence[str] = ()
 ) -> dict[str, torch.Tensor]:
-    """`{group: [reads, L+1, H]}` response_avg activations, in each group's order."""
+    """`{group: activations}` in each group's order: every method's `[reads, 3, L+1, H]` for the groups in
+    `whole`, response_avg's `[reads, L+1, H]` for the others (only it is whitened against)."""
     parts: dict[str, dict[int, torch.Tensor]] = {key: {} for key in groups}
     for batch, acts in run_stage(stage, act_batches(groups, raw=True), resources):
-        parts[batch.key][batch.start] = acts
+        parts[batch.key][batch.start] = acts if batch.key in whole else acts[:, 0].clone()
     return {key: torch.cat([got[start] for start in sorted(got)]) for key, got in parts.items() if got}
 
 
@@ -245,27 +246,34 @@ def specific_vectors(
     (how, the traits whose examples are nuisance, the controls' fit halves as (a, b) reads), the
     response_avg vector is whitened against them first (`whiten`). The sidecar fields that say so come
     back with them."""
-    contrasts = {}
-    for name, other in (orthogonal_to or {}).items():
+
+    def reads(other: Trait) -> tuple[list[Read], list[Read]]:
         pos, neg, _, _ = example_reads(tokenizer, from_trait(other, "examples"), settings.max_tokens)
-        contrasts[name] = (pos, neg)
-    vectors, directions = mean_difference(positives, negatives, stage, resources, contrasts)
+        return pos, neg
+
+    contrasts = {name: reads(other) for name, other in (orthogonal_to or {}).items()}
     fields: dict = {}
-    if whitening is not None:
+    if whitening is None:
+        vectors, means = mean_difference(positives, negatives, stage, resources, contrasts)
+        directions = {name: d[0] for name, d in means.items()}
+    else:
+        # one pass reads the trait's examples, the nuisance pairs and the orthogonalisation's contrasts
         how, traits, control_fit = whitening
-        groups = {POS: positives, NEG: negatives}
-        for name, other in traits.items():
-            pos, neg, _, _ = example_reads(tokenizer, from_trait(other, "examples"), settings.max_tokens)
-            groups[f"{name}/{POS}"], groups[f"{name}/{NEG}"] = pos, neg
-        for name, (a, b) in control_fit.items():
-            groups[f"{CONTROL}{name}/{POS}"], groups[f"{CONTROL}{name}/{NEG}"] = a, b
-        acts = raw_activations(groups, stage, resources)
-        nuisance = [
-            acts[f"{key}/{POS}"] - acts[f"{key}/{NEG}"]
-            for key in [*traits, *(f"{CONTROL}{c}" for c in control_fit)]
-            if f"{key}/{POS}" in acts
-        ]
-        vectors[0] = whiten(acts[POS], acts[NEG], paired, nuisance, how)
+        nuisance = {name: reads(other) for name, other in traits.items()}
+        nuisance |= {f"{CONTROL}{name}": ab for name, ab in control_fit.items()}
+        groups = keyed(positives, negatives, {**contrasts, **nuisance})
+        acts = raw_activations(groups, stage, resources, whole=(POS, NEG))
+
+        def diff(key: str) -> torch.Tensor:
+            return acts[f"{key}/{POS}"] - acts[f"{key}/{NEG}"]
+
+        vectors = (acts[POS].double().mean(0) - acts[NEG].double().mean(0)).float()
+        noise = [diff(key) for key in nuisance if f"{key}/{POS}" in acts]
+        vectors[0] = whiten(acts[POS][:, 0], acts[NEG][:, 0], paired, noise, how)
+        directions = {
+            name: acts[f"{name}/{POS}"].double().mean(0) - acts[f"{name}/{NEG}"].double().mean(0)
+            for name in contrasts
+        }
         fields["whitened"] = {
             "traits": {name: t.sha256 for name, t in traits.items()},
             "controls": {
@@ -277,7 +285,7 @@ def specific_vectors(
             "how": Whitening.HOW,
         }
     if directions:
-        vectors[0] = orthogonalize(vectors[0], [d[0] for d in directions.values()])
+        vectors[0] = orthogonalize(vectors[0], list(directions.values()))
         fields["orthogonal_to"] = {
             "traits": {name: t.sha256 for name, t in orthogonal_to.items()},
             "how": "the response_avg vector less, at each layer, its component in the span of these traits' "
