@@ -2,12 +2,14 @@
 (its §6.3: the top, a random and the bottom 500 samples of LMSYS-Chat-1M by ΔP, each fine-tuned on, shift
 the trait in that order), small, on SmolLM2 and real ShareGPT chat.
 
-    python benchmarks/subset_validation.py --pool 200 --k 16 --json subset.json    # ~40 min on 2 cores
+    python benchmarks/subset_validation.py --pool 400 --k 32 --json subset.json    # ~40 min on 2 cores
     python benchmarks/subset_validation.py --pool 40 --k 4 --metrics proxy          # a quick check
 
 1. Pool. `--pool` N single-turn conversations of the packaged ShareGPT file from record `--start` (default
    5,000: the first 5,000 are kept for independent checks) on: one English user message and a whole answer
-   of at least 40 tokens that fits the recipe's token budget (benchmarks/shift_validation.py's filter).
+   of at least 40 tokens that fits the token budget (benchmarks/shift_validation.py's filter). The budget is
+   `--max-tokens` (default 256; shift_validation's recipe otherwise): the file holds only 89 such
+   conversations within 128 tokens after record 5,000, 435 within 256.
 2. Rank. `screener.screen.screen` screens the pool with the vectors (proxy mode: `delta_p_proxy`; natural
    mode: the natural `delta_p`, the model answering each prompt itself, as the paper ranks), each trait
    read at its vector's chosen layer.
@@ -22,6 +24,7 @@ the trait in that order), small, on SmolLM2 and real ShareGPT chat.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics", default="proxy,natural", help="rank by: proxy, natural or both")
     p.add_argument("--natural-tokens", type=int, default=64, help="length of the natural answers")
     p.add_argument("--vectors", type=Path, help="folder with <trait>_response_avg_diff.pt (default built-in)")
+    p.add_argument("--max-tokens", type=int, default=256, help="prompt + response budget of the pool")
     p.add_argument("--dtype", default="float32", choices=("float32", "auto", "bfloat16"))
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--work-dir", type=Path, help="keep the pool, subsets, adapters and DuckDB here")
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = [m for m in args.metrics.split(",") if m]
     if unknown := set(metrics) - set(METRICS):
         sys.exit(f"--metrics: unknown {sorted(unknown)}; choose from {', '.join(METRICS)}")
-    recipe = Recipe()
+    recipe = dataclasses.replace(Recipe(), max_tokens=args.max_tokens)
     dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     started, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     m = machine()

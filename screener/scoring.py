@@ -5,9 +5,9 @@ For each sample and layer L (the `hidden_states[L]` convention of records.py) an
     proj_prompt_last = h_L[last prompt token] · v̂
     delta_p_proxy    = proj_response - proj_prompt_last          (computed in the store)
 In natural mode the base model also answers the prompt itself; `proj_natural` is the mean of h_L · v̂ over
-that answer's tokens, collected by hooks while it is generated (no second forward pass). With
-`shared_prefill` each prompt is run once, with a KV cache: the dataset's response is read teacher-forced
-from that cache (up to the deepest layer needed) and the answer is generated from it.
+that answer's tokens, collected by hooks while it is generated (no second forward pass). Each prompt is
+run once (`shared_prefill`, the default), with a KV cache: the dataset's response is read teacher-forced in
+that pass (up to the deepest layer needed) and the answer is generated from its cache.
 
 Hidden states are read with hooks on the decoder blocks, so the forward pass stops after the deepest
 layer needed and never runs the LM head. Only `[batch, tokens, traits]` projections leave the hooks.
@@ -86,11 +86,11 @@ class ScoreSettings:
     # torch.compile the decoder blocks of the teacher-forced pass: it fuses the memory-bound norms, RoPE
     # and SiLU of a forward, for a one-off compile per process (what it gains: benchmarks/bench.py)
     compile: bool = False
-    # natural mode: True runs each prompt once with a KV cache that serves the dataset response's read and
-    # the generation (exact, tested against the default); opt-in, since on a bf16 CPU (2026-12-02) it was
-    # measured slower than the default, which reads prompt + response in passes of their own and then lets
-    # HF `generate` re-read each prompt (benchmarks/RESULTS.md). Models whose cache is not plain never take it
-    shared_prefill: bool = False
+    # natural mode: each prompt is run once with a KV cache that serves the dataset response's read and the
+    # generation (exact against False, tested); False reads prompt + response in passes of their own, then
+    # lets HF `generate` re-read each prompt: 1.14x slower in fp32, 2.8x in bf16 on a 2-core CPU
+    # (benchmarks/RESULTS.md, "Natural ΔP"). Models whose cache is not plain never take the shared path
+    shared_prefill: bool = True
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Natural mode's one prefill per prompt against the two-pass path it replaces, in fp32.
+"""Natural mode's one prefill per prompt (the default) against the two-pass path it replaced, in fp32.
 
 The two-pass path (`ScoreSettings(shared_prefill=False)`: a teacher-forced pass over prompt + response,
 then HF `generate` re-reading the prompt) is the reference: the shared path must give the same values."""
