@@ -163,6 +163,10 @@ def child(args) -> None:
 
     FixedStage.KILL_AT, FixedStage.EXPECTED = args.kill_at, args.expected
     screen_module.ScreenStage = FixedStage  # this process only
+    if args.memory_limit is not None:  # the writer's DuckDB buffer pool; "default": DuckDB's own (80% of RAM)
+        import screener.store
+
+        screener.store.WRITER_MEMORY_LIMIT = None if args.memory_limit == "default" else args.memory_limit
     cfg = screen_module.ScreenConfig(
         dataset=str(args.data), db=str(args.db), model=str(args.model), vectors=[f"a={args.vector}"],
         layers=[2], dtype="float32", device="cpu", actors=0, turns="all", chunk_size=args.chunk_size,
@@ -205,6 +209,8 @@ def run_child(args, db: Path, expected: int, kill_at: int | None = None, profile
         cmd += ["--kill-at", str(kill_at)]
     if profile is not None:
         cmd += ["--profile", str(profile)]
+    if args.memory_limit is not None:
+        cmd += ["--memory-limit", args.memory_limit]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -251,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", nargs="+", default=["full", "killed", "resumed", "rerun"])
     p.add_argument("--profile", nargs="?", const=True, default=None, help="cProfile the full screen")
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--memory-limit",
+        help="the screen's DuckDB memory_limit (e.g. 512MB; 'default': DuckDB's own, 80%% of RAM); "
+        "unset: the product's (screener.store.WRITER_MEMORY_LIMIT)",
+    )
     # the child's own arguments
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--data", "--db", "--model", "--vector"):

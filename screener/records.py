@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,28 @@ def content_sha256(prompt: list[Message], response: str) -> str:
     since the screen even when its id and row are the same."""
     text = json.dumps([prompt, response], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def content_sha256s(samples: Sequence[Sample]) -> list[str]:
+    """`content_sha256` of each sample, the same hashes, with each message encoded once: the turns of a
+    record share their prompts' message objects (turn k's prompt is a prefix of turn k+1's), and encoding
+    every prompt whole again was quadratic in a conversation's turns. The JSON of a list under these
+    separators is its items' JSON joined by ",", so the text hashed is the one `content_sha256` hashes."""
+    encoded: dict[int, str] = {}  # id(message) -> its JSON; the samples hold every message alive meanwhile
+
+    def dumps(value: object) -> str:
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+    out = []
+    for s in samples:
+        parts = []
+        for m in s.prompt:
+            if (text := encoded.get(id(m))) is None:
+                text = encoded[id(m)] = dumps(m)
+            parts.append(text)
+        text = "[[" + ",".join(parts) + "]," + dumps(s.response) + "]"
+        out.append(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+    return out
 
 
 @dataclass(slots=True)

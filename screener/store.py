@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from screener.choices import DEFAULT_DB
 from screener.errors import BusyError, StorageError, UserError, signal_behind
-from screener.records import REJECT_KINDS, Reject, Sample, Scored, content_sha256
+from screener.records import REJECT_KINDS, Reject, Sample, Scored, content_sha256, content_sha256s
 from screener.runs import RUNTIME_KEY, Run
 
 __all__ = ["DEFAULT_DB", "SQL_DIR", "DatabaseFileError", "Store", "StoreBusyError", "one_line"]
@@ -35,6 +35,9 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"  # a link to the repo's top-le
 # DuckDB's smallest block (its default is 256 KiB): each table and index takes whole blocks, so a small
 # screen's database was megabytes; on ShareGPT `--turns all` the file is ~0.8x as large as with 256 KiB
 BLOCK_SIZE = 16_384
+# DuckDB's memory_limit on a writing connection (None: DuckDB's default, 80% of the machine's memory);
+# benchmarks/driver.py --memory-limit measures the choice.
+WRITER_MEMORY_LIMIT: str | None = None
 
 
 class StoreBusyError(BusyError):
@@ -121,6 +124,8 @@ class Store:
         try:
             # a new file in small blocks: a small screen's database is then kilobytes, not megabytes
             config = {} if existed or read_only else {"default_block_size": str(BLOCK_SIZE)}
+            if not read_only and WRITER_MEMORY_LIMIT is not None:
+                config["memory_limit"] = WRITER_MEMORY_LIMIT
             self.con: duckdb.DuckDBPyConnection = duckdb.connect(
                 str(self.path), read_only=read_only, config=config
             )
@@ -258,12 +263,18 @@ class Store:
     ) -> tuple[list, list[Reject]]:
         """Items still to store, and rejects for sample_ids owned by a different source_row.
 
-        The owner is the stored row, else the chunk's first occurrence. Only the chunk's ids go to
-        DuckDB (a registered arrow table joined against `samples`), so memory stays per chunk.
+        The owner is the stored row, else the chunk's first occurrence. A chunk whose ids are distinct
+        and all missed by the run's `StoredIds` (which never misses a stored id) is new as it is: the
+        common case of a screen's fresh chunks, answered without a query. Otherwise only the chunk's ids
+        go to DuckDB (a registered arrow table joined against `turns`), so memory stays per chunk. (The
+        `StoredIds` is this Store's: one process writes a database, through one Store.)
         """
         if not items:
             return [], []
         with self._errors("could not read the stored samples"):
+            ids = [s.sample_id for s in items]
+            if len(set(ids)) == len(ids) and not any(self._stored_ids(run_id).may_hold(ids)):
+                return list(items), []  # no id repeated, none stored: nothing to ask DuckDB
             return self._split_stored(run_id, items)
 
     def _split_stored(
@@ -602,9 +613,9 @@ def _record_rows(
 
 
 def _turn_rows(scored: Sequence[Scored], by_key: dict[tuple[str, int], Sample]) -> pa.Table:
+    sources = [by_key[(s.sample_id, s.source_row)] for s in scored]
     rows = []
-    for s in scored:
-        src = by_key[(s.sample_id, s.source_row)]
+    for s, src, sha in zip(scored, sources, content_sha256s(sources), strict=True):
         rows.append(
             {
                 "sample_id": s.sample_id,
@@ -616,7 +627,7 @@ def _turn_rows(scored: Sequence[Scored], by_key: dict[tuple[str, int], Sample]) 
                 "truncated": bool(s.truncated),
                 "natural_response": s.natural_response,
                 "natural_tokens": None if s.natural_tokens is None else int(s.natural_tokens),
-                "content_sha256": content_sha256(src.prompt, src.response),
+                "content_sha256": sha,
             }
         )
     return pa.Table.from_pylist(rows)

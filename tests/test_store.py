@@ -665,3 +665,37 @@ def test_an_earlier_layout_is_read_as_it_is_and_moved_into_records_when_written(
     with open_db(path) as reader:
         run = pick_run(reader.con)
         assert len(top_samples(reader.con, run, TRAITS[0], LAYERS[0], "delta_p", k=100)) == len(samples) + 2
+
+
+def test_content_hashes_of_a_chunk_are_the_one_sample_hashes() -> None:
+    """`content_sha256s` encodes each message once (the turns of a record share them) and must give
+    exactly `content_sha256` of every sample: export and explain compare the input against it."""
+    from screener.datasets.formats import record_to_samples
+    from screener.records import content_sha256, content_sha256s
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": [1, 2.5]}'}}]
+    record = {
+        "messages": [
+            {"role": "system", "content": "be brief ✓"},
+            {"role": "user", "content": 'héllo "quoted" \\ back\nslash \u2028 🙂'},
+            {"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"},
+            {"role": "assistant", "content": "the answer is 42"},
+            {"role": "user", "content": "\x00 a NUL"},
+            {"role": "assistant", "content": "\u00e9 again"},
+        ]
+    }
+    shared = [
+        s
+        for s in record_to_samples(record, "openai", source_row=0, source_file="f", turns="all")
+        if isinstance(s, Sample)
+    ]
+    assert len(shared) == 2 and shared[0].prompt[0] is shared[1].prompt[0]  # the prompts share messages
+    copied = [dataclasses.replace(s, prompt=json.loads(json.dumps(s.prompt))) for s in shared]
+    odd = [  # no reader gives these, but the hash takes them
+        Sample("o", 1, 0, [{"role": "user", "content": "x", "n": [1, None, True, {"b": 1, "a": 2}]}], ""),
+        Sample("s", 2, 0, [{"role": "user", "content": "\ud800 a lone surrogate"}], "\udfff"),
+    ]
+    samples = [*shared, *conversation(3, 4), *copied, *odd]
+    assert content_sha256s(samples) == [content_sha256(s.prompt, s.response) for s in samples]
+    assert content_sha256s([]) == []

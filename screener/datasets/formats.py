@@ -212,7 +212,14 @@ def _lone_surrogate(text: str) -> str | None:
 
 def _invalid_text(record: dict, messages: list[Message], paths: list[str]) -> str | None:
     """The reason a record holds text that is not valid Unicode, naming the field; None when it is valid."""
-    if (found := _id_field(record)) is not None and (where := _lone_surrogate(found[1])):
+    found = _id_field(record)
+    plain = all(len(m) == 2 for m in messages)  # role and content only: no tool calls or tool keys
+    if (
+        plain
+        and _SURROGATE.search("".join([found[1] if found else "", *(m["content"] for m in messages)])) is None
+    ):
+        return None  # one search over all of its text, the common case; else find the field
+    if found is not None and (where := _lone_surrogate(found[1])):
         return f"{found[0]}: {where}"
     for message, path in zip(messages, paths, strict=True):
         if where := _lone_surrogate(message["content"]):

@@ -109,14 +109,16 @@ class Rebuild:
             return items
         ids = [item.sample_id for item in items]
         scored = [isinstance(item, Sample) for item in items]
+        digests = [_digest(i) for i, s in zip(ids, scored, strict=True) if s]
         k = 0
-        while any(s and _digest(i) in self._given for i, s in zip(ids, scored, strict=True)):
+        while not self._given.isdisjoint(digests):
             renamed = f"{base}@{row.row}" + (f".{k}" if k else "")
             ids = [renamed + item.sample_id[len(base) :] for item in items]
+            digests = [_digest(i) for i, s in zip(ids, scored, strict=True) if s]
             k += 1
         for item, sample_id in zip(items, ids, strict=True):
             item.sample_id = sample_id
-        self._given.update(_digest(i) for i, s in zip(ids, scored, strict=True) if s)
+        self._given.update(digests)
         return items
 
     def _items(self, row: Row) -> tuple[str, list[Sample | Reject]]:
