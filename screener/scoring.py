@@ -34,6 +34,7 @@ from screener.models import (
     decoder_parts,
     eos_ids,
     generate,
+    merge,
     pad,
     pad_id,
     picker,
@@ -209,6 +210,24 @@ class ProjectionTap(LayerTap):
 
 # the golden ratio's fractional part: successive multiples spread evenly over [0, 1)
 _GOLDEN = 0.6180339887498949
+# a natural-mode decode batch holds up to this many teacher-forced budgets of prompt + response tokens: the
+# budget is tuned for a forward's speed (512 tokens on a 2-core CPU), and a decode batch of that size
+# would hold two or three rows, each step then reading all the weights for two or three tokens
+CACHE_PASSES = 8
+
+
+def _passes(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of indices whose padded size (longest x count) fits `budget`, one index at least."""
+    out: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if out and max(longest, n) * (len(out[-1]) + 1) <= budget:
+            out[-1].append(i)
+            longest = max(longest, n)
+        else:
+            out.append([i])
+            longest = n
+    return out
 
 
 def truncate(prompt: list[int], response: list[int], max_tokens: int) -> tuple[list[int], list[int], bool]:
@@ -693,11 +712,16 @@ class Scorer:
         return self.settings.generation.seed + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
 
     def _natural_limits(self) -> tuple[int, int]:
-        """(padded tokens, rows) of a batch read and generated from one prefill: the rows tuned for
-        generation, within the teacher-forced token budget (its largest candidate until it is chosen)."""
+        """(cached tokens, rows) of a decode batch: the rows tuned for generation, their prompts and
+        responses within `CACHE_PASSES` teacher-forced budgets (its largest candidate until it is chosen).
+        The batch is prefilled in passes of one budget each (`_prefilled`): a pass holds a forward's
+        activations, the decode batch only its key/value cache, so more rows fit the second."""
+        rows = min(self.settings.max_batch_size, self.generate_tuner.size())
+        return self._pass_tokens() * CACHE_PASSES, rows
+
+    def _pass_tokens(self) -> int:
         tuner = self.batch_tuner
-        tokens = tuner.size() if tuner.done else max(tuner.candidates)
-        return tokens, min(self.settings.max_batch_size, self.generate_tuner.size())
+        return tuner.size() if tuner.done else max(tuner.candidates)
 
     def _score_natural(self, toks: list[Tokens], results: list, report: Callable[[int], None] | None) -> None:
         """Natural mode, one prefill per prompt: each batch's prompts are run once, their responses read
@@ -722,10 +746,11 @@ class Scorer:
     def _prefilled(
         self, prompts: list[list[int]], responses: list[list[int]] | None, seed: int
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray, list[list[int]]]:
-        """One batch from one prefill: `proj_prompt_last` and `proj_response` of `responses` (both None
-        without them), read teacher-forced in the prefill's own pass (prompt + response, right-padded, up
-        to the deepest layer needed), and the natural answers' projections, each `[batch, layers, traits]`
-        (NaN for an empty answer), and the answers' ids. Times the prefill with the read ("prefill") and
+        """One decode batch, prefilled in passes of one teacher-forced budget (merged for the decoding):
+        `proj_prompt_last` and `proj_response` of `responses` (both None without them), read teacher-forced
+        in the prefill's own pass (prompt + response, right-padded, up to the deepest layer needed), and the
+        natural answers' projections, each `[batch, layers, traits]` (NaN for an empty answer), and the
+        answers' ids. Times the prefill with the read ("prefill") and
         the decoding ("generate") apart."""
         units, layers, g = self.units, self.layers, self.settings.generation
         taps: list[ProjectionTap] = []
@@ -737,15 +762,28 @@ class Scorer:
         last = resp = None
         with Stopwatch(self.device) as watch:
             seqs = prompts if responses is None else [p + r for p, r in zip(prompts, responses, strict=True)]
-            lengths = [len(p) for p in prompts]
-            state = prefill(
-                self.model, seqs, lengths, self.pad_id, g.max_new_tokens, None if responses is None else tap
-            )
+            states, lasts, resps = [], [], []
+            for part in _passes([len(x) for x in seqs], self._pass_tokens()):
+                taps.clear()
+                states.append(
+                    prefill(
+                        self.model,
+                        [seqs[i] for i in part],
+                        [len(prompts[i]) for i in part],
+                        self.pad_id,
+                        g.max_new_tokens,
+                        None if responses is None else tap,
+                    )
+                )
+                if responses is not None:
+                    proj = torch.stack([taps[0].take(layer) for layer in layers], dim=1)  # [B, L, T, K]
+                    spans = [[(len(prompts[i]), len(responses[i]))] for i in part]
+                    got_resp, got_last = self._read_spans(proj, [0] * len(part), spans)
+                    resps += [x[0] for x in got_resp]
+                    lasts += [x[0] for x in got_last]
+            state = merge(states)
             if responses is not None:
-                proj = torch.stack([taps[0].take(layer) for layer in layers], dim=1)  # [B, L, T, K]
-                spans = [[(len(p), len(r))] for p, r in zip(prompts, responses, strict=True)]
-                got_resp, got_last = self._read_spans(proj, [0] * len(seqs), spans)
-                resp, last = np.stack([x[0] for x in got_resp]), np.stack([x[0] for x in got_last])
+                resp, last = np.stack(resps), np.stack(lasts)
         self.seconds["prefill"] += watch.seconds
 
         def at_last(layer: int, h: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def natural_samples() -> list[Sample]:
 def score(model, tok, units, samples, **settings) -> list[Scored]:
     gen = settings.pop("generation", GenerationSettings(max_new_tokens=12))
     st = ScoreSettings(
-        mode="natural", generation=gen, generate_batch_size=4, **{"shared_prefill": True, **settings}
+        mode="natural", generation=gen, **{"generate_batch_size": 4, "shared_prefill": True, **settings}
     )
     return Scorer(model, tok, units, st).score(samples)
 
@@ -63,6 +63,37 @@ def test_shared_prefill_equals_the_two_pass_path(model_and_tok, side):
     old = score(model, tok, units, samples, layers=layers, padding_side=side, shared_prefill=False)
     new = score(model, tok, units, samples, layers=layers, padding_side=side)
     assert_same(new, old)
+    assert max(r.natural_tokens for r in new) > 0
+
+
+def test_a_decode_batch_prefilled_in_passes(model_and_tok, monkeypatch):
+    """A decode batch wider than one teacher-forced budget is prefilled in several passes whose caches are
+    merged (each left-aligned to the widest pass): the same values as the two-pass path, and fewer decode
+    batches than prefill passes."""
+    import screener.scoring as scoring
+
+    folder, model, tok = model_and_tok
+    layers = (1, model.config.num_hidden_layers)
+    units = unit_vectors(random_vectors(folder, 2), layers)
+    samples = natural_samples()
+    calls = Counter()
+
+    def counting(name: str):
+        original = getattr(scoring, name)
+
+        def counted(*a, **k):
+            calls[name] += 1
+            return original(*a, **k)
+
+        return counted
+
+    for name in ("prefill", "decode"):
+        monkeypatch.setattr(scoring, name, counting(name))
+    small = {"layers": layers, "batch_tokens": 48, "generate_batch_size": 8}
+    old = score(model, tok, units, samples, shared_prefill=False, **small)
+    new = score(model, tok, units, samples, **small)
+    assert_same(new, old)
+    assert calls["prefill"] > calls["decode"] > 0
     assert max(r.natural_tokens for r in new) > 0
 
 

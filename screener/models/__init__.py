@@ -8,7 +8,8 @@
   hooks and an early stop (`LayerTap`, `run_until_tapped`).
 - `int8`: `--dtype int8` on CPUs: the decoder blocks' linear layers as dynamic int8 matmuls (`quantize_int8`).
 - `generation`: batched generation that cuts each answer at its first end-of-turn token (`generate`), and
-  one prefill per prompt, with a teacher-forced read in its pass, and a decode loop (`prefill`, `decode`).
+  one prefill per prompt, with a teacher-forced read in its pass, and a decode loop (`prefill`, `merge`,
+  `decode`).
 
 Layer convention (records.py): layer L is `hidden_states[L]` as transformers returns it. Import from
 `screener.models`; the submodules say where each piece lives.
@@ -27,6 +28,7 @@ from screener.models.generation import (
     Prefill,
     decode,
     generate,
+    merge,
     picker,
     plain_cache,
     prefill,
@@ -85,6 +87,7 @@ __all__ = [
     "is_int8",
     "load_model",
     "load_tokenizer",
+    "merge",
     "model_config",
     "pad",
     "pad_id",

@@ -1,6 +1,6 @@
 """Batched generation that cuts each answer at its first end-of-turn token: HF `generate` (`generate`), or
 one prefill per prompt, which can read tokens after the prompt teacher-forced in the same pass, and whose
-KV cache a decode loop writes in place while it drops finished rows (`prefill`, `decode`)."""
+KV cache a decode loop writes in place while it drops finished rows (`prefill`, `merge`, `decode`)."""
 
 from __future__ import annotations
 
@@ -206,6 +206,39 @@ def prefill(
     mask = torch.zeros((len(seqs), width + room), dtype=torch.long, device=device)
     mask[:, :width] = torch.arange(width, device=device)[None] >= (width - lengths)[:, None]
     return Prefill(cache, mask, width, lengths.clone(), logits)
+
+
+def merge(states: Sequence[Prefill]) -> Prefill:
+    """Prefills of several passes as one decode batch, rows in order: each pass's cache and mask shifted
+    right to the widest pass's width (left-aligned, as within a pass; the new slots before a row repeat its
+    first column, masked but finite). A prefill pass is sized for a forward's activations, a decode batch
+    for its cache: far more rows fit the second."""
+    if len(states) == 1:
+        return states[0]
+    rooms = {s.mask.shape[1] - s.width for s in states}
+    if len(rooms) != 1:
+        raise ValueError(f"prefills with different room to merge: {sorted(rooms)}")
+    room, width = rooms.pop(), max(s.width for s in states)
+    starts = [0]
+    for s in states:
+        starts.append(starts[-1] + s.mask.shape[0])
+    layers = []
+    for i, first in enumerate(states[0].cache.layers):
+        kb = first.keys.new_empty((starts[-1], first.keys.shape[1], width + room, first.keys.shape[3]))
+        vb = first.values.new_empty((starts[-1], first.values.shape[1], width + room, first.values.shape[3]))
+        for s, a, b in zip(states, starts, starts[1:], strict=False):
+            layer, pad = s.cache.layers[i], width - s.width
+            for buf, part in ((kb, layer.keys), (vb, layer.values)):
+                buf[a:b, :, pad:width] = part
+                buf[a:b, :, :pad] = part[:, :, :1]
+        layers.append(BufferedLayer(kb, vb, width))
+    cache = states[0].cache
+    cache.layers = layers
+    mask = states[0].mask.new_zeros((starts[-1], width + room))
+    for s, a, b in zip(states, starts, starts[1:], strict=False):
+        mask[a:b, width - s.width : width] = s.mask[:, : s.width]
+    positions = torch.cat([s.positions for s in states])
+    return Prefill(cache, mask, width, positions, torch.cat([s.logits for s in states]))
 
 
 def decode(
