@@ -163,10 +163,11 @@ def child(args) -> None:
 
     FixedStage.KILL_AT, FixedStage.EXPECTED = args.kill_at, args.expected
     screen_module.ScreenStage = FixedStage  # this process only
-    if args.memory_limit is not None:  # the writer's DuckDB buffer pool; "default": DuckDB's own (80% of RAM)
+    if args.duckdb:  # the writer's DuckDB settings, in place of the product's
         import screener.store
 
-        screener.store.WRITER_MEMORY_LIMIT = None if args.memory_limit == "default" else args.memory_limit
+        settings = screener.store.WRITER_CONFIG | dict(kv.split("=", 1) for kv in args.duckdb)
+        screener.store.WRITER_CONFIG = {k: v for k, v in settings.items() if v != "default"}
     cfg = screen_module.ScreenConfig(
         dataset=str(args.data), db=str(args.db), model=str(args.model), vectors=[f"a={args.vector}"],
         layers=[2], dtype="float32", device="cpu", actors=0, turns="all", chunk_size=args.chunk_size,
@@ -209,8 +210,8 @@ def run_child(args, db: Path, expected: int, kill_at: int | None = None, profile
         cmd += ["--kill-at", str(kill_at)]
     if profile is not None:
         cmd += ["--profile", str(profile)]
-    if args.memory_limit is not None:
-        cmd += ["--memory-limit", args.memory_limit]
+    if args.duckdb:
+        cmd += ["--duckdb", *args.duckdb]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -258,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", nargs="?", const=True, default=None, help="cProfile the full screen")
     p.add_argument("--json", type=Path)
     p.add_argument(
-        "--memory-limit",
-        help="the screen's DuckDB memory_limit (e.g. 512MB; 'default': DuckDB's own, 80%% of RAM); "
-        "unset: the product's (screener.store.WRITER_MEMORY_LIMIT)",
+        "--duckdb",
+        nargs="+",
+        metavar="NAME=VALUE",
+        help="the screen's DuckDB settings in place of the product's (screener.store.WRITER_CONFIG), "
+        "e.g. memory_limit=512MB checkpoint_threshold=default ('default': DuckDB's own)",
     )
     # the child's own arguments
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -364,9 +364,13 @@ def screen(cfg: ScreenConfig) -> Summary:
                     commit(chunk, [])
 
         progress = Progress(enabled=cfg.progress, fraction=stats.fraction)
+        counting = None
         if cfg.progress:
             done_before = store.counts(run.run_id)[0] if resumed else 0
-            _count_ahead(cfg, progress, done_before)
+            # a resume's count skips the finished rows unparsed too, on a connection of its own
+            counting = _count_ahead(
+                cfg, progress, done_before, store.finished(run.run_id, cursor=True) if resumed else None
+            )
         runtime: dict = {}  # the last chunk's: by then the batch sizes are settled
         times: dict[str, float] = {}
         model_seconds: Counter[str] = Counter()  # summed over chunks (and workers)
@@ -405,6 +409,9 @@ def screen(cfg: ScreenConfig) -> Summary:
         except BaseException as e:
             store.fail_run(run.run_id, _error_text(e))
             raise
+        finally:
+            if counting is not None:  # its connection is the store's cursor: done before the store closes
+                counting.stop()
         kinds = store.reject_counts(run.run_id)
     return Summary(
         run.run_id,
@@ -437,24 +444,55 @@ class _Finished:
         return None if self.rows is None else self.rows.ids(row, file)
 
 
-def _count_ahead(cfg: ScreenConfig, progress: Progress, done_before: int) -> None:
+class _Count:
+    """The thread counting the input ahead (`_count_ahead`): `stop` ends it and waits for it."""
+
+    def __init__(self, target) -> None:
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(
+            target=target, args=(self.stopping,), name="count-samples", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+
+def _count_ahead(
+    cfg: ScreenConfig, progress: Progress, done_before: int, finished: FinishedRows | None = None
+) -> _Count | None:
     """Count the input's samples in a thread beside the screen and give the progress its total, so its
     ETA is the work left over the rate (the share of bytes read runs ahead of the model: the reader reads
     a chunk ahead, and a small input is read whole before the first batch). Local files only: a hub
-    dataset would be downloaded twice."""
+    dataset would be downloaded twice. `finished` (a resume): the run's finished rows, counted by their
+    stored ids instead of parsed again (parsing them undid the resume's skip), on a connection the
+    thread closes; the screen stops the thread (`_Count.stop`) before it closes the store."""
     try:
         local_files(cfg.dataset)
     except ScreenerError:
-        return
+        if finished is not None:
+            finished.close()
+        return None
 
-    def count() -> None:
+    def count(stopping: threading.Event) -> None:
         try:
-            items = read_samples(cfg.dataset, turns=cfg.turns, split=cfg.split, limit=cfg.limit)
-            progress.set_total(sum(isinstance(item, Sample) for item in items), initial=done_before)
+            total = 0
+            items = read_samples(
+                cfg.dataset, turns=cfg.turns, split=cfg.split, limit=cfg.limit, finished=finished
+            )
+            for item in items:
+                if stopping.is_set():
+                    return
+                total += len(item.ids) if isinstance(item, Done) else isinstance(item, Sample)
+            progress.set_total(total, initial=done_before)
         except Exception:  # the screen's own read reports what is wrong with the input
             return
+        finally:
+            if finished is not None:
+                finished.close()
 
-    threading.Thread(target=count, name="count-samples", daemon=True).start()
+    return _Count(count)
 
 
 def _first_checked(items: Iterator[Sample | Reject], stats: ReadStats, cfg: ScreenConfig) -> Iterator:

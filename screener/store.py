@@ -35,9 +35,8 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"  # a link to the repo's top-le
 # DuckDB's smallest block (its default is 256 KiB): each table and index takes whole blocks, so a small
 # screen's database was megabytes; on ShareGPT `--turns all` the file is ~0.8x as large as with 256 KiB
 BLOCK_SIZE = 16_384
-# DuckDB's memory_limit on a writing connection (None: DuckDB's default, 80% of the machine's memory);
-# benchmarks/driver.py --memory-limit measures the choice.
-WRITER_MEMORY_LIMIT: str | None = None
+# DuckDB settings of a writing connection (benchmarks/driver.py --duckdb measures them; RESULTS.md).
+WRITER_CONFIG: dict[str, str] = {}
 
 
 class StoreBusyError(BusyError):
@@ -83,10 +82,16 @@ class FinishedRows:
 
     WINDOW = 65_536  # rows
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, run_id: str) -> None:
-        self.con, self.run_id = con, run_id
+    def __init__(self, con: duckdb.DuckDBPyConnection, run_id: str, *, own: bool = False) -> None:
+        self.con, self.run_id, self._own = con, run_id, own
         self._lo = self._hi = 0
         self._rows: dict[int, tuple[str, list[str]]] = {}
+
+    def close(self) -> None:
+        """Close the connection if it is this reader's own (`Store.finished(cursor=True)`)."""
+        if self._own:
+            with suppress(duckdb.Error):
+                self.con.close()
 
     def ids(self, row: int, file: str) -> list[str] | None:
         if not self._lo <= row < self._hi:
@@ -124,8 +129,8 @@ class Store:
         try:
             # a new file in small blocks: a small screen's database is then kilobytes, not megabytes
             config = {} if existed or read_only else {"default_block_size": str(BLOCK_SIZE)}
-            if not read_only and WRITER_MEMORY_LIMIT is not None:
-                config["memory_limit"] = WRITER_MEMORY_LIMIT
+            if not read_only:
+                config |= WRITER_CONFIG
             self.con: duckdb.DuckDBPyConnection = duckdb.connect(
                 str(self.path), read_only=read_only, config=config
             )
@@ -339,9 +344,10 @@ class Store:
             self._ids[run_id] = ids
         return self._ids[run_id]
 
-    def finished(self, run_id: str) -> FinishedRows:
-        """The run's finished rows, for a resumed read to skip (`FinishedRows`)."""
-        return FinishedRows(self.con, run_id)
+    def finished(self, run_id: str, *, cursor: bool = False) -> FinishedRows:
+        """The run's finished rows, for a resumed read to skip (`FinishedRows`); `cursor`: on a connection
+        of its own (DuckDB's `cursor()`), for a read in another thread (close it when done)."""
+        return FinishedRows(self.con.cursor() if cursor else self.con, run_id, own=cursor)
 
     def pending(self, run_id: str, samples: list[Sample]) -> tuple[list[Sample], list[Reject]]:
         """Split a chunk into samples not yet stored for this run, and rejects for duplicate sample_ids.

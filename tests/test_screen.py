@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import json
 import os
@@ -776,3 +777,36 @@ def test_the_summary_lists_the_files_of_a_folder_that_are_not_data(tmp_path) -> 
     assert f"warning: 2 files not read, not data by their name: {tmp_path / 'README.md'}, " in "\n".join(
         lines
     )
+
+
+def test_a_resumed_screens_progress_count_skips_the_finished_rows_too(
+    tmp_path, tiny_llama, vector_files, monkeypatch
+):
+    """The progress bar's count ahead (a thread beside the screen) parsed the whole input again on a
+    resume; now it counts a finished row by its stored ids, unparsed, and its total is still every
+    sample of the input."""
+    from screener.datasets import containers
+    from screener.progress import Progress
+
+    rows = chats([("a", 2), ("b", 3), ("c", 1), ("d", 2), ("e", 2)])
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    db = tmp_path / "r.duckdb"
+    screen(config(data, db, tiny_llama, vector_files, turns="all", chunk_size=2, limit=5))  # rows 0, 1
+    parsed: list[int] = []
+    lines = [json.dumps(r).encode() for r in rows]
+
+    def counting(line: bytes):
+        parsed.append(next(i for i, text in enumerate(lines) if json.loads(line) == json.loads(text)))
+        return parse_line(line)
+
+    parse_line = containers.parse_line
+    monkeypatch.setattr(containers, "parse_line", counting)
+    totals: list[tuple] = []
+    monkeypatch.setattr(Progress, "set_total", lambda p, t, initial=None: totals.append((t, initial)))
+    cfg = dataclasses.replace(
+        config(data, db, tiny_llama, vector_files, turns="all", chunk_size=2), progress=True
+    )
+    again = screen(cfg)
+    assert again.resumed and again.scored == 10 - 5
+    assert totals == [(10, 5)]  # every sample of the input, 5 of them done before
+    assert sorted(parsed) == [0, 0, 2, 2, 3, 3, 4, 4]  # the screen's read and the count's: rows 0, 2-4
