@@ -7,7 +7,9 @@ The default model (SmolLM2-135M-Instruct), the shipped vectors of three traits, 
 thread. The samples are the assistant turns of the packaged ShareGPT file's records from 5,000 on (the
 first 5,000 are kept for checks). `Scorer.score` runs as a screen's actor runs it, with its stages timed
 in the calling thread's CPU time (`time.thread_time`):
-- tokenise: chat template and tokenizer for every sample (`scoring.tokenize`), plan: the shared passes;
+- tokenise: chat template and tokenizer for every sample (`scoring.tokenize_all`; each conversation's
+  prompts tokenised once: `ConversationIds`), of which template: the chat templates' text (`chat_text`);
+  plan: the shared passes;
 - batch: length-sorted batches; pad: the padded id tensor (and its copy to the device);
 - model: the forward up to the deepest layer, hooks included (`run_until_tapped`): subtracted;
 - read: the response means and last-prompt-token values out of the hooks' projections, to NumPy;
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     best: tuple[float, Timed, int, int] | None = None
     for run in range(args.repeats + 1):
         timer = Timed()
-        timer.wrap(scoring, "tokenize", "tokenise")
+        timer.wrap(scoring, "tokenize_all", "tokenise")
+        timer.wrap(scoring, "chat_text", "template")
         timer.wrap(scoring, "plan_passes", "plan")
         timer.wrap(Scorer, "_batches", "batch")
         timer.wrap(scoring, "pad", "pad")
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     rest = cpu["score"] - cpu["spans"] - cpu["batch"] - cpu["pack"]
     parts = {
         "tokenise (chat template + tokenizer)": cpu["tokenise"],
+        "  of which the chat templates' text": cpu["template"],
         "plan (shared passes)": cpu["plan"],
         "batch": cpu["batch"],
         "pad (+ copy to the device)": cpu["pad"],
@@ -143,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "the rest of score (tuner, loop)": rest,
     }
     us = 1e6 / tokens
-    print(f"tokens read by the model: {tokens:,} ({tokenised:,} tokenised: each turn's prompt holds the "
-          f"turns before it)")  # fmt: skip
+    print(f"tokens read by the model: {tokens:,} ({tokenised:,} in the turns' prompts and responses: each "
+          f"turn's prompt holds the turns before it)")  # fmt: skip
     print(f"model (forward + hooks, subtracted): {cpu['model']:.2f} CPU-s = {cpu['model'] * us:.1f} µs/token")
     print("\n| stage | CPU s | µs / token |\n|---|---|---|")
     for name, sec in parts.items():

@@ -16,6 +16,7 @@ layer needed and never runs the LM head. Only `[batch, tokens, traits]` projecti
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import threading
@@ -28,8 +29,9 @@ import torch
 
 from screener.choices import EXTRACT_METHODS, check_max_tokens, checked
 from screener.models import (
+    ConversationIds,
     LayerTap,
-    chat_ids,
+    chat_text,
     decode,
     decoder_parts,
     eos_ids,
@@ -41,6 +43,7 @@ from screener.models import (
     plain_cache,
     prefill,
     run_until_tapped,
+    text_ids,
     weight_dtype,
 )
 from screener.records import MODES, Reject, Sample, Scored
@@ -264,19 +267,86 @@ def tokenize(tokenizer, sample: Sample, max_tokens: int, index: int = 0) -> Toke
     the response's own tokens (no end-of-turn token), cut to `max_tokens` by `truncate`. A message far
     longer than `max_tokens` is first cut in characters (`cut_text`): the response keeps its head, each
     prompt message its tail, which is what truncation keeps of them, so the ids are the same."""
+    text = _prompt_text(tokenizer, sample, max_tokens, {})
+    if isinstance(text, Reject):
+        return text
+    try:
+        prompt = text_ids(tokenizer, text)
+    except Exception as e:
+        return _template_failed(sample, e)
+    return _with_response(
+        tokenizer, sample, prompt, max_tokens, index, functools.partial(text_ids, tokenizer)
+    )
+
+
+def tokenize_all(tokenizer, samples: Sequence[Sample], max_tokens: int) -> list[Tokens | Reject]:
+    """`tokenize` of every sample (its index: its place in `samples`), the same ids, with the prompts of a
+    conversation's turns (same source file and row) tokenised together (`ConversationIds`): each turn's prompt
+    holds all the messages before it, so tokenising each apart costs the square of the turns."""
+    conversation_ids = ConversationIds(tokenizer)
+    cuts: dict[str, str] = {}
+    texts = [_prompt_text(tokenizer, s, max_tokens, cuts) for s in samples]
+    conversations: dict[tuple[str, int], list[int]] = {}
+    for i, (s, text) in enumerate(zip(samples, texts, strict=True)):
+        if isinstance(text, str):
+            conversations.setdefault((s.source_file, s.source_row), []).append(i)
+    prompts: dict[int, list[int] | Reject] = {}
+    for turns in conversations.values():
+        try:
+            got = conversation_ids([texts[i] for i in turns])  # type: ignore[misc]
+        except Exception:  # each prompt apart, so the one that fails is the one rejected, as `tokenize` does
+            got = []
+            for i in turns:
+                try:
+                    got.append(text_ids(tokenizer, texts[i]))  # type: ignore[arg-type]
+                except Exception as e:
+                    got.append(_template_failed(samples[i], e))
+        prompts.update(zip(turns, got, strict=True))
+    out: list[Tokens | Reject] = []
+    for i, (s, text) in enumerate(zip(samples, texts, strict=True)):
+        prompt = text if isinstance(text, Reject) else prompts[i]
+        if not isinstance(prompt, Reject):
+            prompt = _with_response(tokenizer, s, prompt, max_tokens, i, conversation_ids.encode)
+        out.append(prompt)
+    return out
+
+
+def _template_failed(sample: Sample, e: Exception) -> Reject:
+    # templates raise on e.g. non-alternating roles; that is the sample's fault
+    reason = f"prompt: chat template failed: {e}"
+    return Reject(sample.source_row, sample.sample_id, reason, sample.source_file)
+
+
+def _prompt_text(tokenizer, sample: Sample, max_tokens: int, cuts: dict[str, str]) -> str | Reject:
+    """The prompt's chat template (`chat_text`), each message cut to its tail first (`cut_text`; `cuts`
+    remembers the long messages' cuts, which every later turn's prompt repeats)."""
     messages = []
     for m in sample.prompt:
         content = m.get("content")
-        cut = cut_text(tokenizer, content, max_tokens, "tail") if isinstance(content, str) else content
+        if isinstance(content, str) and len(content) > CHARS_PER_TOKEN * (max_tokens + CUT_MARGIN):
+            if content not in cuts:
+                cuts[content] = cut_text(tokenizer, content, max_tokens, "tail")
+            cut = cuts[content]
+        else:
+            cut = content
         messages.append(m if cut is content else m | {"content": cut})
     try:
-        prompt = chat_ids(tokenizer, messages)
-    except Exception as e:  # templates raise on e.g. non-alternating roles; that is the sample's fault
-        return Reject(
-            sample.source_row, sample.sample_id, f"prompt: chat template failed: {e}", sample.source_file
-        )
-    response = cut_text(tokenizer, sample.response, max_tokens, "head")
-    response = tokenizer(response, add_special_tokens=False)["input_ids"]
+        return chat_text(tokenizer, messages)
+    except Exception as e:
+        return _template_failed(sample, e)
+
+
+def _with_response(
+    tokenizer,
+    sample: Sample,
+    prompt: list[int],
+    max_tokens: int,
+    index: int,
+    encode: Callable[[str], list[int]],
+) -> Tokens | Reject:
+    """The sample's `Tokens` from its prompt ids: the response's ids (`encode`: `text_ids` or the same ids
+    faster; the response's head cut first: `cut_text`), then `truncate`; a reject when either has no token."""
+    response = encode(cut_text(tokenizer, sample.response, max_tokens, "head"))
     if not response:
         return Reject(sample.source_row, sample.sample_id, "response: no tokens", sample.source_file)
     if not prompt:
@@ -584,8 +654,7 @@ class Scorer:
         with self.tokenizer_lock:
             results: list[Scored | Reject | None] = [None] * len(samples)
             toks: list[Tokens] = []
-            for i, s in enumerate(samples):
-                t = self.tokenize(s, i)
+            for i, t in enumerate(tokenize_all(self.tokenizer, samples, self.settings.max_tokens)):
                 if isinstance(t, Reject):
                     results[i] = t
                 else:

@@ -385,3 +385,31 @@ def test_turns_past_max_tokens_keep_per_turn_truncation(model_and_tok):
     for s, r in zip(samples, shared, strict=True):
         if s.source_row in truncated & whole:
             assert r.extra["path"] == WINDOWS
+
+
+@pytest.mark.parametrize("max_tokens", [2048, 96, 40])
+def test_prepare_tokenises_as_each_turn_apart(model_and_tok, max_tokens):
+    """`Scorer.prepare` tokenises a conversation's prompts once (`tokenize_all`): the ids, lengths,
+    truncation and passes are those of each turn tokenised apart (`tokenize`), so the values are too."""
+    from screener.scoring import plan_passes
+
+    folder, model, tok = model_and_tok
+    layers = (2,)
+    scorer = Scorer(
+        model,
+        tok,
+        unit_vectors(random_vectors(folder, 1), layers),
+        ScoreSettings(layers=layers, max_tokens=max_tokens),
+    )
+    samples = conversations()[::-1]  # turns out of order: the batch is grouped by conversation
+    prepared = scorer.prepare(samples)
+    apart = [tokenize(tok, s, max_tokens, i) for i, s in enumerate(samples)]
+    assert prepared.results == [None] * len(samples)
+    assert [(t.index, t.prompt, t.response, t.truncated) for t in prepared.toks] == [
+        (t.index, t.prompt, t.response, t.truncated) for t in apart
+    ]
+    reference_plan = plan_passes(apart)
+    assert [(p.ids, [t.index for t in p.reads]) for p in prepared.plan.passes] == [
+        (p.ids, [t.index for t in p.reads]) for p in reference_plan.passes
+    ]
+    assert prepared.plan.paths == reference_plan.paths

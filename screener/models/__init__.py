@@ -3,7 +3,8 @@
 - `loading`: local HF folders, hub ids, GGUF files and the default model (`resolve_model` → `ModelRef`,
   `ModelRef.load`), devices and dtypes (`pick_device`, `pick_dtype`).
 - `adapters`: a PEFT adapter folder (a LoRA) on a base model (`resolve_adapter` → `AdapterRef`).
-- `chat`: chat prompts as token ids (`chat_ids`), padding (`pad`, `pad_id`), end-of-turn ids (`eos_ids`).
+- `chat`: chat prompts as token ids (`chat_ids`; a conversation's prompts at once: `ConversationIds`), padding
+  (`pad`, `pad_id`), end-of-turn ids (`eos_ids`).
 - `hooks`: decoder blocks and final norm (`decoder_parts`), block outputs, reading `hidden_states[L]` with
   hooks and an early stop (`LayerTap`, `run_until_tapped`).
 - `int8`: `--dtype int8` on CPUs: the decoder blocks' linear layers as dynamic int8 matmuls (`quantize_int8`).
@@ -22,7 +23,17 @@ from screener.models.adapters import (
     is_adapter,
     resolve_adapter,
 )
-from screener.models.chat import chat_ids, eos_ids, pad, pad_id
+from screener.models.chat import (
+    ConversationIds,
+    chat_ids,
+    chat_text,
+    eos_ids,
+    fast_ids,
+    pad,
+    pad_id,
+    split_tokens,
+    text_ids,
+)
 from screener.models.generation import (
     Generated,
     Prefill,
@@ -66,6 +77,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "INT8",
     "AdapterRef",
+    "ConversationIds",
     "Generated",
     "Int8Linear",
     "LayerTap",
@@ -77,11 +89,13 @@ __all__ = [
     "block_output",
     "cache_dir",
     "chat_ids",
+    "chat_text",
     "convert_gguf",
     "decode",
     "decoder_parts",
     "default_gguf",
     "eos_ids",
+    "fast_ids",
     "generate",
     "is_adapter",
     "is_int8",
@@ -101,6 +115,8 @@ __all__ = [
     "resolve_model",
     "run_until_tapped",
     "sha256_file",
+    "split_tokens",
+    "text_ids",
     "weight_dtype",
     "weights_sha256",
     "with_block_output",
