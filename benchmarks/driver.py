@@ -140,8 +140,9 @@ class FixedStage:
         if cls.KILL_AT is not None and cls.seen + len(chunk.samples) > cls.KILL_AT:
             os.kill(os.getpid(), signal.SIGKILL)
         step = max(1, cls.EXPECTED // 10)
-        if (cls.seen + len(chunk.samples)) // step > cls.seen // step:
-            cls.rss.append((cls.seen + len(chunk.samples), round(rss_mb())))
+        if (cls.seen + len(chunk.samples)) // step > cls.seen // step:  # (samples, RSS, peak RSS so far)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            cls.rss.append((cls.seen + len(chunk.samples), round(rss_mb()), round(peak)))
         cls.seen += len(chunk.samples)
         proj = np.full(self.shape, 0.5)
         results = [
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             f"full: {r['scored']:,} samples in {r['seconds']:.1f} s ({overall:,.0f}/s overall, "
             f"{sustained:,.0f}/s sustained after {r['to_first_chunk_s']:.1f} s to the first chunk), "
             f"CPU {r['cpu_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:,.0f} MB "
-            f"(at samples done: {r['rss_mb_along']}), database {size / 2**20:,.1f} MiB = "
+            f"((samples done, RSS, peak so far): {r['rss_mb_along']}), database {size / 2**20:,.1f} MiB = "
             f"{size / input_bytes:.2f}x the input"
         )
         if profile:

@@ -1,8 +1,10 @@
 """DuckDB results store: schema, bulk idempotent writes, resume and duplicate detection, run status.
 
-Every `write` is one transaction over primary-keyed tables, so a killed screen leaves whole batches
-only (DuckDB's WAL replays committed transactions), and rerunning the same config (same `run_id`)
-skips what is stored and never duplicates a row. A run is 'running' from `begin_run`, then 'failed'
+Every `write` is one transaction, so a killed screen leaves whole batches only (DuckDB's WAL replays
+committed transactions), and rerunning the same config (same `run_id`) skips what is stored and never
+duplicates a row: the store inserts only the samples it has checked are not stored (`_new_and_duplicates`;
+records, turns and scores have no PRIMARY KEY, whose indexes grew with the rows: sql/schema.sql), and
+rejects by their key. A run is 'running' from `begin_run`, then 'failed'
 (`fail_run`, with its error) or 'finished' (`finish_run`, which first checkpoints: the .duckdb file
 alone then holds every result, and a checkpoint that fails is a StorageError, not a quiet success).
 
@@ -35,8 +37,12 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"  # a link to the repo's top-le
 # DuckDB's smallest block (its default is 256 KiB): each table and index takes whole blocks, so a small
 # screen's database was megabytes; on ShareGPT `--turns all` the file is ~0.8x as large as with 256 KiB
 BLOCK_SIZE = 16_384
-# DuckDB settings of a writing connection (benchmarks/driver.py --duckdb measures them; RESULTS.md).
-WRITER_CONFIG: dict[str, str] = {}
+# DuckDB settings of a writing connection (benchmarks/driver.py --duckdb measures them; RESULTS.md,
+# 2026-12-03). DuckDB's defaults, on 378,588 samples: its buffer pool (80% of RAM) kept every block
+# written cached, the driver's RSS growing with the database (peak 1.6 GB); a checkpoint every 16 MiB of
+# WAL rewrote the tables' unfinished row groups each time (CPU, and a database 1.81x the input). A limited
+# pool, fewer checkpoints and one thread (the screen's own thread is the other core's work) bound both.
+WRITER_CONFIG: dict[str, str] = {"memory_limit": "384MB", "checkpoint_threshold": "128MB", "threads": "1"}
 
 
 class StoreBusyError(BusyError):
@@ -384,8 +390,8 @@ class Store:
             added: Counter[str] = Counter()
             if fresh:
                 self._write_records(run_id, _record_rows(fresh, by_key, cut_row))
-                self._insert("turns", run_id, _turn_rows(fresh, by_key))
-                self._insert("scores", run_id, _score_rows(layers, traits, fresh))
+                self._insert("turns", run_id, _turn_rows(fresh, by_key), keyed=False)
+                self._insert("scores", run_id, _score_rows(layers, traits, fresh), keyed=False)
                 added["scored"] = len(fresh)  # not stored before (`_new_and_duplicates`)
                 self._stored_ids(run_id).add([s.sample_id for s in fresh])
             if all_rejects := [*rejects, *duplicates]:
@@ -398,13 +404,18 @@ class Store:
                     {"run_id": run_id, **{k: added[k] for k in ("scored", *REJECT_KINDS)}},
                 )
 
-    def _insert(self, table: str, run_id: str, rows: pa.Table, returning: str | None = None) -> list:
-        """One set-based INSERT per table (thousands of rows in milliseconds); keys make reruns no-ops.
-        With `returning`, that column of each row actually inserted."""
+    def _insert(
+        self, table: str, run_id: str, rows: pa.Table, returning: str | None = None, *, keyed: bool = True
+    ) -> list:
+        """One set-based INSERT per table (thousands of rows in milliseconds). `keyed`: the table's key
+        makes a row stored before a no-op (rejects); else (turns, scores, which have no key: sql/schema.sql)
+        the caller inserts only rows it has checked are new (`_new_and_duplicates`). With `returning`, that
+        column of each row actually inserted."""
         self.con.register("_rows", rows)
         try:
             inserted = self.con.execute(
-                f"INSERT INTO {table} BY NAME SELECT $run_id AS run_id, * FROM _rows ON CONFLICT DO NOTHING"
+                f"INSERT INTO {table} BY NAME SELECT $run_id AS run_id, * FROM _rows"
+                + (" ON CONFLICT DO NOTHING" if keyed else "")
                 + (f" RETURNING {returning}" if returning else ""),
                 {"run_id": run_id},
             ).fetchall()
@@ -416,15 +427,35 @@ class Store:
     def _write_records(self, run_id: str, rows: pa.Table) -> None:
         """Each record's messages, once. A record stored before with fewer messages (a screen cut short by
         --limit mid-record, resumed with a larger one) gets the longer list: its earlier turns' prompts are
-        prefixes of it."""
+        prefixes of it. The table has no key (sql/schema.sql): the rows stored before are found within the
+        chunk's span of source_row (DuckDB's zone maps skip the rest), updated, and the others inserted."""
+        rows_at = rows.column("source_row").to_pylist()
+        span = {"run_id": run_id, "lo": min(rows_at), "hi": max(rows_at)}
         self.con.register("_records", rows)
         try:
+            stored = self.con.execute(
+                "SELECT count(*) FROM records WHERE run_id = $run_id AND source_row BETWEEN $lo AND $hi"
+                " AND source_row IN (SELECT source_row FROM _records)",
+                span,
+            ).fetchall()[0][0]
+            if stored:
+                self.con.execute(
+                    "UPDATE records SET messages = r.messages, source_file = r.source_file,"
+                    " complete = r.complete FROM _records r"
+                    " WHERE records.run_id = $run_id AND records.source_row BETWEEN $lo AND $hi"
+                    " AND records.source_row = r.source_row"
+                    " AND json_array_length(r.messages) > json_array_length(records.messages)",
+                    span,
+                )
             self.con.execute(
                 "INSERT INTO records BY NAME SELECT $run_id AS run_id, * FROM _records"
-                " ON CONFLICT (run_id, source_row) DO UPDATE SET messages = excluded.messages,"
-                " source_file = excluded.source_file, complete = excluded.complete"
-                " WHERE json_array_length(excluded.messages) > json_array_length(records.messages)",
-                {"run_id": run_id},
+                + (
+                    " WHERE source_row NOT IN (SELECT source_row FROM records WHERE run_id = $run_id"
+                    " AND source_row BETWEEN $lo AND $hi)"
+                    if stored
+                    else ""
+                ),
+                span if stored else {"run_id": run_id},
             )
         finally:
             with suppress(duckdb.Error):  # after a failed statement it fails too, hiding the cause
@@ -566,14 +597,12 @@ INSERT INTO records BY NAME
 SELECT run_id, source_row, any_value(source_file) AS source_file,
        to_json(list_append(CAST(arg_max(prompt, turn) AS JSON[]),
                            json_object('role', 'assistant', 'content', arg_max(response, turn)))) AS messages
-FROM samples GROUP BY run_id, source_row
-ON CONFLICT DO NOTHING;
+FROM samples GROUP BY run_id, source_row;
 INSERT INTO turns BY NAME
 SELECT run_id, sample_id, source_row, turn, json_array_length(prompt) AS prompt_messages, prompt_tokens,
        response_tokens, truncated, natural_response, natural_tokens,
        _content_sha256(prompt::VARCHAR, response) AS content_sha256
-FROM samples
-ON CONFLICT DO NOTHING;
+FROM samples;
 DROP TABLE samples;
 """
 

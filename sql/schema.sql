@@ -1,5 +1,8 @@
 -- persona-screen results schema (DuckDB). Users write SQL against these tables and the views in views.sql.
--- Keys make every write idempotent: rerunning a screen never duplicates a row.
+-- Rerunning a screen never duplicates a row. `records`, `turns` and `scores` carry no PRIMARY KEY: the
+-- store writes only what it has checked is not stored yet (screener/store.py, one transaction a chunk),
+-- and DuckDB's key indexes grew with the rows in memory and on disk (benchmarks/RESULTS.md, 2026-12-03);
+-- their keys are named in a comment. Databases of earlier versions keep theirs.
 
 CREATE TABLE IF NOT EXISTS runs (
     run_id        VARCHAR PRIMARY KEY,   -- hash of everything that determines the values
@@ -32,7 +35,7 @@ CREATE TABLE IF NOT EXISTS records (
     messages          JSON NOT NULL,     -- the normalised messages through the last scored assistant turn
     complete          BOOLEAN,           -- every item the reader gave the row is committed (false: --limit
                                          -- stopped inside it; NULL: not known, an earlier version's row)
-    PRIMARY KEY (run_id, source_row)
+    -- key: (run_id, source_row)
 );
 
 -- One row per scored sample (an assistant turn): where it is in its record, and what the model read.
@@ -49,7 +52,7 @@ CREATE TABLE IF NOT EXISTS turns (
     natural_tokens    INTEGER,
     content_sha256    VARCHAR,           -- of the prompt and response as scored (screener.records.content_sha256):
                                          -- export, explain and report refuse an input whose sample is not this one
-    PRIMARY KEY (run_id, sample_id)
+    -- key: (run_id, sample_id)
 );
 
 CREATE TABLE IF NOT EXISTS scores (
@@ -62,7 +65,7 @@ CREATE TABLE IF NOT EXISTS scores (
     proj_natural      DOUBLE,            -- mean over the natural response's tokens (natural mode)
     delta_p           DOUBLE,            -- proj_response - proj_natural (natural mode)
     delta_p_proxy     DOUBLE NOT NULL,   -- proj_response - proj_prompt_last
-    PRIMARY KEY (run_id, sample_id, trait, layer)
+    -- key: (run_id, sample_id, trait, layer)
 );
 
 CREATE TABLE IF NOT EXISTS rejects (

@@ -699,3 +699,68 @@ def test_content_hashes_of_a_chunk_are_the_one_sample_hashes() -> None:
     samples = [*shared, *conversation(3, 4), *copied, *odd]
     assert content_sha256s(samples) == [content_sha256(s.prompt, s.response) for s in samples]
     assert content_sha256s([]) == []
+
+
+def keys_of(store: Store) -> dict[str, list]:
+    rows = store.con.execute(
+        "SELECT table_name, constraint_column_names FROM duckdb_constraints()"
+        " WHERE constraint_type = 'PRIMARY KEY'"
+    ).fetchall()
+    return dict(rows)
+
+
+def complete(store: Store) -> bool:
+    return store.con.execute("SELECT complete FROM records WHERE source_row = 5").fetchall()[0][0]
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_records_turns_and_scores_hold_one_row_each_with_or_without_keys(tmp_path: Path, keyed: bool) -> None:
+    """records, turns and scores have no PRIMARY KEY any more (their indexes grew with the rows): the store
+    writes only what is not stored. Rewrites, a row cut by --limit and resumed, and a duplicate id still
+    leave one row per key; a database whose tables have the keys (an earlier version's) takes the same
+    writes."""
+    import duckdb
+
+    from screener.store import SQL_DIR
+
+    db = tmp_path / "k.duckdb"
+    if keyed:  # the schema as earlier versions created it: the keys named in its comments
+        schema = (SQL_DIR / "schema.sql").read_text().replace("-- key: (", "PRIMARY KEY (")
+        with duckdb.connect(str(db)) as con:
+            con.execute(schema)
+    with Store(db) as store:
+        store.begin_run(RUN)
+        keys = keys_of(store)
+        assert set(keys) == {
+            "runs",
+            "records",
+            "turns",
+            "scores",
+            "rejects",
+            "shifts",
+            "reference_distributions",
+        } - (set() if keyed else {"records", "turns", "scores"})
+        samples = [s for row in range(3) for s in conversation(row, 3)]
+        for _ in range(2):  # a rerun of the same chunk
+            write(store, samples, [scored(s) for s in samples])
+        cut = conversation(5, 4)
+        store.write(RUN.run_id, LAYERS, TRAITS, [scored(s) for s in cut[:2]], [], samples=cut[:2], cut_row=5)
+        assert complete(store) is False
+        todo, _ = store.pending(RUN.run_id, cut)  # the resume reads the cut row again
+        assert [s.turn for s in todo] == [2, 3]
+        write(store, todo, [scored(s) for s in todo])
+        late = dataclasses.replace(samples[0], source_row=9)  # its id, at another row
+        write(store, [late], [scored(late)])
+        counts = store.con.execute(
+            "SELECT (SELECT count(*) FROM records), (SELECT count(DISTINCT source_row) FROM records),"
+            " (SELECT count(*) FROM turns), (SELECT count(DISTINCT sample_id) FROM turns),"
+            " (SELECT count(*) FROM scores), (SELECT count(DISTINCT (sample_id, trait, layer)) FROM scores)"
+        ).fetchall()[0]
+        assert counts == (4, 4, 13, 13, 13 * 6, 13 * 6)
+        assert complete(store) is True
+        assert store.con.execute("SELECT source_row, reason FROM rejects").fetchall() == [
+            (9, f"duplicate sample_id (first seen at source_row {samples[0].source_row})")
+        ]
+        got = store.con.execute("SELECT prompt, response FROM samples WHERE source_row = 5 ORDER BY turn")
+        assert [(json.loads(p), r) for p, r in got.fetchall()] == [(s.prompt, s.response) for s in cut]
+        assert store.counts(RUN.run_id) == (13, 1)
