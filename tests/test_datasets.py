@@ -926,3 +926,24 @@ def test_a_hub_id_that_cannot_be_read_fails_in_seconds_in_one_line(monkeypatch):
     assert str(offline.value).startswith("someorg/somename: cannot load it from the Hugging Face hub: ")
     assert time.monotonic() - started < 10
     assert "\n" not in str(unreachable.value) + str(offline.value)
+
+
+def test_a_reader_left_open_at_exit_closes_quietly(tmp_path):
+    """A reader generator still open when the interpreter exits is closed then, after the modules' attributes
+    are cleared: its `except` must not look them up (it printed "catching classes that do not inherit from
+    BaseException")."""
+    import subprocess
+    import sys
+
+    for name in ("d.jsonl", "d.json"):
+        path = tmp_path / name
+        rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 3
+        path.write_text(json.dumps(rows) if name.endswith(".json") else "\n".join(map(json.dumps, rows)))
+        # with torch imported (as every screen has it) the open generator is closed late in the teardown
+        code = (
+            "import torch\nfrom screener.datasets import read_samples\n"
+            f"it = read_samples({str(path)!r}, turns='last')\nnext(it)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "Exception ignored" not in done.stderr and "BaseException" not in done.stderr, done.stderr

@@ -48,6 +48,10 @@ MAGIC = {
     b"\xfd7zXZ\x00": ".xz",
     b"\x5d\x00\x00": ".lzma",  # the legacy .lzma header (its usual properties byte and dictionary size)
 }
+# what a damaged compressed stream raises; held here, not looked up in the `except`: a reader generator
+# closed at interpreter exit would find those modules' attributes already cleared ("catching classes that
+# do not inherit from BaseException")
+DECOMPRESSION_ERRORS = (EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError, OSError)
 PARQUET_MAGIC = b"PAR1"
 
 
@@ -108,7 +112,7 @@ def read_file(path: str, stats: ReadStats) -> Iterator[RawRow]:
                 yield from _read_csv(f, "\t" if suffix == ".tsv" else ",")
             else:
                 yield from _read_json(f, path, stats)
-        except (EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError, OSError) as e:
+        except DECOMPRESSION_ERRORS as e:
             if compression is None or (isinstance(e, OSError) and e.errno is not None):
                 raise
             raise CorruptCompression(str(e) or type(e).__name__) from e
