@@ -92,8 +92,9 @@ class ScoreSettings:
     compile: bool = False
     # natural mode: each prompt is run once with a KV cache that serves the dataset response's read and the
     # generation (exact against False, tested); False reads prompt + response in passes of their own, then
-    # lets HF `generate` re-read each prompt: 1.14x slower in fp32, 2.8x in bf16 on a 2-core CPU
-    # (benchmarks/RESULTS.md, "Natural ΔP"). Models whose cache is not plain never take the shared path
+    # lets HF `generate` re-read each prompt. On a 2-core CPU (benchmarks/RESULTS.md, "Natural ΔP") the
+    # shared path was 8% faster in fp32 and 12% slower in bf16 on a quiet machine (2.8x faster in bf16 on a
+    # loaded one). Models whose cache is not plain never take the shared path
     shared_prefill: bool = True
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
