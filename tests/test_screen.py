@@ -219,6 +219,22 @@ def test_rerun_resumes_and_never_duplicates(tmp_path, tiny_llama, vector_files):
     assert other.run_id != first.run_id and table(db, "SELECT count(*) FROM runs") == [(2,)]
 
 
+def parsed_rows(monkeypatch, rows: list[dict]) -> list[int]:
+    """The list the reader appends each row's index to as it parses that row's line (rows as written)."""
+    from screener.datasets import containers
+
+    parsed: list[int] = []
+    lines = [json.dumps(r).encode() for r in rows]
+    parse_line = containers.parse_line
+
+    def counting(line: bytes):
+        parsed.append(next(i for i, text in enumerate(lines) if json.loads(line) == json.loads(text)))
+        return parse_line(line)
+
+    monkeypatch.setattr(containers, "parse_line", counting)
+    return parsed
+
+
 def chats(rows: list[tuple[str, int]]) -> list[dict]:
     """OpenAI-format records of (id, assistant turns)."""
     out = []
@@ -245,17 +261,7 @@ def test_resume_skips_finished_rows_unparsed_with_the_ids_of_a_full_read(
     whole = tmp_path / "whole.duckdb"
     screen(config(data, whole, tiny_llama, vector_files, turns="all", chunk_size=2))
 
-    from screener.datasets import containers
-
-    parsed: list[int] = []  # the rows whose line was parsed
-    lines = [json.dumps(r).encode() for r in rows]
-
-    def counting(line: bytes):
-        parsed.append(next(i for i, text in enumerate(lines) if json.loads(line) == json.loads(text)))
-        return parse_line(line)
-
-    parse_line = containers.parse_line
-    monkeypatch.setattr(containers, "parse_line", counting)
+    parsed = parsed_rows(monkeypatch, rows)  # the rows whose line was parsed
     db = tmp_path / "r.duckdb"
     first = screen(config(data, db, tiny_llama, vector_files, turns="all", chunk_size=2, limit=6))
     assert first.scored == 6  # a#0, a#1, b#0, b#1, b#2, b@2#0: row 2 is cut after its first turn
@@ -785,22 +791,13 @@ def test_a_resumed_screens_progress_count_skips_the_finished_rows_too(
     """The progress bar's count ahead (a thread beside the screen) parsed the whole input again on a
     resume; now it counts a finished row by its stored ids, unparsed, and its total is still every
     sample of the input."""
-    from screener.datasets import containers
     from screener.progress import Progress
 
     rows = chats([("a", 2), ("b", 3), ("c", 1), ("d", 2), ("e", 2)])
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     db = tmp_path / "r.duckdb"
     screen(config(data, db, tiny_llama, vector_files, turns="all", chunk_size=2, limit=5))  # rows 0, 1
-    parsed: list[int] = []
-    lines = [json.dumps(r).encode() for r in rows]
-
-    def counting(line: bytes):
-        parsed.append(next(i for i, text in enumerate(lines) if json.loads(line) == json.loads(text)))
-        return parse_line(line)
-
-    parse_line = containers.parse_line
-    monkeypatch.setattr(containers, "parse_line", counting)
+    parsed = parsed_rows(monkeypatch, rows)
     totals: list[tuple] = []
     monkeypatch.setattr(Progress, "set_total", lambda p, t, initial=None: totals.append((t, initial)))
     cfg = dataclasses.replace(

@@ -177,16 +177,22 @@ def test_long_conversations_truncate_as_apart(tok, max_tokens):
     assert sum(g.truncated for g in got if isinstance(g, Tokens)) > len(samples) // 2
 
 
+def shared_prompts(tok, samples: list[Sample]) -> int:
+    """How many of the samples' prompts `ConversationIds` took from a longer one, after checking that it gave
+    each prompt's own ids."""
+    texts = [tok.apply_chat_template(s.prompt, add_generation_prompt=True, tokenize=False) for s in samples]
+    ids = ConversationIds(tok)
+    assert ids(texts) == [text_ids(tok, t) for t in texts]
+    return ids.shared
+
+
 def test_the_shared_path_is_taken_where_it_applies(tok):
     """Each later turn's prompt comes from the conversation's longest (the test would pass if every prompt
     fell back to its own tokenisation): all but the longest of a conversation's prompts."""
     rng = random.Random(7)
     samples = conversation(rng, 0, 6, True)
-    texts = [tok.apply_chat_template(s.prompt, add_generation_prompt=True, tokenize=False) for s in samples]
-    ids = ConversationIds(tok)
     assert split_tokens(tok) is not None
-    assert ids(texts) == [text_ids(tok, t) for t in texts]
-    assert ids.shared == len(texts) - 1
+    assert shared_prompts(tok, samples) == len(samples) - 1
 
 
 def test_whitespace_and_unicode_at_message_ends(tok):
@@ -283,9 +289,7 @@ def test_a_template_that_rewrites_earlier_turns_tokenises_each_prompt_apart():
     )
     samples = batch(11)
     assert_same(tok, samples, 2048)
-    texts = [tok.apply_chat_template(s.prompt, add_generation_prompt=True, tokenize=False) for s in samples]
-    ids = ConversationIds(tok)
-    assert ids(texts) == [text_ids(tok, t) for t in texts] and ids.shared == 0
+    assert shared_prompts(tok, samples) == 0
 
 
 def test_a_generation_prompt_the_next_turn_does_not_repeat_tokenises_each_prompt_apart():
@@ -295,9 +299,7 @@ def test_a_generation_prompt_the_next_turn_does_not_repeat_tokenises_each_prompt
     rng = random.Random(3)
     samples = conversation(rng, 0, 5, True)
     assert_same(tok, samples, 2048)
-    texts = [tok.apply_chat_template(s.prompt, add_generation_prompt=True, tokenize=False) for s in samples]
-    ids = ConversationIds(tok)
-    assert ids(texts) == [text_ids(tok, t) for t in texts] and ids.shared == 0
+    assert shared_prompts(tok, samples) == 0
 
 
 @pytest.mark.parametrize("flag", ["lstrip", "rstrip", "single_word", "normalized"])
@@ -312,9 +314,7 @@ def test_an_added_token_that_is_not_cut_out_plainly_tokenises_each_prompt_apart(
     assert split_tokens(tok) is None
     samples = batch(5)
     assert_same(tok, samples, 2048)
-    texts = [tok.apply_chat_template(s.prompt, add_generation_prompt=True, tokenize=False) for s in samples]
-    ids = ConversationIds(tok)
-    assert ids(texts) == [text_ids(tok, t) for t in texts] and ids.shared == 0
+    assert shared_prompts(tok, samples) == 0
 
 
 def test_special_tokens_split_as_text_tokenises_each_prompt_apart():
