@@ -46,7 +46,14 @@ def content_sha256(prompt: list[Message], response: str) -> str:
     """The hash of a sample's content as the model reads it: its prompt's messages and its response. The
     store keeps it per sample, so a reader of the input later (export, explain) knows a record was edited
     since the screen even when its id and row are the same."""
-    text = json.dumps([prompt, response], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return _sha256(_canonical([prompt, response]))
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
@@ -56,19 +63,14 @@ def content_sha256s(samples: Sequence[Sample]) -> list[str]:
     every prompt whole again was quadratic in a conversation's turns. The JSON of a list under these
     separators is its items' JSON joined by ",", so the text hashed is the one `content_sha256` hashes."""
     encoded: dict[int, str] = {}  # id(message) -> its JSON; the samples hold every message alive meanwhile
-
-    def dumps(value: object) -> str:
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
     out = []
     for s in samples:
         parts = []
         for m in s.prompt:
             if (text := encoded.get(id(m))) is None:
-                text = encoded[id(m)] = dumps(m)
+                text = encoded[id(m)] = _canonical(m)
             parts.append(text)
-        text = "[[" + ",".join(parts) + "]," + dumps(s.response) + "]"
-        out.append(hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest())
+        out.append(_sha256("[[" + ",".join(parts) + "]," + _canonical(s.response) + "]"))
     return out
 
 
