@@ -159,10 +159,10 @@ def test_load_controls(tmp_path, dirs):
 
 
 def test_the_builtin_control_sets():
-    """Issue 21's six shipped sets, at least 45 pairs each; side `a` is the first nuisance the name says."""
+    """Issue 21's seven shipped sets, at least 45 pairs each; side `a` is the first nuisance the name says."""
     controls = load_controls()
     names = {"direct_hedged", "long_short", "refusal_compliance", "narrative_list", "formal_casual"}
-    assert set(controls) == names | {"confident_uncertain"}
+    assert set(controls) == names | {"confident_uncertain", "emotive_plain"}
     for name, control in controls.items():
         assert len(control.pairs) >= 45, name
         assert (control.a, control.b) == tuple(name.split("_")), name
