@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vectors", type=Path, help="folder with <trait>_response_avg_diff.pt (default built-in)")
     p.add_argument("--max-tokens", type=int, default=256, help="prompt + response budget of the pool")
     p.add_argument("--dtype", default="float32", choices=("float32", "auto", "bfloat16"))
+    p.add_argument(
+        "--screen-dtype",
+        choices=("float32", "auto", "bfloat16"),
+        help="the pool's ranking screens only (default: --dtype); fine-tunes and shifts keep --dtype",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--work-dir", type=Path, help="keep the pool, subsets, adapters and DuckDB here")
     args = p.parse_args(argv)
@@ -113,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     m = machine()
     print(f"{header()}; load avg {m['load_average']:.1f}", flush=True)
     print(
-        f"recipe: {json.dumps(asdict(recipe))}; pool {args.pool}, k {args.k}, ranked by {metrics}", flush=True
+        f"recipe: {json.dumps(asdict(recipe))}; pool {args.pool}, k {args.k}, ranked by {metrics}; "
+        f"dtype {args.dtype}, screens {args.screen_dtype or args.dtype}",
+        flush=True,
     )
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="subset-validation-"))
@@ -132,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             f"pool: {len(pool)} conversations from row {pool[0].source_row} to {pool[-1].source_row}", started
         )
 
-        common = {"db": db, "vectors": specs, "max_tokens": recipe.max_tokens, "dtype": args.dtype}
+        screen_dtype = args.screen_dtype or args.dtype
+        common = {"db": db, "vectors": specs, "max_tokens": recipe.max_tokens, "dtype": screen_dtype}
         common |= {"device": "cpu", "actors": 0, "progress": False, "turns": "last"}
         ranked: dict[str, dict[str, dict[str, float]]] = {}
         for metric in metrics:
@@ -229,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             "k": args.k,
             "start": args.start,
             "recipe": asdict(recipe),
+            "dtype": args.dtype,
+            "screen_dtype": args.screen_dtype or args.dtype,
             "machine": m,
             "wall_seconds": wall,
             "cpu_seconds": cpu,
