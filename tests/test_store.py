@@ -432,6 +432,34 @@ def test_finish_run_checkpoints_so_the_database_file_alone_holds_the_run(tmp_pat
         )
 
 
+def test_a_checkpoint_never_rewrites_what_an_earlier_one_wrote(tmp_path: Path) -> None:
+    """Each checkpoint appends the chunks committed since as row groups of their own; DuckDB's vacuum would
+    merge them into the earlier ones, rewriting those (at LMSYS scale a merge rewrote the records table
+    again and again, and the blocks it left free were half the file: RESULTS.md, 2026-12-03, the driver's
+    memory). So the blocks written by one checkpoint stay the table's after later ones and the run's finish,
+    and the finished file has no free blocks to speak of."""
+
+    def blocks(table: str) -> set[int]:
+        rows = store.con.execute(f"SELECT block_id FROM pragma_storage_info('{table}')").fetchall()
+        return {r[0] for r in rows}
+
+    with Store(tmp_path / "s.duckdb") as store:
+        store.begin_run(RUN)
+        write(store, *batch("a", 200))
+        store.checkpoint()
+        first = {t: blocks(t) for t in ("records", "turns", "scores")}
+        for i in range(1, 3):
+            write(store, *batch(f"b{i}-", 200, row0=200 * i))
+            store.checkpoint()
+        store.finish_run(RUN.run_id)
+        for table, written in first.items():
+            assert written <= blocks(table), f"{table}: the first checkpoint's blocks were rewritten"
+        assert one(store, "SELECT count(*) FROM turns") == 600
+        size = "SELECT total_blocks, free_blocks FROM pragma_database_size() WHERE database_name = 's'"
+        total, free = store.con.execute(size).fetchone()
+        assert free <= 4 < total, (total, free)  # a few: the runs row and metadata, rewritten at each
+
+
 def test_a_checkpoint_that_fails_is_a_storage_error_and_the_run_is_not_finished(tmp_path: Path) -> None:
     from screener.errors import StorageError
 
