@@ -34,22 +34,28 @@ from screener.runs import RUNTIME_KEY, Run
 __all__ = ["DEFAULT_DB", "SQL_DIR", "DatabaseFileError", "Store", "StoreBusyError", "one_line"]
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"  # a link to the repo's top-level sql/
-# DuckDB's smallest block (its default is 256 KiB): each table and index takes whole blocks, so a small
-# screen's database was megabytes; on ShareGPT `--turns all` the file is ~0.8x as large as with 256 KiB
-BLOCK_SIZE = 16_384
+# 64 KiB blocks (DuckDB's default is 256 KiB, its smallest 16 KiB): each table and index takes whole
+# blocks: 68 samples take 0.6 MB (16 KiB: 0.2 MB; 256 KiB: 2.1 MB; tests/test_store.py batch); on ShareGPT
+# `--turns all` 1.08x the input against 0.99x with 16 KiB and 1.29x with 256 KiB. 16 KiB cost memory at
+# scale: a screen's text not yet checkpointed took ~6.9 bytes in DuckDB's pool per byte of WAL (64 KiB:
+# ~2.5), so the pool filled and spilled to temporary files before each checkpoint, and DuckDB's own
+# bookkeeping grew ~1 KB a block (RESULTS.md, 2026-12-03, the driver's memory).
+BLOCK_SIZE = 65_536
 # DuckDB settings of a writing connection (benchmarks/driver.py --duckdb measures them; RESULTS.md,
 # 2026-12-03). DuckDB's defaults, on 378,588 samples: its buffer pool (80% of RAM) kept every block
-# written cached, the driver's RSS growing with the database (peak 1.6 GB); a checkpoint every 16 MiB of
-# WAL rewrote the tables' unfinished row groups each time (CPU, and a database 1.81x the input). A limited
-# pool, fewer checkpoints and one thread (the screen's own thread is the other core's work) bound both.
+# written cached, the driver's RSS growing with the database (peak 1.6 GB). A limited pool and one thread
+# (the screen's own thread is the other core's work) bound that; the pool's cache of written blocks fills
+# whatever limit it has, so the limit is what the database adds to the driver's RSS.
 # No vacuum (`max_vacuum_tasks` 0): each checkpoint appends what was committed since as row groups of their
 # own, and DuckDB's vacuum merged those into the row groups before, rewriting them (the whole records table
 # at each merge): at 300k LMSYS records that doubled the checkpoints' CPU and left half the file free
 # blocks (2.02x the input against 1.15x; the memory's peak was the final checkpoint's merge). The store
-# never deletes from records, turns or scores, so there is nothing else for a vacuum to reclaim.
+# never deletes from records, turns or scores, so there is nothing else for a vacuum to reclaim. Without
+# the rewrites a checkpoint costs what it writes, so they can come every 64 MB of WAL: half the text held
+# in the pool at a time.
 WRITER_CONFIG: dict[str, str] = {
-    "memory_limit": "384MB",
-    "checkpoint_threshold": "128MB",
+    "memory_limit": "256MB",
+    "checkpoint_threshold": "64MB",
     "threads": "1",
     "max_vacuum_tasks": "0",
 }
