@@ -119,7 +119,11 @@ def test_a_screen_gives_ref_percentile(calibrated, tiny_llama, tmp_path, capsys)
     for layer, metric, pct in rows:
         q = cal["distributions"]["delta_p_proxy"][str(layer)]["quantiles"]
         assert pct == pytest.approx(percentile_of(metric, q), abs=1e-6)
-    assert min(p for *_, p in rows) == 0.0 and max(p for *_, p in rows) == 100.0  # rows 0, 1, 11 are outside
+    # the ends are reached (rows 0, 1, 11 are outside the reference); a reference row scored in another
+    # batch differs in float32 rounding, so the extreme may be it, a rounding away from 0 or 100
+    pcts = [p for *_, p in rows]
+    assert all(0.0 <= p <= 100.0 for p in pcts)
+    assert min(pcts) == pytest.approx(0.0, abs=1e-4) and max(pcts) == pytest.approx(100.0, abs=1e-4)
     capsys.readouterr()
     assert cli("hist", "--db", db, "--layer", 3) == 0  # the reference beside the dataset
     assert "reference: ordinary chat (n = 9)" in capsys.readouterr().out
