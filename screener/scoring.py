@@ -214,9 +214,10 @@ class ProjectionTap(LayerTap):
 
 # the golden ratio's fractional part: successive multiples spread evenly over [0, 1)
 _GOLDEN = 0.6180339887498949
-# a natural-mode decode batch holds up to this many teacher-forced budgets of prompt + response tokens: the
-# budget is tuned for a forward's speed (512 tokens on a 2-core CPU), and a decode batch of that size
-# would hold two or three rows, each step then reading all the weights for two or three tokens
+# a natural-mode decode batch caches up to this many teacher-forced budgets of tokens (each row's prompt and
+# its answer's room; its response is read in the prefill's passes and not kept): the budget is tuned for a
+# forward's speed (512 tokens on a 2-core CPU), and a decode batch of that size would hold two or three
+# rows, each step then reading all the weights for two or three tokens
 CACHE_PASSES = 8
 
 
@@ -782,10 +783,11 @@ class Scorer:
         return self.settings.generation.seed + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
 
     def _natural_limits(self) -> tuple[int, int]:
-        """(cached tokens, rows) of a decode batch: the rows tuned for generation, their prompts and
-        responses within `CACHE_PASSES` teacher-forced budgets (its largest candidate until it is chosen).
-        The batch is prefilled in passes of one budget each (`_prefilled`): a pass holds a forward's
-        activations, the decode batch only its key/value cache, so more rows fit the second."""
+        """(cached tokens, rows) of a decode batch: the rows tuned for generation, their prompts and the
+        answers' room within `CACHE_PASSES` teacher-forced budgets (its largest candidate until it is
+        chosen). The batch is prefilled in passes of one budget each (`_prefilled`): a pass holds a
+        forward's activations over prompt + response, the decode batch only the prompts' key/value cache, so
+        more rows fit the second."""
         rows = min(self.settings.max_batch_size, self.generate_tuner.size())
         return self._pass_tokens() * CACHE_PASSES, rows
 
@@ -797,7 +799,12 @@ class Scorer:
         """Natural mode, one prefill per prompt: each batch's prompts are run once, their responses read
         teacher-forced from the cache and their answers generated from it (`_prefilled`). Every turn has a
         prompt of its own to answer, so turns are read per turn, never from a shared pass."""
-        lengths = [len(t.prompt) + len(t.response) for t in toks]
+        # what a row holds in the decode cache: its prompt and the answer's room (the response is read in
+        # the prefill's passes, which `_prefilled` sizes by prompt + response): counting the response too
+        # split 16 bench prompts into decode batches of 8, 5, 2 and 1 rows, and a 1-row batch costs nearly
+        # the steps of an 8-row one (benchmarks/RESULTS.md, "Natural ΔP", 2026-12-03)
+        room = self.settings.generation.max_new_tokens
+        lengths = [len(t.prompt) + room for t in toks]
         for batch in self._batches(lengths, self._natural_limits, self.generate_tuner):
             ts = [toks[i] for i in batch]
             size = self.generate_tuner.size()
