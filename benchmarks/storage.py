@@ -121,7 +121,10 @@ def measure(name: str, folder: Path) -> dict:
             if item is not None:
                 pending.append(item)
         store.finish_run(run.run_id)
-        text = store.con.execute(
+    # read as a user's query reads it: the writer's connection is held to the screen's small memory pool,
+    # and rebuilding every turn's prompt (the per-turn copy this measures against) needs more
+    with Store(db, read_only=True) as reader:
+        text = reader.con.execute(
             "SELECT sum(strlen(prompt::VARCHAR) + strlen(response)), count(DISTINCT source_row) FROM samples"
         ).fetchone()
         n_records = text[1]
