@@ -383,15 +383,17 @@ class Scorer:
         # that run, plus causal attention's 2·T²·hidden a block (scores and values, half the square each)
         self.flops_per_token = 2 * sum(p.numel() for b in blocks[:run] for p in b.parameters())
         self.attention_flops = 2 * run * model.config.hidden_size
-        key = machine_key(
-            self.device, weight_dtype(model), f"{type(model).__name__} h{model.config.hidden_size} x{run}"
-        )
+        model_key = f"{type(model).__name__} h{model.config.hidden_size}"
+        key = machine_key(self.device, weight_dtype(model), f"{model_key} x{run}")
         gpu = self.device.type == "cuda"
         self.batch_tuner = Tuner(
             key, "batch_tokens", GPU_TOKENS if gpu else CPU_TOKENS, settings.batch_tokens
         )
         rows = GPU_GENERATE_ROWS if gpu else CPU_GENERATE_ROWS
-        self.generate_tuner = Tuner(key, "generate_batch_size", rows, settings.generate_batch_size)
+        # decoding runs every block whatever layers are read, so the rows tuned at one layer serve all (a
+        # small screen never finishes tuning them: benchmarks/RESULTS.md, "what the decode time was made of")
+        gen_key = machine_key(self.device, weight_dtype(model), f"{model_key} x{len(blocks)}")
+        self.generate_tuner = Tuner(gen_key, "generate_batch_size", rows, settings.generate_batch_size)
         # seconds inside model batches (teacher-forced "forward", "generate"), so a run can tell its fixed
         # overhead (start-up, reading, writing) from its model work
         self.seconds: Counter[str] = Counter()

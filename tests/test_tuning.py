@@ -103,3 +103,27 @@ def test_tuning_batches_are_matched_pairs_spread_over_the_lengths() -> None:
     assert abs(lengths[pairs[0][0][0]] - lengths[pairs[1][0][0]]) > 1000  # the stretches spread out
     rest = [lengths[b[0]] for b in batches[5:]]
     assert rest == sorted(rest)
+
+
+def test_generation_rows_are_tuned_once_for_every_layer(tiny_llama: Path) -> None:
+    """A teacher-forced pass stops after the deepest layer read, so its batch size is tuned per depth;
+    decoding runs every block, so the generation rows tuned at one layer serve a screen at another."""
+    from conftest import TEST_DEVICE, random_vectors
+
+    from screener.models import load_model
+    from screener.scoring import ScoreSettings
+    from screener.vectors import unit_vectors
+
+    model, tok = load_model(str(tiny_llama), TEST_DEVICE)
+    units = unit_vectors(random_vectors(tiny_llama, 2), (1, 2, 3))
+
+    def scorer(layer: int) -> Scorer:
+        return Scorer(model, tok, units, ScoreSettings(layers=(layer,), generate_batch_size=None))
+
+    shallow, deep = scorer(1), scorer(3)
+    assert shallow.batch_tuner.key != deep.batch_tuner.key
+    assert shallow.generate_tuner.key == deep.generate_tuner.key
+    drive(shallow.generate_tuner, lambda size, _: float(size == 8) + 1.0)
+    assert shallow.generate_tuner.done
+    again = scorer(2).generate_tuner
+    assert (again.size(), again.source) == (shallow.generate_tuner.size(), "cached")
