@@ -551,6 +551,10 @@ class Store:
     def fail_run(self, run_id: str, error: str) -> None:
         """Mark the run failed with its error, if the database can still be written (best effort: the
         failure may be the database's own)."""
+        # an interrupt may land between a chunk's BEGIN and its try (or inside its rollback): left open,
+        # that transaction would swallow this update and roll it back at close (seen once under SIGINT)
+        with suppress(duckdb.Error):
+            self.con.rollback()
         with suppress(duckdb.Error):
             self.con.execute(
                 "UPDATE runs SET status = 'failed', error = ? WHERE run_id = ? AND status = 'running'",
