@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--work-dir", type=Path, help="keep the pool, subsets, adapters and DuckDB here")
     args = p.parse_args(argv)
+    screen_dtype = args.screen_dtype or args.dtype
     if args.start < 5000:
         sys.exit("--start: the packaged ShareGPT file's first 5,000 records are kept for independent checks")
     metrics = [m for m in args.metrics.split(",") if m]
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{header()}; load avg {m['load_average']:.1f}", flush=True)
     print(
         f"recipe: {json.dumps(asdict(recipe))}; pool {args.pool}, k {args.k}, ranked by {metrics}; "
-        f"dtype {args.dtype}, screens {args.screen_dtype or args.dtype}",
+        f"dtype {args.dtype}, screens {screen_dtype}",
         flush=True,
     )
 
@@ -139,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
             f"pool: {len(pool)} conversations from row {pool[0].source_row} to {pool[-1].source_row}", started
         )
 
-        screen_dtype = args.screen_dtype or args.dtype
         common = {"db": db, "vectors": specs, "max_tokens": recipe.max_tokens, "dtype": screen_dtype}
         common |= {"device": "cpu", "actors": 0, "progress": False, "turns": "last"}
         ranked: dict[str, dict[str, dict[str, float]]] = {}
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "start": args.start,
             "recipe": asdict(recipe),
             "dtype": args.dtype,
-            "screen_dtype": args.screen_dtype or args.dtype,
+            "screen_dtype": screen_dtype,
             "machine": m,
             "wall_seconds": wall,
             "cpu_seconds": cpu,
