@@ -13,12 +13,18 @@ the trait in that order), small, on SmolLM2 and real ShareGPT chat.
 2. Rank. `screener.screen.screen` screens the pool with the vectors (proxy mode: `delta_p_proxy`; natural
    mode: the natural `delta_p`, the model answering each prompt itself, as the paper ranks), each trait
    read at its vector's chosen layer.
-3. Subsets. Per trait and metric, the top k and the bottom k samples; one seeded random k for all.
+3. Subsets. Per trait and metric, the top k and the bottom k samples; `--random-draws` seeded random k for
+   all (several: how far two sets of k differ with no ranking at all is the noise the ordering must beat;
+   the standard error of one set's shift covers only its evaluation prompts).
 4. Fine-tune and measure. shift_validation's one recipe (LoRA, plain AdamW, 2 epochs, fp32) on each
    distinct subset, then `screener.shift.measure`: the shift at the last prompt token over the trait's 20
    evaluation questions, at the vector's layer.
-5. Report. Per trait and metric: top, random, bottom shifts ± standard error, whether top > random >
-   bottom, and top − bottom in combined standard errors (the target: ≥ 2). `--json` writes everything.
+5. Report. Per trait and metric: top, random, bottom shifts ± standard error (random: the draws' mean ±
+   their standard deviation), whether top > random > bottom, top − bottom in combined standard errors (the
+   target: ≥ 2) and in the draws' spread (√2 · their sd). `--json` writes everything.
+
+A `--work-dir` keeps each adapter with the ids and recipe it was trained on: a rerun there (more draws, say)
+fine-tunes only the sets it has not trained, and the screens resume from the kept DuckDB.
 """
 
 from __future__ import annotations
@@ -89,6 +95,38 @@ def ends(values: dict[str, float], k: int) -> tuple[list[str], list[str]]:
     return order[:k], order[-k:][::-1]
 
 
+def random_names(draws: int) -> list[str]:
+    """The random subsets' names: "random" (the first, as before draws existed), then "random-2"..."""
+    return ["random"] + [f"random-{i + 1}" for i in range(1, draws)]
+
+
+def random_shift(shifts: list[float], stderr_of_one: float) -> tuple[float, float]:
+    """The random draws' mean shift and the spread of one draw about it (their sd); one draw: its own se."""
+    if len(shifts) == 1:
+        return shifts[0], stderr_of_one
+    return float(np.mean(shifts)), float(np.std(shifts, ddof=1))
+
+
+def adapter_key(ts: TrainingSet, base_path: str, recipe: Recipe, dtype: torch.dtype) -> dict:
+    """What an adapter was trained from: its samples in order, the recipe, the dtype and the base model."""
+    samples = [f"{s.source_row}:{s.sample_id}" for s in ts.samples]
+    return {"samples": samples, "recipe": asdict(recipe), "dtype": str(dtype), "base": base_path}
+
+
+def trained(ts: TrainingSet, base_path: str, out: Path, recipe: Recipe, dtype: torch.dtype) -> Path:
+    """`fine_tune`, or the adapter a kept work dir already holds for exactly these samples and recipe."""
+    key = adapter_key(ts, base_path, recipe, dtype)
+    manifest = out / ts.name / "subset.json"
+    if manifest.exists():
+        kept = json.loads(manifest.read_text())
+        if kept["key"] == key:
+            ts.loss = tuple(kept["loss"])
+            return manifest.parent
+    folder = fine_tune(ts, base_path, out, recipe, dtype)
+    manifest.write_text(json.dumps({"key": key, "loss": list(ts.loss)}, indent=1) + "\n")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pool", type=int, default=200, help="conversations screened (N)")
@@ -104,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=("float32", "auto", "bfloat16"),
         help="the pool's ranking screens only (default: --dtype); fine-tunes and shifts keep --dtype",
     )
+    p.add_argument("--random-draws", type=int, default=4, help="random subsets (seeds recipe.seed + i)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--work-dir", type=Path, help="keep the pool, subsets, adapters and DuckDB here")
     args = p.parse_args(argv)
     screen_dtype = args.screen_dtype or args.dtype
+    if args.random_draws < 1:
+        sys.exit("--random-draws: at least 1")
     if args.start < 5000:
         sys.exit("--start: the packaged ShareGPT file's first 5,000 records are kept for independent checks")
     metrics = [m for m in args.metrics.split(",") if m]
@@ -154,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         subsets: dict[str, list[str]] = {}  # name -> sample ids
-        rng = random.Random(recipe.seed)
-        subsets["random"] = sorted(rng.sample(sorted(by_id), args.k))
+        draws = random_names(args.random_draws)
+        for i, name in enumerate(draws):
+            subsets[name] = sorted(random.Random(recipe.seed + i).sample(sorted(by_id), args.k))
         for metric in metrics:
             for trait in TRAITS:
                 top, bottom = ends(ranked[metric][trait], args.k)
@@ -170,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             ts = TrainingSet(name, f"{args.k} samples", [by_id[i] for i in ids])
             write_set(ts, work / "sets")
             t = time.perf_counter()
-            adapter = fine_tune(ts, base.path, work / "adapters", recipe, dtype)
+            adapter = trained(ts, base.path, work / "adapters", recipe, dtype)
             cfg = ShiftConfig(
                 DEFAULT_MODEL, str(adapter), db=db, vectors=specs, dtype=args.dtype, device="cpu", actors=0
             )
@@ -190,30 +232,33 @@ def main(argv: list[str] | None = None) -> int:
             measured[name] = measured[distinct[tuple(sorted(ids))]]
 
         print()
+        draw_label = f"random {args.k}" + (f" ({len(draws)} draws: mean ± sd)" if len(draws) > 1 else "")
         lines = [
-            f"| trait (layer) | ranked by | top {args.k} | random {args.k} | bottom {args.k} "
-            "| top > random > bottom | (top − bottom) / combined se |",
-            "|---|---|---:|---:|---:|---|---:|",
+            f"| trait (layer) | ranked by | top {args.k} | {draw_label} | bottom {args.k} "
+            "| top > random > bottom | (top − bottom) / combined se | (top − bottom) / (√2 · draws' sd) |",
+            "|---|---|---:|---:|---:|---|---:|---:|",
         ]
         for trait in TRAITS:
+            rnd = random_shift([measured[n][trait][0] for n in draws], measured[draws[0]][trait][1])
             for metric in metrics:
-                top, rnd, bot = (
-                    measured[n][trait]
-                    for n in (f"{trait}_{metric}_top", "random", f"{trait}_{metric}_bottom")
-                )
+                top, bot = (measured[f"{trait}_{metric}_{end}"][trait] for end in ("top", "bottom"))
                 ordered = top[0] > rnd[0] > bot[0]
                 z = (top[0] - bot[0]) / float(np.hypot(top[1], bot[1]))
+                z_draws = (top[0] - bot[0]) / (np.sqrt(2) * rnd[1]) if len(draws) > 1 else None
                 results[f"{trait}/{metric}"] = {
                     "top": top,
                     "random": rnd,
+                    "random_draws": [measured[n][trait] for n in draws],
                     "bottom": bot,
                     "ordered": ordered,
                     "z": z,
+                    "z_draws": z_draws,
                 }
                 lines.append(
                     f"| {trait} ({layers[trait]}) | {METRICS[metric]} | {top[0]:+.2f} ± {top[1]:.2f} | "
                     f"{rnd[0]:+.2f} ± {rnd[1]:.2f} | {bot[0]:+.2f} ± {bot[1]:.2f} | "
-                    f"{'yes' if ordered else 'no'} | {z:.1f} |"
+                    f"{'yes' if ordered else 'no'} | {z:.1f} | "
+                    f"{'n/a' if z_draws is None else f'{z_draws:.1f}'} |"
                 )
         print("\n".join(lines))
     finally:
