@@ -29,9 +29,13 @@ import torch
 
 from screener.choices import EXTRACT_METHODS, check_max_tokens, checked
 from screener.models import (
+    MIN_SHARED,
     ConversationIds,
     LayerTap,
+    SharedPrefix,
+    can_share,
     chat_text,
+    common_prefix,
     decode,
     decoder_parts,
     eos_ids,
@@ -42,6 +46,7 @@ from screener.models import (
     picker,
     plain_cache,
     prefill,
+    prefix_attention,
     run_until_tapped,
     text_ids,
     weight_dtype,
@@ -96,6 +101,10 @@ class ScoreSettings:
     # shared path was 8% faster in fp32 and 12% slower in bf16 on a quiet machine (2.8x faster in bf16 on a
     # loaded one). Models whose cache is not plain never take the shared path
     shared_prefill: bool = True
+    # a right-padded teacher-forced batch whose rows share a prompt prefix (a template's system prompt) runs
+    # it once and only the rows' tokens after it (models/prefix.py; exact against False, tested). Taken
+    # where the model's attention is transformers' SDPA with a plain cache, and not with `compile`
+    share_prefix: bool = True
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def __post_init__(self) -> None:
@@ -401,6 +410,8 @@ class Scorer:
         self.shared_prefill = settings.shared_prefill and plain_cache(model)
         self.tokenizer_lock = threading.Lock()  # `prepare` may run in a thread beside the model work
         self.stops = eos_ids(model, tokenizer)
+        share = settings.share_prefix and not settings.compile and can_share(model)
+        self.prefix = SharedPrefix(model) if share else None
         if settings.compile:
             # the forward only, so the hooks (and their early stop) stay outside the compiled graph
             self._compiled = {i: torch.compile(blocks[i].forward, dynamic=True) for i in range(run)}
@@ -427,10 +438,22 @@ class Scorer:
 
     # -- teacher-forced projections -----------------------------------------------------------------
 
-    def _teacher_forced(self, tap: LayerTap, seqs: list[list[int]]) -> None:
+    def _teacher_forced(self, tap: LayerTap, seqs: list[list[int]], read_from: int = 0) -> int:
         """One padded forward of `seqs` (the settings' padding side) for `tap` to read, up to its deepest
-        layer."""
+        layer. Where the rows share a prefix and no position before `read_from` is read, the prefix runs
+        once (`SharedPrefix`) and `tap` sees only the positions after it: returns how many it lacks."""
         side = self.settings.padding_side
+        shared = self._shared(seqs, read_from, tap) if side == "right" else 0
+        if shared:
+            assert self.prefix is not None
+            cache = self.prefix.cache(seqs[0][:shared], tap.stops_after, len(seqs))
+            for layer in tap.outputs:  # what `tap` read of a prefix run just now: not the batch's
+                tap.take(layer)
+            ids, _, _ = pad([s[shared:] for s in seqs], self.pad_id, side, self.device)
+            # right padding again: no mask, the cached keys first (models/prefix.py)
+            with prefix_attention(self.model):
+                run_until_tapped(self.model, ids, cache=cache)
+            return shared
         ids, mask, positions = pad(seqs, self.pad_id, side, self.device)
         # Right padding needs no attention mask and no position ids: causal attention already keeps every
         # real token from seeing the padding after it, and real tokens sit at positions 0..n-1. Either one
@@ -439,15 +462,28 @@ class Scorer:
         masks = {"attention_mask": mask, "position_ids": positions} if side == "left" else {}
         with self._compiled_blocks():
             run_until_tapped(self.model, ids, **masks)
+        return 0
+
+    def _shared(self, seqs: list[list[int]], read_from: int, tap: LayerTap) -> int:
+        """How many leading tokens of `seqs` to run once: their common prefix, up to `read_from`, where it
+        is long enough to pay (`MIN_SHARED`) and the tap runs a block at least."""
+        if self.prefix is None or len(seqs) < 2 or read_from < MIN_SHARED or tap.stops_after == 0:
+            return 0
+        shared = min(common_prefix(seqs), read_from)
+        return shared if shared >= MIN_SHARED else 0
 
     @torch.inference_mode()
-    def project_tokens(self, seqs: list[list[int]]) -> torch.Tensor:
+    def project_tokens(self, seqs: list[list[int]], read_from: int = 0) -> torch.Tensor:
         """`[batch, layers, tokens, traits]` projections of every position of right- or left-padded `seqs`
-        (padded positions hold garbage, possibly NaN), with the padding side of the settings."""
+        (padded positions hold garbage, possibly NaN), with the padding side of the settings. Positions
+        before `read_from` (of every row) may hold zeros instead: a prefix the rows share runs once."""
         with ProjectionTap(self.model, self.units, stop=True) as tap:
-            self._teacher_forced(tap, seqs)
-            per_layer = [tap.take(layer) for layer in self.layers]  # each [B, T, K]
-        return torch.stack(per_layer, dim=1)
+            shared = self._teacher_forced(tap, seqs, read_from)
+            per_layer = [tap.take(layer) for layer in self.layers]  # each [B, T - shared, K]
+        proj = torch.stack(per_layer, dim=1)
+        if shared:
+            proj = torch.cat([proj.new_zeros((*proj.shape[:2], shared, proj.shape[3])), proj], dim=2)
+        return proj
 
     def starts(self, seqs: list[list[int]]) -> list[int]:
         """Where each sequence begins in its padded row."""
@@ -467,7 +503,8 @@ class Scorer:
         """Read several (prompt length, response length) spans from each teacher-forced sequence: per
         sequence and span, `proj_response` (the mean over the span's response tokens) and
         `proj_prompt_last` (the token before them), each `[layers, traits]`."""
-        return self._read_spans(self.project_tokens(seqs), self.starts(seqs), spans)
+        read_from = min(n_prompt for sp in spans for n_prompt, _ in sp) - 1  # the first last-prompt token
+        return self._read_spans(self.project_tokens(seqs, read_from), self.starts(seqs), spans)
 
     @staticmethod
     def _read_spans(
@@ -520,7 +557,7 @@ class Scorer:
             [len(p) for p in prompts], lambda: (self.batch_tuner.size(), st.max_batch_size), self.batch_tuner
         ):
             seqs = [list(prompts[i]) for i in batch]
-            proj = self.project_tokens(seqs)
+            proj = self.project_tokens(seqs, min(map(len, seqs)) - 1)
             last = self._at_last_prompt_token(proj, self.starts(seqs), [len(s) for s in seqs])
             out[batch] = last.double().cpu().numpy()
         return out

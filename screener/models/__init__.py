@@ -11,6 +11,8 @@
 - `generation`: batched generation that cuts each answer at its first end-of-turn token (`generate`), and
   one prefill per prompt, with a teacher-forced read in its pass, and a decode loop (`prefill`, `merge`,
   `decode`).
+- `prefix`: a batch's shared prompt prefix run once, its rows reading the cached keys through SDPA's causal
+  fast path (`SharedPrefix`, `prefix_attention`).
 
 Layer convention (records.py): layer L is `hidden_states[L]` as transformers returns it. Import from
 `screener.models`; the submodules say where each piece lives.
@@ -70,12 +72,14 @@ from screener.models.loading import (
     sha256_file,
     weights_sha256,
 )
+from screener.models.prefix import MIN_SHARED, SharedPrefix, can_share, common_prefix, prefix_attention
 
 __all__ = [
     "ADAPTER_CONFIG",
     "DEFAULT_MODEL",
     "DEFAULT_MODEL_NAME",
     "INT8",
+    "MIN_SHARED",
     "AdapterRef",
     "ConversationIds",
     "Generated",
@@ -84,12 +88,15 @@ __all__ = [
     "ModelError",
     "ModelRef",
     "Prefill",
+    "SharedPrefix",
     "StopForward",
     "adapter_mismatches",
     "block_output",
     "cache_dir",
+    "can_share",
     "chat_ids",
     "chat_text",
+    "common_prefix",
     "convert_gguf",
     "decode",
     "decoder_parts",
@@ -110,6 +117,7 @@ __all__ = [
     "picker",
     "plain_cache",
     "prefill",
+    "prefix_attention",
     "quantize_int8",
     "resolve_adapter",
     "resolve_model",

@@ -5,7 +5,6 @@ KV cache a decode loop writes in place while it drops finished rows (`prefill`, 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +13,14 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from screener.models.chat import eos_ids, pad, pad_id
-from screener.models.hooks import LayerTap, StopForward, block_output, decoder_parts, with_block_output
+from screener.models.hooks import (
+    LayerTap,
+    StopForward,
+    block_output,
+    cache_kw,
+    decoder_parts,
+    with_block_output,
+)
 
 
 @dataclass(frozen=True)
@@ -112,11 +118,6 @@ class Prefill:
     logits: torch.Tensor
 
 
-def _cache_kw(model: torch.nn.Module) -> str:
-    """The forward's name for the KV cache: `cache` since transformers 5.2x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def plain_cache(model) -> bool:
     """Whether the model's KV cache is one growing tensor a layer (no sliding window or linear attention):
     what `prefill` left-aligns and `decode` writes into and selects rows of."""
@@ -156,7 +157,7 @@ def prefill(
     caches are then left-aligned into `BufferedLayer`s with `room` free slots."""
     device = next(model.parameters()).device
     base, blocks, norm = decoder_parts(model)
-    kw, n = _cache_kw(base), len(blocks)
+    kw, n = cache_kw(base), len(blocks)
     ids, _, _ = pad(seqs, pad_token, "right", device)
     lengths = torch.tensor(list(prompt_lengths), device=device)
     rows, width = torch.arange(len(seqs), device=device), int(lengths.max())
@@ -265,7 +266,7 @@ def decode(
     logits = state.logits
     if width + max_new_tokens > mask.shape[1]:
         raise ValueError(f"the prefill has room for {mask.shape[1] - width} tokens, not {max_new_tokens}")
-    kw = _cache_kw(model)
+    kw = cache_kw(model)
     for _ in range(max_new_tokens):
         nxt = pick(logits)
         going = ~torch.isin(nxt, stop_ids)

@@ -9,6 +9,7 @@ the first block, L in 1..n-1 the output of `layers[L-1]`, n the final norm's out
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -103,8 +104,17 @@ class LayerTap:
         self.remove()
 
 
-def run_until_tapped(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> None:
-    """One forward pass of the decoder (no LM head, no cache) that a `stop` tap may end early."""
+def run_until_tapped(model: torch.nn.Module, ids: torch.Tensor, cache=None, **kwargs) -> None:
+    """One forward pass of the decoder (no LM head; no cache, or reading and extending `cache`) that a
+    `stop` tap may end early."""
     base, _, _ = decoder_parts(model)
     with contextlib.suppress(StopForward):
-        base(input_ids=ids, use_cache=False, **kwargs)
+        if cache is None:
+            base(input_ids=ids, use_cache=False, **kwargs)
+        else:
+            base(input_ids=ids, use_cache=True, **{cache_kw(base): cache}, **kwargs)
+
+
+def cache_kw(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` since transformers 5.2x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
