@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from screener.choices import DEFAULT_DB
 from screener.errors import BusyError, StorageError, UserError, signal_behind
+from screener.idset import IdSet
 from screener.records import REJECT_KINDS, Reject, Sample, Scored, content_sha256, content_sha256s
 from screener.runs import RUNTIME_KEY, Run
 
@@ -75,27 +76,6 @@ def one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-class StoredIds:
-    """The hashes of a run's stored sample_ids, 8 bytes an id: an id that misses is not stored, so the
-    database is asked only about ids that hit (a false hit costs a lookup, never a wrong answer)."""
-
-    def __init__(self) -> None:
-        self._sorted = np.empty(0, np.int64)
-        self._recent: set[int] = set()
-
-    def add(self, ids: Sequence[str]) -> None:
-        self._recent.update(map(hash, ids))
-        if len(self._recent) > 65_536:  # into the sorted array, so the set stays small
-            recent = np.fromiter(self._recent, np.int64, len(self._recent))
-            self._sorted, self._recent = np.union1d(self._sorted, recent), set()
-
-    def may_hold(self, ids: Sequence[str]) -> list[bool]:
-        hashes = np.fromiter(map(hash, ids), np.int64, len(ids))
-        at = np.minimum(np.searchsorted(self._sorted, hashes), max(len(self._sorted) - 1, 0))
-        in_sorted = self._sorted[at] == hashes if len(self._sorted) else np.zeros(len(ids), bool)
-        return [bool(a) or h in self._recent for a, h in zip(in_sorted, hashes.tolist(), strict=True)]
-
-
 class FinishedRows:
     """A run's finished rows, for a resumed read to skip unparsed (`datasets.reader.Finished`): a row whose
     record is stored complete (every item the reader gave it committed in one chunk, none left unread by
@@ -141,7 +121,9 @@ class Store:
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
-        self._ids: dict[str, StoredIds] = {}  # run_id -> its stored sample ids, as hashes
+        # run_id -> its stored sample ids, ~8 bytes an id: an id the set does not hold is not stored, so
+        # DuckDB is asked only about ids it holds (a false hit costs a lookup, never a wrong answer)
+        self._ids: dict[str, IdSet] = {}
         existed = self.path.exists()
         if not read_only and not existed:
             try:
@@ -291,16 +273,16 @@ class Store:
         """Items still to store, and rejects for sample_ids owned by a different source_row.
 
         The owner is the stored row, else the chunk's first occurrence. A chunk whose ids are distinct
-        and all missed by the run's `StoredIds` (which never misses a stored id) is new as it is: the
-        common case of a screen's fresh chunks, answered without a query. Otherwise only the chunk's ids
-        go to DuckDB (a registered arrow table joined against `turns`), so memory stays per chunk. (The
-        `StoredIds` is this Store's: one process writes a database, through one Store.)
+        and all missed by the run's stored ids (`_stored_ids`, which never misses a stored id) is new as it
+        is: the common case of a screen's fresh chunks, answered without a query. Otherwise only the
+        chunk's ids go to DuckDB (a registered arrow table joined against `turns`), so memory stays per
+        chunk. (The set is this Store's: one process writes a database, through one Store.)
         """
         if not items:
             return [], []
         with self._errors("could not read the stored samples"):
             ids = [s.sample_id for s in items]
-            if len(set(ids)) == len(ids) and not any(self._stored_ids(run_id).may_hold(ids)):
+            if len(set(ids)) == len(ids) and self._stored_ids(run_id).isdisjoint(ids):
                 return list(items), []  # no id repeated, none stored: nothing to ask DuckDB
             return self._split_stored(run_id, items)
 
@@ -310,7 +292,7 @@ class Store:
         """Where each item's id is stored. A resumed item is stored at its own source_row, so the join reads
         only the chunk's span of rows (DuckDB's zone maps skip the rest: a join against the whole table
         cost O(stored rows) a chunk, quadratic over a screen). An id stored at another row (a duplicate)
-        is looked up across the table, but only for the ids the run's `StoredIds` may hold."""
+        is looked up across the table, but only for the ids the run's stored ids (`_stored_ids`) hold."""
         rows = [s.source_row for s in items]
         chunk = pa.table(
             {
@@ -337,7 +319,7 @@ class Store:
         stored_ids = self._stored_ids(run_id)
         maybe = [s.sample_id for s, (row, *_) in zip(items, seen, strict=True) if row is None]
         elsewhere = {}
-        if maybe := [i for i, hit in zip(maybe, stored_ids.may_hold(maybe), strict=True) if hit]:
+        if maybe := [i for i, hit in zip(maybe, stored_ids.holds(maybe), strict=True) if hit]:
             elsewhere = dict(
                 self.con.execute(
                     "SELECT sample_id, source_row FROM turns WHERE run_id = $run_id"
@@ -356,10 +338,11 @@ class Store:
                 todo.append(item)
         return todo, rejects
 
-    def _stored_ids(self, run_id: str) -> StoredIds:
-        """The run's `StoredIds`, read from the table once per open (then kept up to date by `write`)."""
+    def _stored_ids(self, run_id: str) -> IdSet:
+        """The run's stored sample ids (an `IdSet`), read from the table once per open (then kept up to date
+        by `write`)."""
         if run_id not in self._ids:
-            ids = StoredIds()
+            ids = IdSet()
             result = self.con.sql("SELECT sample_id FROM turns WHERE run_id = $r", params={"r": run_id})
             for batch in result.to_arrow_reader(100_000):  # bounded memory, whatever the run's size
                 ids.add(batch.column(0).to_pylist())

@@ -28,6 +28,7 @@ from screener.datasets import (
     read_samples,
     record_to_samples,
 )
+from screener.idset import IdSet
 from screener.records import Reject, Sample
 
 OPENAI = {
@@ -766,45 +767,12 @@ def test_records_in_memory_are_a_source(tmp_path):
         read_samples(chat(0))
 
 
-def test_the_ids_given_are_kept_in_8_bytes_each_and_answer_as_a_set(monkeypatch):
-    """`Rebuild` keeps the digest of every sample id it gave, over the whole read: as a set of Python ints
-    that was ~100 bytes a sample id (the driver's memory grew with the input); `Digests` keeps ~8 and
-    answers `isdisjoint` as a set does, across its merges, for digests up to 2**64 - 1."""
-    import tracemalloc
-
-    import numpy as np
-
-    from screener.datasets.reader import Digests, _digest
-
-    monkeypatch.setattr(Digests, "MERGE", 7)  # many merges
-    rng = np.random.default_rng(0)
-    given, digests = set(), Digests()
-    for _ in range(300):
-        batch = [int(d) for d in rng.integers(0, 2**64 - 1, size=int(rng.integers(1, 5)), dtype=np.uint64)]
-        probe = [*batch[:1], int(rng.choice(list(given))) if given else 0, 2**64 - 1]
-        assert digests.isdisjoint(probe) == given.isdisjoint(probe)
-        assert digests.isdisjoint(batch) == given.isdisjoint(batch)
-        given.update(batch)
-        digests.update(batch)
-    assert len(digests) == len(given) and not digests.isdisjoint([max(given)]) and digests.isdisjoint([])
-    digests.update(list(given)[:10])  # given again (a finished row's ids): still a set
-    assert len(digests) == len(given)
-
-    monkeypatch.setattr(Digests, "MERGE", 65_536)
-    n, ids = 200_000, [_digest(f"r{i}#0") for i in range(200_000)]
-    tracemalloc.start()
-    digests = Digests()
-    for i in range(0, n, 2):  # two turns a row, as the reader adds them
-        digests.update(ids[i : i + 2])
-    held = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
-    assert len(digests) == n and not digests.isdisjoint(ids[-1:]) and digests.isdisjoint([_digest("x")])
-    assert held < 40 * n, f"{held / n:.0f} bytes a digest"  # the sorted array's 8 and the recent set's
-
-
-def test_sample_ids_are_unique_over_the_read(tmp_path):
+@pytest.mark.parametrize("merge", [IdSet.MERGE, 1])
+def test_sample_ids_are_unique_over_the_read(tmp_path, monkeypatch, merge):
     """A reused id, in one file or across files, becomes `<id>@<row>`; the first keeps its plain id. A
-    literal `x#0` cannot take the id of turn 0 of a record `x` (nor the other way round)."""
+    literal `x#0` cannot take the id of turn 0 of a record `x` (nor the other way round). The same ids
+    whether the ids given so far sit in the `IdSet`'s recent set or (merge 1) its sorted array."""
+    monkeypatch.setattr(IdSet, "MERGE", merge)
     two_turns = {"id": "x", "messages": OPENAI["messages"]}
     write_jsonl(tmp_path / "a.jsonl", [{**chat(0), "id": "x#0"}, two_turns, chat(1), {**chat(2), "id": "r1"}])
     write_jsonl(tmp_path / "b.jsonl", [{**chat(3), "id": "r1"}, {**chat(4), "id": "x#1"}, {"messages": []}])

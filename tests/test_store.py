@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from helpers import FullDisk, earlier_database
 
+from screener.idset import IdSet
 from screener.records import Reject, Sample, Scored
 from screener.runs import Run
-from screener.store import Store, StoreBusyError, StoredIds
+from screener.store import Store, StoreBusyError
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS, TRAITS = (10, 20), ("evil", "sycophantic", "hallucinating")
@@ -225,22 +226,13 @@ def test_pending_reads_stored_ids_on_reopen_and_finds_duplicates_far_away(
     chunk = [sample("s2", 2), sample("s0", 5000), sample("new", 5001)]
     for hits_all in (False, True):
         if hits_all:
-            monkeypatch.setattr(StoredIds, "may_hold", lambda self, ids: [True] * len(ids))
+            monkeypatch.setattr(IdSet, "holds", lambda self, ids: np.ones(len(ids), bool))
         with Store(db) as st:  # a new process: the stored ids come from the table
             todo, rejects = st.pending(RUN.run_id, chunk)
             assert [(s.sample_id, s.source_row) for s in todo] == [("new", 5001)]
             assert [(r.sample_id, r.source_row, r.reason) for r in rejects] == [
                 ("s0", 5000, "duplicate sample_id (first seen at source_row 0)")
             ]
-
-
-def test_stored_ids_never_miss_a_stored_id() -> None:
-    ids = StoredIds()
-    stored = [f"id{i}" for i in range(70_000)]  # past the set's size: some merged into the sorted array
-    ids.add(stored[:40_000])
-    ids.add(stored[40_000:])
-    assert all(ids.may_hold(stored))
-    assert sum(ids.may_hold([f"other{i}" for i in range(1000)])) <= 1
 
 
 def test_write_checks_inputs(store: Store) -> None:

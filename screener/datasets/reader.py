@@ -4,15 +4,10 @@ explain all read through these two, so a row means the same record with the same
 
 from __future__ import annotations
 
-import hashlib
 import os
-from array import array
-from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
-
-import numpy as np
 
 from screener.datasets.base import (
     BadRecord,
@@ -24,6 +19,7 @@ from screener.datasets.base import (
 from screener.datasets.containers import CONTENT_ERRORS, Line, file_reason
 from screener.datasets.formats import detect_format, own_id, record_to_samples
 from screener.datasets.sources import Data, Source, sources
+from screener.idset import IdSet
 from screener.records import TURNS, Reject, Sample
 
 
@@ -99,11 +95,14 @@ class Rebuild:
         if turns not in TURNS:
             raise ValueError(f"turns must be 'last' or 'all', got {turns!r}")
         self.turns = turns
-        self._given = Digests()  # 8-byte digests of the sample ids given so far, 8 bytes each
+        # every sample id given so far, for the whole read: ~8 bytes an id (a set of Python ints took ~75,
+        # the driver's memory growing with the read: ~140 MB at 1.89M samples; RESULTS.md, 2026-12-03).
+        # Exact on 8-byte digests, the same in every process: a false hit would rename an id.
+        self._given = IdSet()
 
     def given(self, ids: list[str]) -> None:
         """A finished row's ids (`Done`), given as they were when it was read in full."""
-        self._given.update(map(_digest, ids))
+        self._given.add(ids)
 
     def __call__(self, row: Row) -> list[Sample | Reject]:
         if isinstance(row.record, Done):
@@ -113,16 +112,13 @@ class Rebuild:
             return items
         ids = [item.sample_id for item in items]
         scored = [isinstance(item, Sample) for item in items]
-        digests = [_digest(i) for i, s in zip(ids, scored, strict=True) if s]
         k = 0
-        while not self._given.isdisjoint(digests):
+        while not self._given.add_if_disjoint([i for i, s in zip(ids, scored, strict=True) if s]):
             renamed = f"{base}@{row.row}" + (f".{k}" if k else "")
             ids = [renamed + item.sample_id[len(base) :] for item in items]
-            digests = [_digest(i) for i, s in zip(ids, scored, strict=True) if s]
             k += 1
         for item, sample_id in zip(items, ids, strict=True):
             item.sample_id = sample_id
-        self._given.update(digests)
         return items
 
     def _items(self, row: Row) -> tuple[str, list[Sample | Reject]]:
@@ -145,47 +141,6 @@ class Rebuild:
             base = content_hash(f"{row.file}\x1f{row.row}".encode())
             items = [Reject(row.row, base, "record nested too deeply to process", row.file)]
         return base, items
-
-
-class Digests:
-    """A set of 8-byte digests (`_digest`) in about 8 bytes each: a sorted array, and a set of the recent
-    ones merged into it every 65,536. A set of Python ints took ~75 bytes a digest, the driver's memory
-    growing with the read (1.89M samples at LMSYS-Chat-1M scale: ~140 MB; RESULTS.md, 2026-12-03)."""
-
-    MERGE = 65_536
-
-    def __init__(self) -> None:
-        self._sorted = array("Q")
-        self._recent: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self._sorted) + len(self._recent)
-
-    def isdisjoint(self, digests: Sequence[int]) -> bool:
-        if not self._recent.isdisjoint(digests):
-            return False
-        held, n = self._sorted, len(self._sorted)
-        for digest in digests:
-            at = bisect_left(held, digest)
-            if at < n and held[at] == digest:
-                return False
-        return True
-
-    def update(self, digests: Iterable[int]) -> None:
-        self._recent.update(digests)
-        if len(self._recent) >= self.MERGE:
-            old = np.frombuffer(self._sorted, np.uint64)
-            recent = np.fromiter(self._recent, np.uint64, len(self._recent))
-            if len(old):  # a digest given again (a finished row's ids) is kept once
-                at = np.minimum(np.searchsorted(old, recent), len(old) - 1)
-                recent = recent[old[at] != recent]
-            # both runs sorted: a stable sort of the two is a merge, O(n)
-            merged = np.sort(np.concatenate([old, np.sort(recent)]), kind="stable")
-            self._sorted, self._recent = array("Q", merged.tobytes()), set()
-
-
-def _digest(sample_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(sample_id.encode("utf-8", "surrogatepass"), digest_size=8).digest())
 
 
 def read_samples(
