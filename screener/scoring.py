@@ -447,8 +447,8 @@ class Scorer:
         if shared:
             assert self.prefix is not None
             cache = self.prefix.cache(seqs[0][:shared], tap.stops_after, len(seqs))
-            for layer in tap.outputs:  # what `tap` read of a prefix run just now: not the batch's
-                tap.take(layer)
+            for read in tap.outputs.values():  # what `tap` read of a prefix run just now: not the batch's
+                read.clear()
             ids, _, _ = pad([s[shared:] for s in seqs], self.pad_id, side, self.device)
             # right padding again: no mask, the cached keys first (models/prefix.py)
             with prefix_attention(self.model):

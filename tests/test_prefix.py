@@ -62,6 +62,18 @@ def runs(scorer: Scorer) -> list[int]:
     return seen
 
 
+def count_forwards(scorer: Scorer) -> list[int]:
+    """Record the rows of each teacher-forced forward `scorer` runs."""
+    seen, forward = [], scorer._teacher_forced
+
+    def spy(tap, seqs, read_from=0):
+        seen.append(len(seqs))
+        return forward(tap, seqs, read_from)
+
+    scorer._teacher_forced = spy
+    return seen
+
+
 def scorers(model, tok, vectors, layers, **kw) -> tuple[Scorer, Scorer]:
     units = unit_vectors(vectors, layers)
     shared = Scorer(model, tok, units, ScoreSettings(layers=layers, **kw))
@@ -91,12 +103,12 @@ def test_shared_prefix_equals_plain_forward_and_reference(model_and_tok, layers)
     n = model.config.num_hidden_layers
     layers = tuple(min(layer, n) for layer in layers)
     vectors = random_vectors(folder, 3)
-    shared, plain = scorers(model, tok, vectors, layers)
-    ran = runs(shared)
+    shared, plain = scorers(model, tok, vectors, layers, max_batch_size=3)
+    ran, forwards = runs(shared), count_forwards(shared)
     samples = system_samples(9)
     got, want = shared.score(samples), plain.score(samples)
     assert ran and min(ran) >= MIN_SHARED  # the prefix really ran once apart
-    assert len(ran) == 1  # and was kept for the following batches, whose rows share it too
+    assert len(ran) == 1 and len(forwards) >= 3  # and was kept for the following batches
     for s, a, b in zip(samples, got, want, strict=True):
         assert_same(a, b)
         resp, last = reference(model, tok, s, vectors, layers)
