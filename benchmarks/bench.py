@@ -346,6 +346,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--natural-only", action="store_true", help="only the natural-mode rows")
     ap.add_argument("--no-whole", action="store_true", help="--natural-only: no whole-process screens")
+    ap.add_argument("--proxy-only", action="store_true", help="no natural-mode rows")
     ap.add_argument("--generate-rows", type=int, help="natural mode: fixed generation rows (default: tuned)")
     ap.add_argument("--child", choices=("reference", "naive"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -388,10 +389,16 @@ def main() -> None:
     scorer = Scorer(model, tok, units, ScoreSettings(layers=(LAYER,), batch_tokens=tuned.get("value")))
     scorer.score(samples[:8])  # warm-up
     forward_s, gflop, _ = scorer_rate(scorer, samples)
+    # the same forward batches with every row running the template's system prompt itself
+    plain = Scorer(
+        model, tok, units, ScoreSettings(layers=(LAYER,), batch_tokens=tuned.get("value"), share_prefix=False)
+    )
+    plain.score(samples[:8])
+    plain_s, _, _ = scorer_rate(plain, samples)
     peaks = matmul_peak(dtype, device)
     peak = max(peaks.values())
 
-    nat = natural_figures(model, tok, units, samples, args, device)
+    nat = None if args.proxy_only else natural_figures(model, tok, units, samples, args, device)
 
     speedup = w["reference_s"] / w["screen_s"]
     # the screen's own forward batches (its runtime record), tuning batches included: what is left is
@@ -414,10 +421,12 @@ def main() -> None:
         ("Batch tokens chosen by the screen", f"{tuned.get('value')} ({tuned.get('source', '?')})"),
         ("Scorer forward at that size, warm, in this process: s / GFLOP/s",
          f"{forward_s:.1f} / {gflop / forward_s:.0f}"),
+        ("The same, each row running the shared system prompt itself (share_prefix off): s, and over it",
+         f"{plain_s:.1f}: {plain_s / forward_s:.2f}x"),
         (f"Matmul at the model's shapes, 4096 rows, {dtype_name} (GFLOP/s)",
          ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())),
         ("Scorer share of the best of those", f"{mfu:.0%}", ">= 70%", mfu >= TARGETS["mfu"]),
-        *natural_rows(nat),
+        *(natural_rows(nat) if nat else []),
         ("Max abs(screen - reference), proj_response and prompt_last", f"{diff:.3g}"),
     ]  # fmt: skip
     print_table(rows, args, device, dtype_name)

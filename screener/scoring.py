@@ -393,7 +393,11 @@ class Scorer:
         self.flops_per_token = 2 * sum(p.numel() for b in blocks[:run] for p in b.parameters())
         self.attention_flops = 2 * run * model.config.hidden_size
         model_key = f"{type(model).__name__} h{model.config.hidden_size}"
-        key = machine_key(self.device, weight_dtype(model), f"{model_key} x{run}")
+        share = settings.share_prefix and not settings.compile and can_share(model)
+        self.prefix = SharedPrefix(model) if share else None
+        # a shared prefix makes wide batches cheaper (more rows share it), so it has batch sizes of its own
+        # (a size tuned without it stayed at 512 tokens, where most rows of a chat slice run alone)
+        key = machine_key(self.device, weight_dtype(model), f"{model_key} x{run}{' prefix' if share else ''}")
         gpu = self.device.type == "cuda"
         self.batch_tuner = Tuner(
             key, "batch_tokens", GPU_TOKENS if gpu else CPU_TOKENS, settings.batch_tokens
@@ -410,8 +414,6 @@ class Scorer:
         self.shared_prefill = settings.shared_prefill and plain_cache(model)
         self.tokenizer_lock = threading.Lock()  # `prepare` may run in a thread beside the model work
         self.stops = eos_ids(model, tokenizer)
-        share = settings.share_prefix and not settings.compile and can_share(model)
-        self.prefix = SharedPrefix(model) if share else None
         if settings.compile:
             # the forward only, so the hooks (and their early stop) stay outside the compiled graph
             self._compiled = {i: torch.compile(blocks[i].forward, dynamic=True) for i in range(run)}

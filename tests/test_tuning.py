@@ -127,3 +127,23 @@ def test_generation_rows_are_tuned_once_for_every_layer(tiny_llama: Path) -> Non
     assert shallow.generate_tuner.done
     again = scorer(2).generate_tuner
     assert (again.size(), again.source) == (shallow.generate_tuner.size(), "cached")
+
+
+def test_a_shared_prefix_has_batch_sizes_of_its_own(tiny_llama: Path) -> None:
+    """Sharing the prompt prefix changes what a wide batch costs: its batch size is not the one tuned
+    without it (nor the generation rows', which decoding alone sets)."""
+    from conftest import TEST_DEVICE, random_vectors
+
+    from screener.models import load_model
+    from screener.scoring import ScoreSettings
+    from screener.vectors import unit_vectors
+
+    model, tok = load_model(str(tiny_llama), TEST_DEVICE)
+    units = unit_vectors(random_vectors(tiny_llama, 2), (2,))
+    shared, plain = (
+        Scorer(model, tok, units, ScoreSettings(layers=(2,), batch_tokens=None, share_prefix=share))
+        for share in (True, False)
+    )
+    assert shared.prefix is not None and plain.prefix is None
+    assert shared.batch_tuner.key != plain.batch_tuner.key
+    assert shared.generate_tuner.key == plain.generate_tuner.key
