@@ -10,9 +10,9 @@ the trait in that order), small, on SmolLM2 and real ShareGPT chat.
    of at least 40 tokens that fits the token budget (benchmarks/shift_validation.py's filter). The budget is
    `--max-tokens` (default 256; shift_validation's recipe otherwise): the file holds only 89 such
    conversations within 128 tokens after record 5,000, 435 within 256.
-2. Rank. `screener.screen.screen` screens the pool with the vectors (proxy mode: `delta_p_proxy`; natural
-   mode: the natural `delta_p`, the model answering each prompt itself, as the paper ranks), each trait
-   read at its vector's chosen layer.
+2. Rank. `screener.screen.screen` screens the pool with the vectors (proxy mode: `delta_p_proxy`, or
+   `proj_response` alone with `--metrics response`; natural mode: the natural `delta_p`, the model
+   answering each prompt itself, as the paper ranks), each trait read at its vector's chosen layer.
 3. Subsets. Per trait and metric, the top k and the bottom k samples; `--random-draws` seeded random k for
    all (several: how far two sets of k differ with no ranking at all is the noise the ordering must beat;
    the standard error of one set's shift covers only its evaluation prompts).
@@ -59,7 +59,9 @@ from screener.shift import ShiftConfig, measure
 from screener.vectors import builtin_vector_path, load_vector
 
 TRAITS = ("evil", "hallucinating")
-METRICS = {"proxy": "delta_p_proxy", "natural": "delta_p"}
+METRICS = {"proxy": "delta_p_proxy", "natural": "delta_p", "response": "proj_response"}
+# the screen each metric comes from: "response" is the proxy's first term alone, without the prompt's
+MODE = {"proxy": "proxy", "natural": "natural", "response": "proxy"}
 
 
 def vector_specs(folder: Path | None, model_name: str) -> tuple[list[str], dict[str, int]]:
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=200, help="conversations screened (N)")
     p.add_argument("--k", type=int, default=16, help="samples per subset")
     p.add_argument("--start", type=int, default=5000, help="first record of the packaged ShareGPT file")
-    p.add_argument("--metrics", default="proxy,natural", help="rank by: proxy, natural or both")
+    p.add_argument("--metrics", default="proxy,natural", help="rank by: proxy,natural,response")
     p.add_argument("--natural-tokens", type=int, default=64, help="length of the natural answers")
     p.add_argument("--vectors", type=Path, help="folder with <trait>_response_avg_diff.pt (default built-in)")
     p.add_argument("--max-tokens", type=int, default=256, help="prompt + response budget of the pool")
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         for metric in metrics:
             t = time.perf_counter()
             gen = GenerationSettings(max_new_tokens=args.natural_tokens)
-            summary = screen(ScreenConfig(pool_set.path, mode=metric, generation=gen, **common))
+            summary = screen(ScreenConfig(pool_set.path, mode=MODE[metric], generation=gen, **common))
             ranked[metric] = scores(db, summary.run_id, METRICS[metric], layers)
             progress(
                 f"screen ({metric}): {summary.total_scored} samples in {time.perf_counter() - t:.0f} s",
