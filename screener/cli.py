@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import importlib
 import logging
 import os
@@ -117,5 +119,27 @@ def run(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
         return Terminated.exit_code if isinstance(e, Terminated) else 130
 
 
+def entry() -> NoReturn:
+    """The `screener` command (its console script, and `python -m screener.cli`): `main`, then an exit that
+    skips the interpreter's teardown once the work is done and every exit handler has run. That teardown
+    (torch's operator registrations undone one by one, modules cleared) took 0.8-0.9 s after each screen
+    on 2 cores, 5% of a 128-sample screen (benchmarks/RESULTS.md, "The shared system prompt run once")."""
+    done: list[int] = []
+
+    def skip_teardown() -> None:
+        # registered before torch, Ray and DuckDB import (handlers run last-in first-out), so theirs (Ray's
+        # local cluster shut down, say) have run; threads were joined before any handler
+        if done:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(done[0])
+
+    atexit.register(skip_teardown)
+    code = main()
+    done.append(code)  # not reached on an uncaught exception: that exit keeps the whole teardown
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
