@@ -70,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         quiet_third_parties()
     # SIGTERM (timeout, `ray job stop`, Kubernetes, systemd) stops a command as Ctrl-C does
-    from screener.errors import raise_terminated
+    from screener.errors import forget_signals, raise_interrupted, raise_terminated
 
+    forget_signals()
     signal.signal(signal.SIGTERM, raise_terminated)
+    signal.signal(signal.SIGINT, raise_interrupted)
     return run(args.func, args)
 
 
@@ -99,7 +101,7 @@ def quiet_third_parties() -> None:
 def run(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command function; every expected failure becomes one line on stderr and its exit code
     (the table in screener/errors.py and docs/exit-codes.md)."""
-    from screener.errors import ScreenerError
+    from screener.errors import ScreenerError, signalled
 
     try:
         return int(func(args) or 0)
@@ -112,11 +114,19 @@ def run(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt as e:
-        from screener.errors import Terminated
+        return _stopped(e)
+    except Exception:  # an error a signal caused (DuckDB's or another library's, mid-write)
+        if (signal_error := signalled()) is None:
+            raise
+        return _stopped(signal_error)
 
-        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        print(f"{what}; rerun the same command to resume", file=sys.stderr)
-        return Terminated.exit_code if isinstance(e, Terminated) else 130
+
+def _stopped(e: KeyboardInterrupt) -> int:
+    from screener.errors import Terminated
+
+    what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    print(f"{what}; rerun the same command to resume", file=sys.stderr)
+    return Terminated.exit_code if isinstance(e, Terminated) else 130
 
 
 def entry() -> NoReturn:

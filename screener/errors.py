@@ -70,7 +70,7 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 
-_terminated = False
+_terminated = _interrupted = False
 
 
 def raise_terminated(signum: int, frame: object) -> None:
@@ -78,6 +78,26 @@ def raise_terminated(signum: int, frame: object) -> None:
     global _terminated
     _terminated = True
     raise Terminated()
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    """The Ctrl-C handler `cli.main` installs: Python's own, remembering that the signal came."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt()
+
+
+def forget_signals() -> None:
+    """A new command (`cli.main`): no signal has reached it yet."""
+    global _terminated, _interrupted
+    _terminated = _interrupted = False
+
+
+def signalled() -> KeyboardInterrupt | None:
+    """The signal the command got (through `cli.main`'s handlers) as its exception, or None. Whatever a
+    signal interrupts may fail with its own error (a library's, mid-write) in place of the handler's: the
+    command then ends as that signal, not as that error."""
+    return Terminated() if _terminated else KeyboardInterrupt() if _interrupted else None
 
 
 def signal_behind(e: BaseException) -> KeyboardInterrupt | None:
@@ -88,6 +108,8 @@ def signal_behind(e: BaseException) -> KeyboardInterrupt | None:
     would end as a traceback (exit 1) instead of exit 143 or 130 with the run marked failed. This project
     never interrupts a query itself, so the message means a signal.
     """
-    if isinstance(e, KeyboardInterrupt) or "interrupted" not in str(e).lower():
+    if isinstance(e, KeyboardInterrupt):
         return None
-    return Terminated() if _terminated else KeyboardInterrupt()
+    if (signal := signalled()) is not None:
+        return signal
+    return KeyboardInterrupt() if "interrupted" in str(e).lower() else None

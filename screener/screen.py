@@ -28,7 +28,7 @@ from screener.calibration import reference_rows
 from screener.choices import DEFAULT_MAX_TOKENS
 from screener.datasets import Done, ReadStats, canonical_uri, local_files, read_samples
 from screener.distributed import StageStats, model_workers, on_cluster, run_stage
-from screener.errors import ScreenerError, Terminated, UserError
+from screener.errors import ScreenerError, Terminated, UserError, signalled
 from screener.models import DEFAULT_MODEL, ModelRef, resolve_model
 from screener.progress import Progress
 from screener.records import MODES, TURNS, Reject, Sample, Scored
@@ -407,7 +407,9 @@ def screen(cfg: ScreenConfig) -> Summary:
             read_all = cfg.limit is None or stats.samples < cfg.limit
             total_scored, total_rejected = store.finish_run(run.run_id, stats.records if read_all else None)
         except BaseException as e:
-            store.fail_run(run.run_id, _error_text(e))
+            # an error a signal caused is recorded as the signal, as the command ends (cli.run)
+            cause = e if isinstance(e, KeyboardInterrupt) else signalled() or e
+            store.fail_run(run.run_id, _error_text(cause))
             raise
         finally:
             if counting is not None:  # its connection is the store's cursor: done before the store closes

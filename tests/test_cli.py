@@ -168,3 +168,33 @@ def test_a_screener_error_is_one_line_and_its_exit_code(tmp_path: Path, capsys) 
         capsys.readouterr().err == f"error: {tmp_path / 'none.duckdb'}: no such database (pass --db, default "
         f"{choices.DEFAULT_DB})\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("handler", "code", "said"),
+    [("raise_interrupted", 130, "interrupted"), ("raise_terminated", 143, "terminated (SIGTERM)")],
+)
+def test_an_error_a_signal_caused_ends_as_the_signal(handler, code, said, capsys, monkeypatch) -> None:
+    """A signal can land inside a library's call (DuckDB's write, say), which then fails with an error of
+    its own in place of the handler's KeyboardInterrupt: the command still ends as that signal (exit 130 or
+    143, one line), never as a traceback; an error with no signal behind it stays an error."""
+    import argparse
+
+    from screener import errors
+    from screener.cli import run
+
+    def interrupted_mid_write(_args) -> int:
+        try:
+            getattr(errors, handler)(0, None)  # what the signal handler does when the signal comes
+        except KeyboardInterrupt:
+            raise RuntimeError("a library's own error, raised as the signal unwound it") from None
+        return 0
+
+    monkeypatch.setattr(errors, "_terminated", False)
+    monkeypatch.setattr(errors, "_interrupted", False)
+    with pytest.raises(RuntimeError):  # no signal yet: a bug stays a traceback
+        run(lambda _a: (_ for _ in ()).throw(RuntimeError("a bug")), argparse.Namespace())
+    assert run(interrupted_mid_write, argparse.Namespace()) == code
+    assert capsys.readouterr().err == f"{said}; rerun the same command to resume\n"
+    errors.forget_signals()
+    assert errors.signalled() is None
