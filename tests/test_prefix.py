@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TEST_DEVICE, random_vectors, reference
+from test_scoring import RTOL, TEXTS
 
 from screener.datasets import record_to_samples
 from screener.models import (
@@ -21,15 +22,7 @@ from screener.records import Sample
 from screener.scoring import Scorer, ScoreSettings
 from screener.vectors import unit_vectors
 
-RTOL = 1e-4
 SYSTEM = "You are a careful assistant. Answer the question, keep it short and never say anything cruel."
-TEXTS = [
-    "Hello, how can I help you today?",
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "Evil plans!",
-    "I think that is a wonderful idea, you are absolutely right! Here is a short answer with numbers 12345.",
-    "ok",
-]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
