@@ -21,7 +21,8 @@ the trait in that order), small, on SmolLM2 and real ShareGPT chat.
    evaluation questions, at the vector's layer.
 5. Report. Per trait and metric: top, random, bottom shifts ± standard error (random: the draws' mean ±
    their standard deviation), whether top > random > bottom, top − bottom in combined standard errors (the
-   target: ≥ 2) and in the draws' spread (√2 · their sd). `--json` writes everything.
+   target: ≥ 2) and in the draws' spread (√2 · their sd). `--json` writes everything, every trait's shift
+   for every subset among it (`benchmarks/subset_features.py` reads them beside the kept DuckDB).
 
 A `--work-dir` keeps each adapter with the ids and recipe it was trained on: a rerun there (more draws, say)
 fine-tunes only the sets it has not trained, and the screens resume from the kept DuckDB.
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "results": results,
             "subsets": subsets,
+            # every trait's shift for every subset (results holds each trait's own ranking's sets only)
+            "shifts": measured,
             "layers": layers,
             "vectors": specs,
             "pool": args.pool,
