@@ -1,8 +1,8 @@
 """Which property of a fine-tuned subset tracks the shift it produced? For every subset that
 `subset_validation.py` fine-tuned on (random draws, tops and bottoms, from one or more of its `--json`
 files), the mean over its samples of each per-sample value the screen stored (each trait's projections and
-ΔPs at its vector's layer, and the token counts), then, per trait, the Pearson and Spearman correlation of
-those set means with the measured shifts.
+ΔPs at its vector's layer, and the token counts) and its training loss, then, per trait, the Pearson and
+Spearman correlation of those set values with the measured shifts.
 
     python benchmarks/subset_features.py WORK_DIR/subsets.duckdb run1.json [run2.json ...]
 
@@ -53,15 +53,18 @@ def sample_values(db: str, layers: dict[str, int]) -> dict[str, dict[str, float]
     return values
 
 
-def set_shifts(files: list[Path]) -> tuple[dict[str, list[str]], dict[str, dict[str, float]], dict[str, int]]:
-    """Each subset's sample ids, its shift per trait, and the traits' layers, over all `files`."""
+def set_shifts(files: list[Path]) -> tuple[dict, dict[str, dict[str, float]], dict[str, int], dict]:
+    """Each subset's sample ids, its shift per trait, the traits' layers and each subset's training loss
+    (first and last epoch, where the file has them), over all `files`."""
     ids: dict[str, list[str]] = {}
     shifts: dict[str, dict[str, float]] = {}
     layers: dict[str, int] = {}
+    losses: dict[str, list[float]] = {}
     for f in files:
         d = json.loads(f.read_text())
         layers |= d["layers"]
         ids |= d["subsets"]
+        losses |= d.get("losses", {})
         for name, by_trait in d.get("shifts", {}).items():
             shifts.setdefault(name, {}).update({t: v[0] for t, v in by_trait.items()})
         for key, r in d["results"].items():
@@ -71,7 +74,7 @@ def set_shifts(files: list[Path]) -> tuple[dict[str, list[str]], dict[str, dict[
             draws = [n for n in d["subsets"] if n.startswith("random")]
             for name, (shift, _) in zip(draws, r["random_draws"], strict=True):
                 shifts.setdefault(name, {}).setdefault(trait, shift)
-    return ids, shifts, layers
+    return ids, shifts, layers, losses
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("db", help="a kept --work-dir's subsets.duckdb")
     p.add_argument("json", nargs="+", type=Path, help="subset_validation.py --json files of that pool")
     args = p.parse_args(argv)
-    ids, shifts, layers = set_shifts(args.json)
+    ids, shifts, layers, losses = set_shifts(args.json)
     values = sample_values(args.db, layers)
     features = sorted({k for v in values.values() for k in v}, key=lambda k: (":" not in k, k))
     means: dict[str, dict[str, float]] = {}
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             k: float(np.mean(got)) if (got := [r[k] for r in rows if r.get(k) is not None]) else float("nan")
             for k in features
         }
+        first, last = losses.get(name, (float("nan"), float("nan")))
+        means[name] |= {"loss:first epoch": first, "loss:last epoch": last}
+    features += ["loss:first epoch", "loss:last epoch"]
     traits = sorted(layers)
     print(
         f"{'subset':30s} "
@@ -114,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             pearson = np.corrcoef(x[ok], y[ok])[0, 1]
             spearman = np.corrcoef(ranks(x[ok]), ranks(y[ok]))[0, 1]
-            print(f"  {k:30s} {pearson:+.2f} / {spearman:+.2f}")
+            print(
+                f"  {k:30s} {pearson:+.2f} / {spearman:+.2f}"
+                + (f"  ({ok.sum()} sets)" if not ok.all() else "")
+            )
     return 0
 
 

@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"{len(subsets)} subsets of {args.k}, {len(distinct)} distinct fine-tunes", started)
 
         measured: dict[str, dict[str, tuple[float, float]]] = {}
+        losses: dict[str, tuple[float, float]] = {}  # training loss, first and last epoch
         for ids, name in distinct.items():
             ts = TrainingSet(name, f"{args.k} samples", [by_id[i] for i in ids])
             write_set(ts, work / "sets")
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 for s in shifts
                 if s.measure == "prompt_last" and s.layer == layers.get(s.trait)
             }
+            losses[name] = ts.loss
             got = ", ".join(f"{tr} {v[0]:+.3f} ± {v[1]:.3f}" for tr, v in measured[name].items())
             progress(
                 f"{name}: loss {ts.loss[0]:.3f} -> {ts.loss[1]:.3f}; shift {got} "
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         for name, ids in subsets.items():
             measured[name] = measured[distinct[tuple(sorted(ids))]]
+            losses[name] = losses[distinct[tuple(sorted(ids))]]
 
         print()
         draw_label = f"random {args.k}" + (f" ({len(draws)} draws: mean ± sd)" if len(draws) > 1 else "")
@@ -281,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "subsets": subsets,
             # every trait's shift for every subset (results holds each trait's own ranking's sets only)
             "shifts": measured,
+            "losses": losses,
             "layers": layers,
             "vectors": specs,
             "pool": args.pool,
