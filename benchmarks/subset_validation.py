@@ -22,7 +22,8 @@ the trait in that order), small, on SmolLM2 and real ShareGPT chat.
 5. Report. Per trait and metric: top, random, bottom shifts ± standard error (random: the draws' mean ±
    their standard deviation), whether top > random > bottom, top − bottom in combined standard errors (the
    target: ≥ 2) and in the draws' spread (√2 · their sd). `--json` writes everything, every trait's shift
-   for every subset among it (`benchmarks/subset_features.py` reads them beside the kept DuckDB).
+   and the training loss of every subset among it (`benchmarks/subset_features.py` reads them beside the
+   kept DuckDB).
 
 A `--work-dir` keeps each adapter with the ids and recipe it was trained on: a rerun there (more draws, say)
 fine-tunes only the sets it has not trained, and the screens resume from the kept DuckDB.
@@ -234,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 started,
             )
         for name, ids in subsets.items():
-            measured[name] = measured[distinct[tuple(sorted(ids))]]
-            losses[name] = losses[distinct[tuple(sorted(ids))]]
+            trained_as = distinct[tuple(sorted(ids))]
+            measured[name], losses[name] = measured[trained_as], losses[trained_as]
 
         print()
         draw_label = f"random {args.k}" + (f" ({len(draws)} draws: mean ± sd)" if len(draws) > 1 else "")
