@@ -67,12 +67,17 @@ def set_shifts(files: list[Path]) -> tuple[dict, dict[str, dict[str, float]], di
         losses |= d.get("losses", {})
         for name, by_trait in d.get("shifts", {}).items():
             shifts.setdefault(name, {}).update({t: v[0] for t, v in by_trait.items()})
-        draws = [n for n in d["subsets"] if n.startswith("random")]
         for key, r in d["results"].items():
-            trait, metric = key.split("/")
+            trait, metric = key.split("/")[:2]
+            # files from before the matched design name no sets: their only draws are "random", "random-2"...
+            sets = r.get("sets") or {
+                "top": f"{trait}_{metric}_top",
+                "bottom": f"{trait}_{metric}_bottom",
+                "random": [n for n in d["subsets"] if n.startswith("random")],
+            }
             for end in ("top", "bottom"):
-                shifts.setdefault(f"{trait}_{metric}_{end}", {}).setdefault(trait, r[end][0])
-            for name, (shift, _) in zip(draws, r["random_draws"], strict=True):
+                shifts.setdefault(sets[end], {}).setdefault(trait, r[end][0])
+            for name, (shift, _) in zip(sets["random"], r["random_draws"], strict=True):
                 shifts.setdefault(name, {}).setdefault(trait, shift)
     return ids, shifts, layers, losses
 

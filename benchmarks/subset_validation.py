@@ -25,6 +25,12 @@ the trait in that order), small, on SmolLM2 and real ShareGPT chat.
    and the training loss of every subset among it (`benchmarks/subset_features.py` reads them beside the
    kept DuckDB).
 
+`--match response_tokens` (or `prompt_tokens`) adds a designed version of the experiment, sets that differ in
+their ranking and not in that length: the pool sorted by it is cut into k strata of consecutive samples, and
+the matched top takes each stratum's highest-ranked sample, the matched bottom its lowest, and each matched
+random draw one seeded random sample of each stratum, so all three hold the same spread of lengths. It is
+reported in rows of its own beside the unmatched ones.
+
 A `--work-dir` keeps each adapter with the ids and recipe it was trained on: a rerun there (more draws, say)
 fine-tunes only the sets it has not trained, and the screens resume from the kept DuckDB.
 """
@@ -64,6 +70,7 @@ TRAITS = ("evil", "hallucinating")
 METRICS = {"proxy": "delta_p_proxy", "natural": "delta_p", "response": "proj_response"}
 # the screen each metric comes from: "response" is the proxy's first term alone, without the prompt's
 MODE = {"proxy": "proxy", "natural": "natural", "response": "proxy"}
+MATCH = ("response_tokens", "prompt_tokens")
 
 
 def vector_specs(folder: Path | None, model_name: str) -> tuple[list[str], dict[str, int]]:
@@ -99,9 +106,40 @@ def ends(values: dict[str, float], k: int) -> tuple[list[str], list[str]]:
     return order[:k], order[-k:][::-1]
 
 
-def random_names(draws: int) -> list[str]:
+def random_names(draws: int, prefix: str = "random") -> list[str]:
     """The random subsets' names: "random" (the first, as before draws existed), then "random-2"..."""
-    return ["random"] + [f"random-{i + 1}" for i in range(1, draws)]
+    return [prefix] + [f"{prefix}-{i + 1}" for i in range(1, draws)]
+
+
+def strata(column: dict[str, float], k: int) -> list[list[str]]:
+    """The sample ids sorted by `column` (ties by id) and cut into k strata of consecutive samples, their
+    sizes differing by at most one."""
+    if len(column) < 2 * k:
+        raise ValueError(f"matching needs a pool of at least 2k = {2 * k} samples, not {len(column)}")
+    order = sorted(column, key=lambda s: (column[s], s))
+    return [list(part) for part in np.array_split(np.array(order, dtype=object), k)]
+
+
+def matched_ends(values: dict[str, float], groups: list[list[str]]) -> tuple[list[str], list[str]]:
+    """Each stratum's highest-ranked and lowest-ranked sample (ties by id): a top and a bottom set of one
+    sample a stratum, so both hold the strata's spread of the matched column."""
+    ranked = [sorted((s for s in g if s in values), key=lambda s: (-values[s], s)) for g in groups]
+    if any(len(r) < 2 for r in ranked):
+        raise ValueError("a stratum holds fewer than two ranked samples")
+    return [r[0] for r in ranked], [r[-1] for r in ranked]
+
+
+def matched_random(groups: list[list[str]], seed: int) -> list[str]:
+    """One seeded random sample of each stratum."""
+    rng = random.Random(seed)
+    return [rng.choice(sorted(g)) for g in groups]
+
+
+def turn_column(db: str, run_id: str, column: str) -> dict[str, float]:
+    """`{sample_id: value}` of a per-sample column of the run's turns (its token counts)."""
+    with duckdb.connect(db, read_only=True) as con:
+        rows = con.execute(f"SELECT sample_id, {column} FROM turns WHERE run_id = ?", [run_id]).fetchall()
+    return {sid: float(v) for sid, v in rows}
 
 
 def random_shift(shifts: list[float], stderr_of_one: float) -> tuple[float, float]:
@@ -147,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the pool's ranking screens only (default: --dtype); fine-tunes and shifts keep --dtype",
     )
     p.add_argument("--random-draws", type=int, default=4, help="random subsets (seeds recipe.seed + i)")
+    p.add_argument(
+        "--match",
+        choices=MATCH,
+        help="also fine-tune top, bottom and random sets matched on this column (one sample a stratum)",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--work-dir", type=Path, help="keep the pool, subsets, adapters and DuckDB here")
     args = p.parse_args(argv)
@@ -188,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         common = {"db": db, "vectors": specs, "max_tokens": recipe.max_tokens, "dtype": screen_dtype}
         common |= {"device": "cpu", "actors": 0, "progress": False, "turns": "last"}
         ranked: dict[str, dict[str, dict[str, float]]] = {}
+        run_ids: dict[str, str] = {}
         for metric in metrics:
             t = time.perf_counter()
             gen = GenerationSettings(max_new_tokens=args.natural_tokens)
             summary = screen(ScreenConfig(pool_set.path, mode=MODE[metric], generation=gen, **common))
             ranked[metric] = scores(db, summary.run_id, METRICS[metric], layers)
+            run_ids[metric] = summary.run_id
             progress(
                 f"screen ({metric}): {summary.total_scored} samples in {time.perf_counter() - t:.0f} s",
                 started,
@@ -202,10 +247,25 @@ def main(argv: list[str] | None = None) -> int:
         draws = random_names(args.random_draws)
         for i, name in enumerate(draws):
             subsets[name] = sorted(random.Random(recipe.seed + i).sample(sorted(by_id), args.k))
+        # each design: (its row label, its random draws' names, its top and bottom set names)
+        designs = [("", draws, "{trait}_{metric}_{end}")]
         for metric in metrics:
             for trait in TRAITS:
                 top, bottom = ends(ranked[metric][trait], args.k)
                 subsets[f"{trait}_{metric}_top"], subsets[f"{trait}_{metric}_bottom"] = top, bottom
+        if args.match:
+            groups = strata(turn_column(db, run_ids[metrics[0]], args.match), args.k)
+            matched_draws = random_names(args.random_draws, f"random_by_{args.match}")
+            for i, name in enumerate(matched_draws):
+                subsets[name] = sorted(matched_random(groups, recipe.seed + i))
+            for metric in metrics:
+                for trait in TRAITS:
+                    top, bottom = matched_ends(ranked[metric][trait], groups)
+                    subsets[f"{trait}_{metric}_top_by_{args.match}"] = top
+                    subsets[f"{trait}_{metric}_bottom_by_{args.match}"] = bottom
+            designs.append(
+                (f", matched on {args.match}", matched_draws, "{trait}_{metric}_{end}_by_" + args.match)
+            )
         distinct: dict[tuple[str, ...], str] = {}  # the same samples are fine-tuned on once
         for name, ids in subsets.items():
             distinct.setdefault(tuple(sorted(ids)), name)
@@ -245,28 +305,34 @@ def main(argv: list[str] | None = None) -> int:
             "| top > random > bottom | (top − bottom) / combined se | (top − bottom) / (√2 · draws' sd) |",
             "|---|---|---:|---:|---:|---|---:|---:|",
         ]
-        for trait in TRAITS:
-            rnd = random_shift([measured[n][trait][0] for n in draws], measured[draws[0]][trait][1])
-            for metric in metrics:
-                top, bot = (measured[f"{trait}_{metric}_{end}"][trait] for end in ("top", "bottom"))
-                ordered = top[0] > rnd[0] > bot[0]
-                z = (top[0] - bot[0]) / float(np.hypot(top[1], bot[1]))
-                z_draws = (top[0] - bot[0]) / (np.sqrt(2) * rnd[1]) if len(draws) > 1 else None
-                results[f"{trait}/{metric}"] = {
-                    "top": top,
-                    "random": rnd,
-                    "random_draws": [measured[n][trait] for n in draws],
-                    "bottom": bot,
-                    "ordered": ordered,
-                    "z": z,
-                    "z_draws": z_draws,
-                }
-                lines.append(
-                    f"| {trait} ({layers[trait]}) | {METRICS[metric]} | {top[0]:+.2f} ± {top[1]:.2f} | "
-                    f"{rnd[0]:+.2f} ± {rnd[1]:.2f} | {bot[0]:+.2f} ± {bot[1]:.2f} | "
-                    f"{'yes' if ordered else 'no'} | {z:.1f} | "
-                    f"{'n/a' if z_draws is None else f'{z_draws:.1f}'} |"
-                )
+        for label, names, pattern in designs:
+            for trait in TRAITS:
+                rnd = random_shift([measured[n][trait][0] for n in names], measured[names[0]][trait][1])
+                for metric in metrics:
+                    set_names = {
+                        end: pattern.format(trait=trait, metric=metric, end=end) for end in ("top", "bottom")
+                    }
+                    top, bot = (measured[set_names[end]][trait] for end in ("top", "bottom"))
+                    ordered = top[0] > rnd[0] > bot[0]
+                    z = (top[0] - bot[0]) / float(np.hypot(top[1], bot[1]))
+                    z_draws = (top[0] - bot[0]) / (np.sqrt(2) * rnd[1]) if len(names) > 1 else None
+                    results[f"{trait}/{metric}" + (f"/{args.match}" if label else "")] = {
+                        "top": top,
+                        "random": rnd,
+                        "random_draws": [measured[n][trait] for n in names],
+                        "bottom": bot,
+                        "ordered": ordered,
+                        "z": z,
+                        "z_draws": z_draws,
+                        "sets": {"top": set_names["top"], "bottom": set_names["bottom"], "random": names},
+                    }
+                    lines.append(
+                        f"| {trait} ({layers[trait]}) | {METRICS[metric]}{label} | "
+                        f"{top[0]:+.2f} ± {top[1]:.2f} | {rnd[0]:+.2f} ± {rnd[1]:.2f} | "
+                        f"{bot[0]:+.2f} ± {bot[1]:.2f} | "
+                        f"{'yes' if ordered else 'no'} | {z:.1f} | "
+                        f"{'n/a' if z_draws is None else f'{z_draws:.1f}'} |"
+                    )
         print("\n".join(lines))
     finally:
         if args.work_dir is None:
@@ -290,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "vectors": specs,
             "pool": args.pool,
             "k": args.k,
+            "match": args.match,
             "start": args.start,
             "recipe": asdict(recipe),
             "dtype": args.dtype,
