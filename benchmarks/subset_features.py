@@ -5,6 +5,11 @@ files), the mean over its samples of each per-sample value the screen stored (ea
 Spearman correlation of those set values with the measured shifts.
 
     python benchmarks/subset_features.py WORK_DIR/subsets.duckdb run1.json [run2.json ...]
+    python benchmarks/subset_features.py WORK_DIR/subsets.duckdb run.json --pool WORK_DIR/sets/pool.jsonl
+
+`--pool` (the work dir's pool file) adds what the answers' text holds, as shares of a set: answers with a
+code block, with a list, apologies or AI disclaimers ("I'm sorry", "As an AI"), their length in characters
+and their share of non-ASCII characters.
 
 The DuckDB is a kept `--work-dir`'s; a natural-mode run in it gives every column (the proxy's too). The
 JSON files must rank the same pool (same `--pool`, `--start`, `--max-tokens`): the sample ids are the pool's.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -82,6 +88,28 @@ def set_shifts(files: list[Path]) -> tuple[dict, dict[str, dict[str, float]], di
     return ids, shifts, layers, losses
 
 
+LIST_LINE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s", re.MULTILINE)
+DISCLAIMER = re.compile(r"\b(?:I'm sorry|I am sorry|I apologi[sz]e|as an AI|language model)\b", re.IGNORECASE)
+
+
+def text_values(pool: Path) -> dict[str, dict[str, float]]:
+    """`{sample_id: {feature: value}}` from the answers of a pool file (`write_set`'s single-turn records:
+    the screen's sample id is the record's id, the answer its last message)."""
+    values: dict[str, dict[str, float]] = {}
+    with pool.open(encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            answer = rec["messages"][-1]["content"]
+            values[rec["id"]] = {
+                "text:code": float("```" in answer),
+                "text:list": float(len(LIST_LINE.findall(answer)) >= 2),
+                "text:disclaimer": float(bool(DISCLAIMER.search(answer))),
+                "text:chars": float(len(answer)),
+                "text:non_ascii": sum(ord(c) > 127 for c in answer) / max(len(answer), 1),
+            }
+    return values
+
+
 def ranks(x: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(x)).astype(float)
 
@@ -90,9 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("db", help="a kept --work-dir's subsets.duckdb")
     p.add_argument("json", nargs="+", type=Path, help="subset_validation.py --json files of that pool")
+    p.add_argument("--pool", type=Path, help="the work dir's sets/pool.jsonl: text features of the answers")
     args = p.parse_args(argv)
     ids, shifts, layers, losses = set_shifts(args.json)
     values = sample_values(args.db, layers)
+    if args.pool:
+        text = text_values(args.pool)
+        if missing := [s for s in values if s not in text]:
+            sys.exit(f"{args.pool}: {len(missing)} screened samples are not in it (first: {missing[0]})")
+        for sid, row in values.items():
+            row.update(text[sid])
     features = sorted({k for v in values.values() for k in v}, key=lambda k: (":" not in k, k))
     means: dict[str, dict[str, float]] = {}
     for name, members in ids.items():
