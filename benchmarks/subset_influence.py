@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import header  # benchmarks/, this script's folder
 from shift_validation import encode, pearson, progress, read_file, spearman
+from subset_validation import scores
 
 from screener.models import DEFAULT_MODEL, decoder_parts, eos_ids, load_tokenizer, pad, resolve_model
 from screener.shift import ShiftConfig, prepare
@@ -105,20 +106,15 @@ def alignments(
     return -(losses[0] - losses[1]) / (2 * step)
 
 
-def stored(db: str, metric: str, layers: dict[str, int]) -> dict[str, dict[str, float]]:
-    """`{trait: {sample_id: value}}` from the work dir's proxy run."""
+def proxy_run(db: str) -> str:
+    """The work dir's latest proxy-mode run (the ranking `subset_validation.py` fine-tuned from)."""
     with duckdb.connect(db, read_only=True) as con:
         run = con.execute(
             "SELECT run_id FROM runs WHERE mode = 'proxy' ORDER BY started_at DESC LIMIT 1"
         ).fetchone()
-        rows = con.execute(
-            f"SELECT trait, layer, sample_id, {metric} FROM scores WHERE run_id = ?", [run[0]]
-        ).fetchall()
-    out: dict[str, dict[str, float]] = {t: {} for t in layers}
-    for trait, layer, sid, value in rows:
-        if layers.get(trait) == layer and value is not None:
-            out[trait][sid] = value
-    return out
+    if run is None:
+        sys.exit(f"{db}: no proxy-mode run")
+    return run[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = np.array([len(r) for _, r in data], dtype=float)
     ids = [s.sample_id for s in pool]
     plan = prepare(ShiftConfig(DEFAULT_MODEL, DEFAULT_MODEL, vectors=run["vectors"], device="cpu", actors=0))
-    proxy = stored(str(args.work_dir / "subsets.duckdb"), "delta_p_proxy", layers)
+    db = str(args.work_dir / "subsets.duckdb")
+    proxy = scores(db, proxy_run(db), "delta_p_proxy", layers)
 
     alignment: dict[str, np.ndarray] = {}
     report: dict = {"machine": header(), "move": args.move, "traits": {}}
