@@ -1,0 +1,105 @@
+"""How much of a subset's shift is its samples, and how much the training's own path? Fine-tunes named sets
+of a kept `subset_validation.py` work dir again with other recipe seeds (the seed sets the LoRA
+initialisation and the order the samples are drawn in; the samples, the rest of the recipe and the
+measurement stay) and measures each, beside the run's seed-0 shift.
+
+    python benchmarks/subset_seeds.py WORK_DIR run.json --sets random,evil_proxy_top --seeds 1,2,3
+
+If the seeds' spread for one set is near the spread between random sets, a set's shift is mostly its
+training path, and no per-sample score can rank sets much better than that spread allows. Adapters are
+kept in `WORK_DIR/adapters-seed<S>/` (a rerun measures what it has already trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# this checkout's screener, whichever one the environment has installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from machine import header  # benchmarks/, this script's folder
+from shift_validation import Recipe, TrainingSet, progress, read_file
+from subset_validation import trained
+
+from screener.models import DEFAULT_MODEL, resolve_model
+from screener.shift import ShiftConfig, measure
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("work_dir", type=Path, help="a kept subset_validation.py --work-dir")
+    p.add_argument("run", type=Path, help="that run's --json (its recipe, vectors, layers and seed-0 shifts)")
+    p.add_argument("--sets", required=True, help="comma-separated subset names of the run")
+    p.add_argument("--seeds", default="1,2,3", help="recipe seeds to train with besides the run's")
+    p.add_argument("--json", type=Path, help="write every set's shifts by seed here")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    print(header(), flush=True)
+    run = json.loads(args.run.read_text())
+    layers: dict[str, int] = run["layers"]
+    recipe0 = Recipe(**run["recipe"])
+    dtype = torch.float32 if run["dtype"] == "float32" else torch.bfloat16
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    names = [n for n in args.sets.split(",") if n]
+    if unknown := [n for n in names if n not in run["shifts"]]:
+        sys.exit(f"--sets: {unknown} are not subsets of {args.run}")
+    if recipe0.seed in seeds:
+        sys.exit(f"--seeds: {recipe0.seed} is the run's own seed")
+    base = resolve_model(DEFAULT_MODEL)
+    db = str(args.work_dir / "subsets.duckdb")
+
+    by_set: dict[str, dict[int, dict[str, float]]] = {}
+    for name in names:
+        samples = read_file(args.work_dir / "sets" / f"{name}.jsonl")
+        by_set[name] = {recipe0.seed: {t: v[0] for t, v in run["shifts"][name].items()}}
+        for seed in seeds:
+            recipe = dataclasses.replace(recipe0, seed=seed)
+            ts = TrainingSet(name, f"{len(samples)} samples, recipe seed {seed}", samples)
+            t = time.perf_counter()
+            adapter = trained(ts, base.path, args.work_dir / f"adapters-seed{seed}", recipe, dtype)
+            cfg = ShiftConfig(
+                DEFAULT_MODEL,
+                str(adapter),
+                db=db,
+                vectors=run["vectors"],
+                dtype=run["dtype"],
+                device="cpu",
+                actors=0,
+            )
+            by_set[name][seed] = {
+                s.trait: s.shift
+                for s in measure(cfg).shifts
+                if s.measure == "prompt_last" and s.layer == layers.get(s.trait)
+            }
+            got = ", ".join(f"{tr} {v:+.3f}" for tr, v in by_set[name][seed].items())
+            progress(f"{name}, seed {seed}: {got} ({time.perf_counter() - t:.0f} s)", started)
+
+    all_seeds = [recipe0.seed, *seeds]
+    print(f"\n| set | trait | {' | '.join(f'seed {s}' for s in all_seeds)} | mean | sd over seeds |")
+    print("|---|---|" + "---:|" * (len(all_seeds) + 2))
+    summary: dict = {}
+    for name in names:
+        for trait in layers:
+            values = np.array([by_set[name][s][trait] for s in all_seeds])
+            summary.setdefault(name, {})[trait] = {
+                "by_seed": values.tolist(),
+                "sd": float(np.std(values, ddof=1)),
+            }
+            cells = " | ".join(f"{v:+.2f}" for v in values)
+            print(f"| {name} | {trait} | {cells} | {values.mean():+.2f} | {np.std(values, ddof=1):.2f} |")
+    print(f"\nwall time {(time.perf_counter() - started) / 60:.1f} min")
+    if args.json:
+        payload = {"machine": header(), "seeds": all_seeds, "layers": layers, "sets": summary}
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
