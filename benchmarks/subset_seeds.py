@@ -26,10 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import header  # benchmarks/, this script's folder
 from shift_validation import Recipe, TrainingSet, progress, read_file
-from subset_validation import trained
+from subset_validation import adapter_shifts, trained
 
 from screener.models import DEFAULT_MODEL, resolve_model
-from screener.shift import ShiftConfig, measure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,20 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             ts = TrainingSet(name, f"{len(samples)} samples, recipe seed {seed}", samples)
             t = time.perf_counter()
             adapter = trained(ts, base.path, args.work_dir / f"adapters-seed{seed}", recipe, dtype)
-            cfg = ShiftConfig(
-                DEFAULT_MODEL,
-                str(adapter),
-                db=db,
-                vectors=run["vectors"],
-                dtype=run["dtype"],
-                device="cpu",
-                actors=0,
-            )
-            by_set[name][seed] = {
-                s.trait: s.shift
-                for s in measure(cfg).shifts
-                if s.measure == "prompt_last" and s.layer == layers.get(s.trait)
-            }
+            shifts = adapter_shifts(adapter, db, run["vectors"], run["dtype"], layers)
+            by_set[name][seed] = {trait: shift for trait, (shift, _) in shifts.items()}
             got = ", ".join(f"{tr} {v:+.3f}" for tr, v in by_set[name][seed].items())
             progress(f"{name}, seed {seed}: {got} ({time.perf_counter() - t:.0f} s)", started)
 

@@ -169,6 +169,19 @@ def trained(ts: TrainingSet, base_path: str, out: Path, recipe: Recipe, dtype: t
     return folder
 
 
+def adapter_shifts(
+    adapter: Path, db: str, specs: list[str], dtype: str, layers: dict[str, int]
+) -> dict[str, tuple[float, float]]:
+    """`screener.shift.measure` of an adapter against the default model: `{trait: (shift, stderr)}` at the
+    last prompt token, each trait at its vector's layer."""
+    cfg = ShiftConfig(DEFAULT_MODEL, str(adapter), db=db, vectors=specs, dtype=dtype, device="cpu", actors=0)
+    return {
+        s.trait: (s.shift, s.stderr)
+        for s in measure(cfg).shifts
+        if s.measure == "prompt_last" and s.layer == layers.get(s.trait)
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pool", type=int, default=200, help="conversations screened (N)")
@@ -278,15 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             write_set(ts, work / "sets")
             t = time.perf_counter()
             adapter = trained(ts, base.path, work / "adapters", recipe, dtype)
-            cfg = ShiftConfig(
-                DEFAULT_MODEL, str(adapter), db=db, vectors=specs, dtype=args.dtype, device="cpu", actors=0
-            )
-            shifts = measure(cfg).shifts
-            measured[name] = {
-                s.trait: (s.shift, s.stderr)
-                for s in shifts
-                if s.measure == "prompt_last" and s.layer == layers.get(s.trait)
-            }
+            measured[name] = adapter_shifts(adapter, db, specs, args.dtype, layers)
             losses[name] = ts.loss
             got = ", ".join(f"{tr} {v[0]:+.3f} ± {v[1]:.3f}" for tr, v in measured[name].items())
             progress(
