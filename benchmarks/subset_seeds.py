@@ -6,8 +6,10 @@ measurement stay) and measures each, beside the run's seed-0 shift.
     python benchmarks/subset_seeds.py WORK_DIR run.json --sets random,evil_proxy_top --seeds 1,2,3
 
 If the seeds' spread for one set is near the spread between random sets, a set's shift is mostly its
-training path, and no per-sample score can rank sets much better than that spread allows. Adapters are
-kept in `WORK_DIR/adapters-seed<S>/` (a rerun measures what it has already trained).
+training path, and no per-sample score can rank sets much better than that spread allows. Where the named
+sets hold a ranking's top, bottom and random draws (the run's results), the ordering is judged again on
+each set's mean over the seeds (`seed_ordering`). Adapters are kept in `WORK_DIR/adapters-seed<S>/` (a
+rerun measures what it has already trained).
 """
 
 from __future__ import annotations
@@ -29,6 +31,40 @@ from shift_validation import Recipe, TrainingSet, progress, read_file
 from subset_validation import adapter_shifts, trained
 
 from screener.models import DEFAULT_MODEL, resolve_model
+
+
+def seed_ordering(by_seed: dict[str, list[float]], top: str, bottom: str, draws: list[str]) -> dict:
+    """The subset experiment's ordering on each set's mean shift over recipe seeds.
+
+    A set's error is its seeds' sd / √seeds; the random level is the draws' mean, its spread the sd of the
+    draws' means (composition and the remaining path noise together) and its error that spread / √draws.
+    `z` is (top − bottom) in the ends' combined error, `z_draws` in √2 draw spreads (as
+    subset_validation.py reports them); `z_top_random` and `z_random_bottom` size each step of the order.
+    """
+    if len(draws) < 2:
+        raise ValueError("the random level needs at least two draws")
+    if any(len(by_seed[n]) < 2 for n in (top, bottom, *draws)):
+        raise ValueError("every set needs at least two seeds")
+
+    def mean_se(name: str) -> tuple[float, float]:
+        v = np.asarray(by_seed[name], dtype=float)
+        return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
+
+    (t, t_se), (b, b_se) = mean_se(top), mean_se(bottom)
+    draw_means = np.array([mean_se(n)[0] for n in draws])
+    r, spread = float(draw_means.mean()), float(draw_means.std(ddof=1))
+    r_se = spread / np.sqrt(len(draws))
+    return {
+        "top": [t, t_se],
+        "random": [r, spread],
+        "random_draws": draw_means.tolist(),
+        "bottom": [b, b_se],
+        "ordered": bool(t > r > b),
+        "z": (t - b) / float(np.hypot(t_se, b_se)),
+        "z_draws": (t - b) / (np.sqrt(2) * spread),
+        "z_top_random": (t - r) / float(np.hypot(t_se, r_se)),
+        "z_random_bottom": (r - b) / float(np.hypot(r_se, b_se)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +117,33 @@ def main(argv: list[str] | None = None) -> int:
             }
             cells = " | ".join(f"{v:+.2f}" for v in values)
             print(f"| {name} | {trait} | {cells} | {values.mean():+.2f} | {np.std(values, ddof=1):.2f} |")
+    orderings: dict = {}
+    for key, result in run.get("results", {}).items():
+        trait, sets = key.split("/")[0], result["sets"]
+        if not {sets["top"], sets["bottom"], *sets["random"]} <= set(names) or len(sets["random"]) < 2:
+            continue
+        by_seed = {n: summary[n][trait]["by_seed"] for n in names}
+        orderings[key] = seed_ordering(by_seed, sets["top"], sets["bottom"], sets["random"])
+    if orderings:
+        n = len(all_seeds)
+        print(
+            f"\nEach set's mean over {n} seeds (± its seeds' sd / √{n}; random: the draws' mean ± their sd):"
+        )
+        print(
+            "| trait/ranked by | top | random | bottom | top > random > bottom | (top − bottom) / se "
+            "| (top − bottom) / (√2 · draws' sd) | (top − random) / se | (random − bottom) / se |"
+        )
+        print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+        for key, o in orderings.items():
+            cells = " | ".join(f"{o[e][0]:+.2f} ± {o[e][1]:.2f}" for e in ("top", "random", "bottom"))
+            print(
+                f"| {key} | {cells} | {'yes' if o['ordered'] else 'no'} | {o['z']:.1f} | {o['z_draws']:.1f} "
+                f"| {o['z_top_random']:.1f} | {o['z_random_bottom']:.1f} |"
+            )
     print(f"\nwall time {(time.perf_counter() - started) / 60:.1f} min")
     if args.json:
         payload = {"machine": header(), "seeds": all_seeds, "layers": layers, "sets": summary}
+        payload["orderings"] = orderings
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
     return 0
 
