@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from machine import header  # benchmarks/, this script's folder
 from shift_validation import Recipe, TrainingSet, progress, read_file
-from subset_validation import adapter_shifts, trained
+from subset_validation import adapter_shifts, order_figures, random_shift, trained
 
 from screener.models import DEFAULT_MODEL, resolve_model
 
@@ -51,17 +51,15 @@ def seed_ordering(by_seed: dict[str, list[float]], top: str, bottom: str, draws:
         return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
 
     (t, t_se), (b, b_se) = mean_se(top), mean_se(bottom)
-    draw_means = np.array([mean_se(n)[0] for n in draws])
-    r, spread = float(draw_means.mean()), float(draw_means.std(ddof=1))
+    draw_means = [mean_se(n)[0] for n in draws]
+    r, spread = random_shift(draw_means, 0.0)  # two draws or more: their mean and sd
     r_se = spread / np.sqrt(len(draws))
     return {
         "top": [t, t_se],
         "random": [r, spread],
-        "random_draws": draw_means.tolist(),
+        "random_draws": draw_means,
         "bottom": [b, b_se],
-        "ordered": bool(t > r > b),
-        "z": (t - b) / float(np.hypot(t_se, b_se)),
-        "z_draws": (t - b) / (np.sqrt(2) * spread),
+        **order_figures((t, t_se), (r, spread), (b, b_se), len(draws)),
         "z_top_random": (t - r) / float(np.hypot(t_se, r_se)),
         "z_random_bottom": (r - b) / float(np.hypot(r_se, b_se)),
     }

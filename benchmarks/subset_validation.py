@@ -149,6 +149,20 @@ def random_shift(shifts: list[float], stderr_of_one: float) -> tuple[float, floa
     return float(np.mean(shifts)), float(np.std(shifts, ddof=1))
 
 
+def order_figures(
+    top: tuple[float, float], rnd: tuple[float, float], bottom: tuple[float, float], draws: int
+) -> dict:
+    """Whether top > random > bottom, and (top − bottom) in the ends' combined error (`z`) and in √2
+    spreads of the random draws (`z_draws`; none with one draw). Each argument is (shift, its error;
+    random: the draws' spread)."""
+    gap = top[0] - bottom[0]
+    return {
+        "ordered": bool(top[0] > rnd[0] > bottom[0]),
+        "z": gap / float(np.hypot(top[1], bottom[1])),
+        "z_draws": gap / (np.sqrt(2) * rnd[1]) if draws > 1 else None,
+    }
+
+
 def adapter_key(ts: TrainingSet, base_path: str, recipe: Recipe, dtype: torch.dtype) -> dict:
     """What an adapter was trained from: its samples in order, the recipe, the dtype and the base model."""
     samples = [f"{s.source_row}:{s.sample_id}" for s in ts.samples]
@@ -318,17 +332,14 @@ def main(argv: list[str] | None = None) -> int:
                         end: pattern.format(trait=trait, metric=metric, end=end) for end in ("top", "bottom")
                     }
                     top, bot = (measured[set_names[end]][trait] for end in ("top", "bottom"))
-                    ordered = top[0] > rnd[0] > bot[0]
-                    z = (top[0] - bot[0]) / float(np.hypot(top[1], bot[1]))
-                    z_draws = (top[0] - bot[0]) / (np.sqrt(2) * rnd[1]) if len(names) > 1 else None
+                    fig = order_figures(top, rnd, bot, len(names))
+                    ordered, z, z_draws = fig["ordered"], fig["z"], fig["z_draws"]
                     results[f"{trait}/{metric}" + (f"/{args.match}" if label else "")] = {
                         "top": top,
                         "random": rnd,
                         "random_draws": [measured[n][trait] for n in names],
                         "bottom": bot,
-                        "ordered": ordered,
-                        "z": z,
-                        "z_draws": z_draws,
+                        **fig,
                         "sets": {"top": set_names["top"], "bottom": set_names["bottom"], "random": names},
                     }
                     lines.append(
